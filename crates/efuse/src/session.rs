@@ -1,0 +1,589 @@
+//! The session: INIT negotiation, then decode each request, call the file
+//! system, and let the typed reply encode the answer.
+//!
+//! A session is shared by all transport workers (`Arc<Session<F>>`); it holds
+//! no lock on the request path. Counters are atomics; the interrupt set is
+//! consulted only when the kernel has sent an INTERRUPT.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use efuse_abi::consts::{fattr, init, release, write as wflags, FSYNC_FDATASYNC, GETATTR_FH, LK_FLOCK};
+use efuse_abi::request::parse_header;
+use efuse_abi::structs as abi;
+use efuse_abi::{Opcode, Operation, ProtocolOptions, Request};
+use zerocopy::IntoBytes;
+
+use crate::filesystem::{Filesystem, InitInfo};
+use crate::reply::*;
+use crate::stats::Counters;
+use crate::types::*;
+
+/// Largest WRITE (and READ) efuse negotiates: 1 MiB, 256 pages.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// Bytes a request buffer needs beyond `MAX_WRITE` for headers (as libfuse).
+pub const BUFFER_HEADER_SIZE: usize = 4096;
+/// Request buffer size a transport must provide.
+pub const REQUEST_BUFFER_SIZE: usize = MAX_WRITE as usize + BUFFER_HEADER_SIZE;
+
+/// Requests the kernel asked to interrupt. Bounded: a request that finished
+/// before its INTERRUPT arrived ages out.
+#[derive(Debug, Default)]
+pub struct Interrupts {
+    any: AtomicBool,
+    recent: Mutex<VecDeque<u64>>,
+}
+
+impl Interrupts {
+    const KEEP: usize = 256;
+
+    pub(crate) fn insert(&self, unique: u64) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == Self::KEEP {
+                r.pop_front();
+            }
+            r.push_back(unique);
+            self.any.store(true, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn contains(&self, unique: u64) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        self.recent.lock().map(|r| r.contains(&unique)).unwrap_or(false)
+    }
+
+    /// Forgets a request once answered.
+    pub(crate) fn remove(&self, unique: u64) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut r) = self.recent.lock() {
+            r.retain(|&u| u != unique);
+            if r.is_empty() {
+                self.any.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Per-mount settings the session negotiates with.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Log every request (the `debug` mount option).
+    pub debug: bool,
+    /// Largest WRITE to accept; at most [`MAX_WRITE`].
+    pub max_write: u32,
+    /// Name of the file system, for reports.
+    pub fs_name: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { debug: false, max_write: MAX_WRITE, fs_name: "efuse".into() }
+    }
+}
+
+/// What INIT settled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Negotiated {
+    pub minor: u32,
+    pub flags: u64,
+    pub max_write: u32,
+    pub max_readahead: u32,
+}
+
+/// State shared by the session and every reply channel.
+pub struct SessionShared {
+    pub counters: Counters,
+    pub interrupts: Interrupts,
+    pub started: Instant,
+    /// Set by DESTROY: workers stop reading.
+    pub destroyed: AtomicBool,
+    setxattr_ext: AtomicBool,
+    max_read: AtomicU32,
+}
+
+impl Default for SessionShared {
+    fn default() -> Self {
+        SessionShared {
+            counters: Counters::default(),
+            interrupts: Interrupts::default(),
+            started: Instant::now(),
+            destroyed: AtomicBool::new(false),
+            setxattr_ext: AtomicBool::new(false),
+            max_read: AtomicU32::new(MAX_WRITE),
+        }
+    }
+}
+
+/// Why INIT failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("the first request was {0}, not INIT")]
+    NotInit(String),
+    #[error("kernel speaks FUSE {0}.{1}; efuse needs 7.{min} or later", min = efuse_abi::MIN_KERNEL_MINOR_VERSION)]
+    TooOld(u32, u32),
+    #[error("the file system refused to start: {0}")]
+    Refused(Errno),
+    #[error("malformed INIT: {0}")]
+    Malformed(#[from] efuse_abi::DecodeError),
+}
+
+/// A FUSE session over one file system.
+pub struct Session<F: Filesystem> {
+    fs: F,
+    config: SessionConfig,
+    shared: Arc<SessionShared>,
+}
+
+/// The outcome of handling one INIT request.
+pub enum InitOutcome {
+    /// Negotiated; the session is ready for requests.
+    Done(Negotiated),
+    /// The kernel offered a newer major version: we answered with ours and
+    /// expect a second INIT.
+    Retry,
+}
+
+impl<F: Filesystem> Session<F> {
+    pub fn new(fs: F, config: SessionConfig) -> Session<F> {
+        Session { fs, config, shared: Arc::new(SessionShared::default()) }
+    }
+
+    pub fn shared(&self) -> &Arc<SessionShared> {
+        &self.shared
+    }
+
+    pub fn fs(&self) -> &F {
+        &self.fs
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Capabilities efuse itself offers on top of the file system's.
+    fn wanted_flags(&self) -> u64 {
+        let caps = self.fs.capabilities();
+        let mut f = init::ASYNC_READ
+            | init::BIG_WRITES
+            | init::MAX_PAGES
+            | init::PARALLEL_DIROPS
+            | init::AUTO_INVAL_DATA
+            | init::ASYNC_DIO
+            | init::ABORT_ERROR
+            | init::INIT_EXT;
+        if caps.posix_locks {
+            f |= init::POSIX_LOCKS;
+        }
+        if caps.flock_locks {
+            f |= init::FLOCK_LOCKS;
+        }
+        if caps.atomic_o_trunc {
+            f |= init::ATOMIC_O_TRUNC;
+        }
+        if caps.export_support {
+            f |= init::EXPORT_SUPPORT;
+        }
+        if caps.readdirplus {
+            f |= init::DO_READDIRPLUS | init::READDIRPLUS_AUTO;
+        }
+        if caps.handle_killpriv_v2 {
+            f |= init::HANDLE_KILLPRIV_V2;
+        }
+        f
+    }
+
+    /// Handles the INIT request in `buf` and sends the reply through `sink`.
+    pub fn handle_init(&self, buf: &[u8], sink: &Arc<dyn ReplySink>) -> Result<InitOutcome, InitError> {
+        let req = Request::parse(buf, ProtocolOptions::default())?;
+        let arg = match req.op {
+            Operation::Init { arg } => arg,
+            other => {
+                let name = format!("{other:?}");
+                let short = name.split([' ', '{']).next().unwrap_or("?").to_string();
+                return Err(InitError::NotInit(short));
+            }
+        };
+        let unique = req.header.unique;
+        self.shared.counters.request(Opcode::Init);
+        let send = |error: i32, out: &[u8]| sink.send(Opcode::Init, unique, error, &[IoSlice::new(out)]);
+        if arg.major > efuse_abi::KERNEL_VERSION {
+            // Newer major: answer with ours and wait for the kernel to retry.
+            let out = abi::InitOut { major: efuse_abi::KERNEL_VERSION, minor: efuse_abi::KERNEL_MINOR_VERSION, ..Default::default() };
+            send(0, out.as_bytes());
+            return Ok(InitOutcome::Retry);
+        }
+        if arg.major < efuse_abi::KERNEL_VERSION || arg.minor < efuse_abi::MIN_KERNEL_MINOR_VERSION {
+            send(-libc::EPROTO, &[]);
+            return Err(InitError::TooOld(arg.major, arg.minor));
+        }
+        let minor = arg.minor.min(efuse_abi::KERNEL_MINOR_VERSION);
+        let mut kernel_flags = arg.flags as u64;
+        if kernel_flags & init::INIT_EXT != 0 {
+            kernel_flags |= (arg.flags2 as u64) << 32;
+        }
+        let flags = kernel_flags & self.wanted_flags();
+        let max_write = self.config.max_write.clamp(4096, MAX_WRITE);
+        let info = InitInfo { minor, max_write, max_read: max_write };
+        if let Err(e) = self.fs.init(&info) {
+            send(-e.raw(), &[]);
+            return Err(InitError::Refused(e));
+        }
+        self.shared.setxattr_ext.store(flags & init::SETXATTR_EXT != 0, Ordering::Relaxed);
+        self.shared.max_read.store(max_write, Ordering::Relaxed);
+        let out = abi::InitOut {
+            major: efuse_abi::KERNEL_VERSION,
+            minor,
+            max_readahead: arg.max_readahead,
+            flags: flags as u32,
+            flags2: (flags >> 32) as u32,
+            max_background: 0,
+            congestion_threshold: 0,
+            max_write,
+            time_gran: 1,
+            max_pages: (max_write / 4096) as u16,
+            ..Default::default()
+        };
+        send(0, out.as_bytes());
+        tracing::info!(
+            kernel = format!("7.{}", arg.minor),
+            negotiated = format!("7.{minor}"),
+            max_write,
+            flags = init::describe(flags),
+            "INIT"
+        );
+        Ok(InitOutcome::Done(Negotiated { minor, flags, max_write, max_readahead: arg.max_readahead }))
+    }
+
+    /// Decodes and dispatches one request. Never panics on bad input: a
+    /// request that cannot be decoded is answered with EIO (ENOSYS for an
+    /// unknown opcode), or dropped when it expects no answer.
+    pub fn dispatch(&self, buf: &[u8], sink: &Arc<dyn ReplySink>) {
+        let opts = ProtocolOptions { setxattr_ext: self.shared.setxattr_ext.load(Ordering::Relaxed) };
+        let req = match Request::parse(buf, opts) {
+            Ok(r) => r,
+            Err(e) => return self.reject(buf, e, sink),
+        };
+        let h = req.header;
+        let opcode = match Opcode::from_u32(h.opcode) {
+            Some(o) => o,
+            None => return, // parse() already rejected unknown opcodes
+        };
+        self.shared.counters.request(opcode);
+        if self.config.debug {
+            tracing::debug!(unique = h.unique, op = opcode.name(), nodeid = h.nodeid, uid = h.uid, pid = h.pid, "request");
+        }
+        let umask = match &req.op {
+            Operation::Mknod { arg, .. } => arg.umask,
+            Operation::Mkdir { arg, .. } => arg.umask,
+            Operation::Create { arg, .. } | Operation::Tmpfile { arg, .. } => arg.umask,
+            _ => 0,
+        };
+        let ctx = RequestContext {
+            unique: h.unique,
+            uid: h.uid,
+            gid: h.gid,
+            pid: h.pid,
+            umask,
+            interrupts: &self.shared.interrupts,
+        };
+        let r = || Responder::new(h.unique, opcode, sink.clone());
+        let ino = h.nodeid;
+        let fs = &self.fs;
+        match req.op {
+            Operation::Lookup { name } => fs.lookup(&ctx, ino, name, ReplyEntry::new(r())),
+            Operation::Forget { arg } => fs.forget(ino, arg.nlookup),
+            Operation::BatchForget { nodes } => {
+                // Batches are at most a page of entries; decode in chunks without allocating.
+                let mut chunk = [(0u64, 0u64); 64];
+                let mut n = 0;
+                for one in nodes {
+                    chunk[n] = (one.nodeid, one.nlookup);
+                    n += 1;
+                    if n == chunk.len() {
+                        fs.batch_forget(&chunk[..n]);
+                        n = 0;
+                    }
+                }
+                if n > 0 {
+                    fs.batch_forget(&chunk[..n]);
+                }
+            }
+            Operation::Getattr { arg } => {
+                let fh = (arg.getattr_flags & GETATTR_FH != 0).then_some(arg.fh);
+                fs.getattr(&ctx, ino, fh, ReplyAttr::new(r()))
+            }
+            Operation::Statx { arg } => {
+                let fh = (arg.getattr_flags & GETATTR_FH != 0).then_some(arg.fh);
+                fs.statx(&ctx, ino, fh, arg.sx_flags, arg.sx_mask, ReplyStatx::new(r()))
+            }
+            Operation::Setattr { arg } => {
+                let attr = setattr_from_abi(&arg);
+                fs.setattr(&ctx, ino, &attr, ReplyAttr::new(r()))
+            }
+            Operation::Readlink => fs.readlink(&ctx, ino, ReplyData::new(r())),
+            Operation::Symlink { name, target } => fs.symlink(&ctx, ino, name, target, ReplyEntry::new(r())),
+            Operation::Mknod { arg, name } => fs.mknod(&ctx, ino, name, arg.mode, arg.rdev, ReplyEntry::new(r())),
+            Operation::Mkdir { arg, name } => {
+                fs.mkdir(&ctx, ino, name, arg.mode | libc::S_IFDIR, ReplyEntry::new(r()))
+            }
+            Operation::Unlink { name } => fs.unlink(&ctx, ino, name, ReplyEmpty::new(r())),
+            Operation::Rmdir { name } => fs.rmdir(&ctx, ino, name, ReplyEmpty::new(r())),
+            Operation::Rename { newdir, name, newname } => {
+                fs.rename(&ctx, ino, name, newdir, newname, 0, ReplyEmpty::new(r()))
+            }
+            Operation::Rename2 { arg, name, newname } => {
+                fs.rename(&ctx, ino, name, arg.newdir, newname, arg.flags, ReplyEmpty::new(r()))
+            }
+            Operation::Link { arg, name } => fs.link(&ctx, arg.oldnodeid, ino, name, ReplyEntry::new(r())),
+            Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
+            Operation::Read { arg } => {
+                let size = arg.size.min(self.shared.max_read.load(Ordering::Relaxed));
+                fs.read(&ctx, ino, arg.fh, arg.offset, size, ReplyData::new(r()))
+            }
+            Operation::Write { arg, data } => {
+                fs.write(&ctx, ino, arg.fh, arg.offset, data, arg.write_flags, ReplyWrite::new(r()))
+            }
+            Operation::Statfs => fs.statfs(&ctx, ino, ReplyStatfs::new(r())),
+            Operation::Release { arg } => {
+                let flock_owner = (arg.release_flags & release::FLOCK_UNLOCK != 0).then_some(arg.lock_owner);
+                fs.release(&ctx, ino, arg.fh, arg.flags as i32, flock_owner, ReplyEmpty::new(r()))
+            }
+            Operation::Fsync { arg } => {
+                fs.fsync(&ctx, ino, arg.fh, arg.fsync_flags & FSYNC_FDATASYNC != 0, ReplyEmpty::new(r()))
+            }
+            Operation::Setxattr { arg, name, value } => {
+                fs.setxattr(&ctx, ino, name, value, arg.flags as i32, ReplyEmpty::new(r()))
+            }
+            Operation::Getxattr { arg, name } => fs.getxattr(&ctx, ino, name, arg.size, ReplyXattr::new(r())),
+            Operation::Listxattr { arg } => fs.listxattr(&ctx, ino, arg.size, ReplyXattr::new(r())),
+            Operation::Removexattr { name } => fs.removexattr(&ctx, ino, name, ReplyEmpty::new(r())),
+            Operation::Flush { arg } => fs.flush(&ctx, ino, arg.fh, arg.lock_owner, ReplyEmpty::new(r())),
+            Operation::Init { .. } => {
+                // A second INIT on a live session is a kernel bug; refuse it.
+                Responder::new(h.unique, opcode, sink.clone()).error_raw(libc::EPROTO)
+            }
+            Operation::Opendir { arg } => fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
+            Operation::Readdir { arg } => {
+                let limit = (arg.size as usize).min(REQUEST_BUFFER_SIZE);
+                fs.readdir(&ctx, ino, arg.fh, arg.offset, ReplyDirectory::new(r(), limit))
+            }
+            Operation::Readdirplus { arg } => {
+                let limit = (arg.size as usize).min(REQUEST_BUFFER_SIZE);
+                fs.readdirplus(&ctx, ino, arg.fh, arg.offset, ReplyDirectoryPlus::new(r(), limit))
+            }
+            Operation::Releasedir { arg } => fs.releasedir(&ctx, ino, arg.fh, arg.flags as i32, ReplyEmpty::new(r())),
+            Operation::Fsyncdir { arg } => {
+                fs.fsyncdir(&ctx, ino, arg.fh, arg.fsync_flags & FSYNC_FDATASYNC != 0, ReplyEmpty::new(r()))
+            }
+            Operation::Getlk { arg } => fs.getlk(&ctx, ino, arg.fh, arg.owner, &lock_from_abi(&arg.lk), ReplyLock::new(r())),
+            Operation::Setlk { arg } | Operation::Setlkw { arg } => {
+                let sleep = opcode == Opcode::Setlkw;
+                let flock = arg.lk_flags & LK_FLOCK != 0;
+                fs.setlk(&ctx, ino, arg.fh, arg.owner, &lock_from_abi(&arg.lk), flock, sleep, ReplyEmpty::new(r()))
+            }
+            Operation::Access { arg } => fs.access(&ctx, ino, arg.mask as i32, ReplyEmpty::new(r())),
+            Operation::Create { arg, name } => {
+                fs.create(&ctx, ino, name, arg.mode, arg.flags as i32, ReplyCreate::new(r()))
+            }
+            Operation::Tmpfile { arg, .. } => fs.tmpfile(&ctx, ino, arg.mode, arg.flags as i32, ReplyCreate::new(r())),
+            Operation::Interrupt { arg } => {
+                tracing::debug!(target_unique = arg.unique, "INTERRUPT");
+                self.shared.interrupts.insert(arg.unique);
+            }
+            Operation::Bmap { arg } => fs.bmap(&ctx, ino, arg.blocksize, arg.block, ReplyBmap::new(r())),
+            Operation::Destroy => {
+                self.shared.destroyed.store(true, Ordering::Release);
+                fs.destroy();
+                ReplyEmpty::new(r()).ok()
+            }
+            Operation::Fallocate { arg } => {
+                fs.fallocate(&ctx, ino, arg.fh, arg.offset, arg.length, arg.mode as i32, ReplyEmpty::new(r()))
+            }
+            Operation::Lseek { arg } => fs.lseek(&ctx, ino, arg.fh, arg.offset, arg.whence as i32, ReplyLseek::new(r())),
+            Operation::CopyFileRange { arg } | Operation::CopyFileRange64 { arg } => fs.copy_file_range(
+                &ctx,
+                ino,
+                arg.fh_in,
+                arg.off_in,
+                arg.nodeid_out,
+                arg.fh_out,
+                arg.off_out,
+                arg.len,
+                arg.flags as u32,
+                ReplyCopy::new(r()),
+            ),
+            Operation::Syncfs { .. } => fs.syncfs(&ctx, ino, ReplyEmpty::new(r())),
+            Operation::NotifyReply { .. } => {
+                // Answers to NOTIFY_RETRIEVE, which efuse never sends: nothing waits for them.
+            }
+            Operation::Ioctl { .. }
+            | Operation::Poll { .. }
+            | Operation::SetupMapping { .. }
+            | Operation::RemoveMapping { .. } => Responder::new(h.unique, opcode, sink.clone()).error_raw(libc::ENOSYS),
+        }
+    }
+
+    fn reject(&self, buf: &[u8], e: efuse_abi::DecodeError, sink: &Arc<dyn ReplySink>) {
+        self.shared.counters.undecodable();
+        let Ok(h) = parse_header(buf) else {
+            tracing::warn!(len = buf.len(), "dropping request: {e}");
+            return;
+        };
+        let op = Opcode::from_u32(h.opcode);
+        let no_reply = matches!(
+            op,
+            Some(Opcode::Forget | Opcode::BatchForget | Opcode::Interrupt | Opcode::NotifyReply)
+        );
+        if h.unique == 0 || no_reply {
+            tracing::warn!(unique = h.unique, opcode = h.opcode, "dropping request: {e}");
+            return;
+        }
+        let (op, errno) = match op {
+            Some(op) => (op, libc::EIO),
+            // Unknown opcode: ENOSYS tells the kernel not to send it again.
+            None => (Opcode::Init, libc::ENOSYS),
+        };
+        tracing::warn!(unique = h.unique, opcode = h.opcode, "answering {}: {e}", Errno::from_raw(errno));
+        sink.send(op, h.unique, -errno, &[]);
+    }
+}
+
+fn time_or_now(valid: u32, set: u32, now: u32, sec: u64, nsec: u32) -> Option<TimeOrNow> {
+    if valid & now != 0 {
+        Some(TimeOrNow::Now)
+    } else if valid & set != 0 {
+        Some(TimeOrNow::Specific(Timespec::new(sec as i64, nsec)))
+    } else {
+        None
+    }
+}
+
+fn setattr_from_abi(a: &abi::SetattrIn) -> SetAttr {
+    let v = a.valid;
+    SetAttr {
+        mode: (v & fattr::MODE != 0).then_some(a.mode),
+        uid: (v & fattr::UID != 0).then_some(a.uid),
+        gid: (v & fattr::GID != 0).then_some(a.gid),
+        size: (v & fattr::SIZE != 0).then_some(a.size),
+        atime: time_or_now(v, fattr::ATIME, fattr::ATIME_NOW, a.atime, a.atimensec),
+        mtime: time_or_now(v, fattr::MTIME, fattr::MTIME_NOW, a.mtime, a.mtimensec),
+        ctime: (v & fattr::CTIME != 0).then_some(Timespec::new(a.ctime as i64, a.ctimensec)),
+        fh: (v & fattr::FH != 0).then_some(a.fh),
+        kill_suidgid: v & fattr::KILL_SUIDGID != 0,
+    }
+}
+
+fn lock_from_abi(l: &abi::FileLock) -> FileLock {
+    FileLock { start: l.start, end: l.end, typ: l.typ as i32, pid: l.pid }
+}
+
+/// Write flags a file system may want to test.
+pub use wflags::KILL_SUIDGID as WRITE_KILL_SUIDGID;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    struct Hello;
+    impl Filesystem for Hello {
+        fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+            if parent == 1 && name == "hello" {
+                let attr = FileAttr { ino: 2, mode: libc::S_IFREG | 0o644, nlink: 1, ..Default::default() };
+                reply.entry(&Entry {
+                    nodeid: 2,
+                    generation: 0,
+                    attr,
+                    entry_ttl: std::time::Duration::from_secs(1),
+                    attr_ttl: std::time::Duration::from_secs(1),
+                })
+            } else {
+                reply.error(Errno::ENOENT)
+            }
+        }
+        fn getattr(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+            let attr = FileAttr { ino, mode: libc::S_IFDIR | 0o755, nlink: 2, ..Default::default() };
+            reply.attr(&attr, std::time::Duration::from_secs(1))
+        }
+    }
+
+    fn request(op: Opcode, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+        let h = abi::InHeader {
+            len: (40 + body.len()) as u32,
+            opcode: op as u32,
+            unique,
+            nodeid,
+            ..Default::default()
+        };
+        let mut v = h.as_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn init_then_lookup_and_statx_fallback() {
+        let session = Session::new(Hello, SessionConfig::default());
+        let mem = Arc::new(MemorySink::default());
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        let init_in = abi::InitIn {
+            major: 7,
+            minor: 45,
+            max_readahead: 131072,
+            flags: (init::ASYNC_READ | init::INIT_EXT | init::POSIX_LOCKS) as u32,
+            flags2: (init::PASSTHROUGH >> 32) as u32,
+            ..Default::default()
+        };
+        let out = session.handle_init(&request(Opcode::Init, 1, 0, init_in.as_bytes()), &sink).unwrap();
+        let InitOutcome::Done(n) = out else { panic!("retry") };
+        // Only what both sides support: no locks (Hello lacks them), no passthrough.
+        assert_eq!(n.flags, init::ASYNC_READ | init::INIT_EXT);
+        assert_eq!(n.max_write, MAX_WRITE);
+
+        session.dispatch(&request(Opcode::Lookup, 2, 1, b"hello\0"), &sink);
+        session.dispatch(&request(Opcode::Lookup, 3, 1, b"nope\0"), &sink);
+        let sx = abi::StatxIn::default();
+        session.dispatch(&request(Opcode::Statx, 4, 1, sx.as_bytes()), &sink);
+        // Unknown opcode 7 -> ENOSYS; malformed lookup -> EIO; bad forget -> dropped.
+        session.dispatch(&request(Opcode::Lookup, 5, 1, b"unterminated"), &sink);
+        let mut bad = request(Opcode::Statfs, 6, 1, &[]);
+        bad[4] = 7;
+        session.dispatch(&bad, &sink);
+        session.dispatch(&request(Opcode::Forget, 0, 1, &[1]), &sink);
+        session.dispatch(&request(Opcode::Mkdir, 8, 1, &[0; 8]), &sink);
+
+        let replies = mem.replies.lock().unwrap();
+        let by_unique = |u: u64| replies.iter().find(|r| r.1 == u).cloned().unwrap();
+        assert_eq!(by_unique(1).2, 0);
+        assert_eq!(by_unique(2).2, 0);
+        assert_eq!(by_unique(2).3.len(), std::mem::size_of::<abi::EntryOut>());
+        assert_eq!(by_unique(3).2, -libc::ENOENT);
+        let statx = by_unique(4);
+        assert_eq!(statx.2, 0);
+        assert_eq!(statx.3.len(), std::mem::size_of::<abi::StatxOut>());
+        assert_eq!(by_unique(5).2, -libc::EIO);
+        assert_eq!(by_unique(6).2, -libc::ENOSYS);
+        // MKDIR with an unterminated name is malformed: EIO, not a call into the fs.
+        assert_eq!(by_unique(8).2, -libc::EIO);
+        assert_eq!(replies.len(), 7);
+        let snap = session.shared().counters.snapshot();
+        assert_eq!(snap.opcodes["LOOKUP"].count, 2);
+        assert_eq!(snap.undecodable, 4);
+    }
+
+    #[test]
+    fn old_kernel_is_refused() {
+        let session = Session::new(Hello, SessionConfig::default());
+        let mem = Arc::new(MemorySink::default());
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        let init_in = abi::InitIn { major: 7, minor: 20, ..Default::default() };
+        assert!(session.handle_init(&request(Opcode::Init, 1, 0, &init_in.as_bytes()[..16]), &sink).is_err());
+        assert_eq!(mem.replies.lock().unwrap()[0].2, -libc::EPROTO);
+    }
+}
