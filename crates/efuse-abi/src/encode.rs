@@ -41,10 +41,8 @@ pub fn push_direntplus(buf: &mut Vec<u8>, limit: usize, entry: &EntryOut, off: u
     if buf.len() + size > limit {
         return false;
     }
-    let d = DirentPlus {
-        entry_out: *entry,
-        dirent: Dirent { ino: entry.attr.ino, off, namelen: name.len() as u32, typ },
-    };
+    let d =
+        DirentPlus { entry_out: *entry, dirent: Dirent { ino: entry.attr.ino, off, namelen: name.len() as u32, typ } };
     let start = buf.len();
     buf.extend_from_slice(d.as_bytes());
     buf.extend_from_slice(name);

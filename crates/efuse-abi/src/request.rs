@@ -157,11 +157,9 @@ impl<'a> Cursor<'a> {
                 self.rest = rest;
                 Ok(v)
             }
-            Err(_) => Err(DecodeError::ShortArgument {
-                op: self.op,
-                need: std::mem::size_of::<T>(),
-                have: self.rest.len(),
-            }),
+            Err(_) => {
+                Err(DecodeError::ShortArgument { op: self.op, need: std::mem::size_of::<T>(), have: self.rest.len() })
+            }
         }
     }
 

@@ -220,7 +220,6 @@ pub trait Filesystem: Send + Sync + 'static {
     }
 
     /// Takes or releases a lock; `flock` for BSD locks, `sleep` to wait (SETLKW).
-    #[allow(clippy::too_many_arguments)]
     fn setlk(
         &self,
         ctx: &RequestContext<'_>,
@@ -258,7 +257,6 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn copy_file_range(
         &self,
         ctx: &RequestContext<'_>,

@@ -10,7 +10,9 @@
 //! Data flows one way: transport -> session -> file system -> reply.
 
 pub mod control;
+pub mod daemon;
 pub mod filesystem;
+pub mod locks;
 pub mod mount;
 pub mod reply;
 pub mod session;

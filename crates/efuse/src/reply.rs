@@ -77,7 +77,11 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.take() {
-            tracing::warn!(opcode = self.opcode.name(), unique = self.unique, "request dropped without a reply; answering EIO");
+            tracing::warn!(
+                opcode = self.opcode.name(),
+                unique = self.unique,
+                "request dropped without a reply; answering EIO"
+            );
             if let Some(c) = sink.counters() {
                 c.error(self.opcode);
             }
@@ -399,7 +403,14 @@ impl ReplyDirectoryPlus {
     pub fn add(&mut self, entry: &Entry, offset: u64, name: &std::ffi::OsStr) -> bool {
         use std::os::unix::ffi::OsStrExt;
         let e = entry.to_abi();
-        efuse_abi::encode::push_direntplus(&mut self.buf, self.limit, &e, offset, entry.attr.mode >> 12, name.as_bytes())
+        efuse_abi::encode::push_direntplus(
+            &mut self.buf,
+            self.limit,
+            &e,
+            offset,
+            entry.attr.mode >> 12,
+            name.as_bytes(),
+        )
     }
 
     pub fn ok(self) {
@@ -419,8 +430,11 @@ impl ReplyDirectoryPlus {
 /// the session, without a kernel.
 #[derive(Default)]
 pub struct MemorySink {
-    pub replies: std::sync::Mutex<Vec<(Opcode, u64, i32, Vec<u8>)>>,
+    pub replies: std::sync::Mutex<Vec<RecordedReply>>,
 }
+
+/// One reply kept by [`MemorySink`]: opcode, unique, error, payload.
+pub type RecordedReply = (Opcode, u64, i32, Vec<u8>);
 
 impl ReplySink for MemorySink {
     fn send(&self, opcode: Opcode, unique: u64, error: i32, payload: &[IoSlice<'_>]) {

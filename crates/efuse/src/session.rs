@@ -100,7 +100,7 @@ pub struct Negotiated {
 /// State shared by the session and every reply channel.
 pub struct SessionShared {
     pub counters: Counters,
-    pub interrupts: Interrupts,
+    pub interrupts: Arc<Interrupts>,
     pub started: Instant,
     /// Set by DESTROY: workers stop reading.
     pub destroyed: AtomicBool,
@@ -112,7 +112,7 @@ impl Default for SessionShared {
     fn default() -> Self {
         SessionShared {
             counters: Counters::default(),
-            interrupts: Interrupts::default(),
+            interrupts: Arc::default(),
             started: Instant::now(),
             destroyed: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
@@ -215,7 +215,11 @@ impl<F: Filesystem> Session<F> {
         let send = |error: i32, out: &[u8]| sink.send(Opcode::Init, unique, error, &[IoSlice::new(out)]);
         if arg.major > efuse_abi::KERNEL_VERSION {
             // Newer major: answer with ours and wait for the kernel to retry.
-            let out = abi::InitOut { major: efuse_abi::KERNEL_VERSION, minor: efuse_abi::KERNEL_MINOR_VERSION, ..Default::default() };
+            let out = abi::InitOut {
+                major: efuse_abi::KERNEL_VERSION,
+                minor: efuse_abi::KERNEL_MINOR_VERSION,
+                ..Default::default()
+            };
             send(0, out.as_bytes());
             return Ok(InitOutcome::Retry);
         }
@@ -277,7 +281,14 @@ impl<F: Filesystem> Session<F> {
         };
         self.shared.counters.request(opcode);
         if self.config.debug {
-            tracing::debug!(unique = h.unique, op = opcode.name(), nodeid = h.nodeid, uid = h.uid, pid = h.pid, "request");
+            tracing::debug!(
+                unique = h.unique,
+                op = opcode.name(),
+                nodeid = h.nodeid,
+                uid = h.uid,
+                pid = h.pid,
+                "request"
+            );
         }
         let umask = match &req.op {
             Operation::Mknod { arg, .. } => arg.umask,
@@ -330,9 +341,7 @@ impl<F: Filesystem> Session<F> {
             Operation::Readlink => fs.readlink(&ctx, ino, ReplyData::new(r())),
             Operation::Symlink { name, target } => fs.symlink(&ctx, ino, name, target, ReplyEntry::new(r())),
             Operation::Mknod { arg, name } => fs.mknod(&ctx, ino, name, arg.mode, arg.rdev, ReplyEntry::new(r())),
-            Operation::Mkdir { arg, name } => {
-                fs.mkdir(&ctx, ino, name, arg.mode | libc::S_IFDIR, ReplyEntry::new(r()))
-            }
+            Operation::Mkdir { arg, name } => fs.mkdir(&ctx, ino, name, arg.mode | libc::S_IFDIR, ReplyEntry::new(r())),
             Operation::Unlink { name } => fs.unlink(&ctx, ino, name, ReplyEmpty::new(r())),
             Operation::Rmdir { name } => fs.rmdir(&ctx, ino, name, ReplyEmpty::new(r())),
             Operation::Rename { newdir, name, newname } => {
@@ -382,7 +391,9 @@ impl<F: Filesystem> Session<F> {
             Operation::Fsyncdir { arg } => {
                 fs.fsyncdir(&ctx, ino, arg.fh, arg.fsync_flags & FSYNC_FDATASYNC != 0, ReplyEmpty::new(r()))
             }
-            Operation::Getlk { arg } => fs.getlk(&ctx, ino, arg.fh, arg.owner, &lock_from_abi(&arg.lk), ReplyLock::new(r())),
+            Operation::Getlk { arg } => {
+                fs.getlk(&ctx, ino, arg.fh, arg.owner, &lock_from_abi(&arg.lk), ReplyLock::new(r()))
+            }
             Operation::Setlk { arg } | Operation::Setlkw { arg } => {
                 let sleep = opcode == Opcode::Setlkw;
                 let flock = arg.lk_flags & LK_FLOCK != 0;
@@ -406,7 +417,9 @@ impl<F: Filesystem> Session<F> {
             Operation::Fallocate { arg } => {
                 fs.fallocate(&ctx, ino, arg.fh, arg.offset, arg.length, arg.mode as i32, ReplyEmpty::new(r()))
             }
-            Operation::Lseek { arg } => fs.lseek(&ctx, ino, arg.fh, arg.offset, arg.whence as i32, ReplyLseek::new(r())),
+            Operation::Lseek { arg } => {
+                fs.lseek(&ctx, ino, arg.fh, arg.offset, arg.whence as i32, ReplyLseek::new(r()))
+            }
             Operation::CopyFileRange { arg } | Operation::CopyFileRange64 { arg } => fs.copy_file_range(
                 &ctx,
                 ino,
@@ -437,10 +450,8 @@ impl<F: Filesystem> Session<F> {
             return;
         };
         let op = Opcode::from_u32(h.opcode);
-        let no_reply = matches!(
-            op,
-            Some(Opcode::Forget | Opcode::BatchForget | Opcode::Interrupt | Opcode::NotifyReply)
-        );
+        let no_reply =
+            matches!(op, Some(Opcode::Forget | Opcode::BatchForget | Opcode::Interrupt | Opcode::NotifyReply));
         if h.unique == 0 || no_reply {
             tracing::warn!(unique = h.unique, opcode = h.opcode, "dropping request: {e}");
             return;
@@ -515,13 +526,8 @@ mod tests {
     }
 
     fn request(op: Opcode, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
-        let h = abi::InHeader {
-            len: (40 + body.len()) as u32,
-            opcode: op as u32,
-            unique,
-            nodeid,
-            ..Default::default()
-        };
+        let h =
+            abi::InHeader { len: (40 + body.len()) as u32, opcode: op as u32, unique, nodeid, ..Default::default() };
         let mut v = h.as_bytes().to_vec();
         v.extend_from_slice(body);
         v

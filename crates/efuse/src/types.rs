@@ -251,7 +251,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn to_abi(&self) -> abi::EntryOut {
+    pub(crate) fn to_abi(self) -> abi::EntryOut {
         abi::EntryOut {
             nodeid: self.nodeid,
             generation: self.generation,
@@ -333,12 +333,30 @@ pub struct RequestContext<'a> {
     pub pid: u32,
     /// The caller's umask, on MKNOD, MKDIR and CREATE (the kernel already applied it to `mode`).
     pub umask: u32,
-    pub(crate) interrupts: &'a crate::session::Interrupts,
+    pub(crate) interrupts: &'a std::sync::Arc<crate::session::Interrupts>,
 }
 
 impl RequestContext<'_> {
     /// The kernel asked to interrupt this request (the caller got a signal).
     /// Long-running operations should check it and answer EINTR.
+    pub fn is_interrupted(&self) -> bool {
+        self.interrupts.contains(self.unique)
+    }
+
+    /// A handle to ask the same question later, from another thread.
+    pub fn interrupt_token(&self) -> InterruptToken {
+        InterruptToken { interrupts: self.interrupts.clone(), unique: self.unique }
+    }
+}
+
+/// Whether one request has been interrupted; see [`RequestContext::interrupt_token`].
+#[derive(Debug, Clone)]
+pub struct InterruptToken {
+    interrupts: std::sync::Arc<crate::session::Interrupts>,
+    unique: u64,
+}
+
+impl InterruptToken {
     pub fn is_interrupted(&self) -> bool {
         self.interrupts.contains(self.unique)
     }

@@ -1,0 +1,159 @@
+//! Serving one file system at one mount point, from mount to unmount: the
+//! sequence every efuse daemon runs.
+//!
+//! mount -> INIT -> workers + control socket -> ready -> wait for unmount or
+//! a signal (SIGINT, SIGTERM, SIGHUP: unmount) -> workers end -> destroy.
+//! If the daemon stops for any other reason while still mounted, it aborts its
+//! connection and detaches the mount, so no stale mount is ever left behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::control::ControlServer;
+use crate::filesystem::Filesystem;
+use crate::mount::{self, MountOptions};
+use crate::session::{Session, SessionConfig};
+use crate::stats::StatsReport;
+use crate::transport::{self, TransportConfig};
+
+/// Everything `serve` needs besides the file system.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub mount: MountOptions,
+    pub session: SessionConfig,
+    pub transport: TransportConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Mount(#[from] mount::MountError),
+    #[error("mount point: {0}")]
+    Path(std::io::Error),
+    #[error("starting the session: {0}")]
+    Init(#[from] crate::session::InitError),
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Mounts `fs` at `mountpoint` and serves it until unmounted. `ready` is
+/// called once: with Ok when the mount answers requests, or with the error
+/// that prevented it. Must be called before the process starts other threads
+/// (it blocks termination signals for every thread it creates).
+pub fn serve<F: Filesystem>(
+    fs: F,
+    mountpoint: &Path,
+    opts: ServeOptions,
+    ready: impl FnOnce(Result<(), String>),
+) -> Result<(), ServeError> {
+    let set = termination_signals();
+    // SAFETY: blocks signals in this thread; threads spawned later inherit it.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // SAFETY: a write to a closed pipe must be an error, not a signal.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+
+    let mp = match mount::absolute_mountpoint(mountpoint) {
+        Ok(p) => p,
+        Err(e) => {
+            ready(Err(format!("mount point {}: {e}", mountpoint.display())));
+            return Err(ServeError::Path(e));
+        }
+    };
+    let mounted = match mount::mount(&mp, &opts.mount) {
+        Ok(m) => m,
+        Err(e) => {
+            ready(Err(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    let connection = mount::find_mount(&mp).and_then(|m| m.connection());
+    let privileged = mounted.privileged;
+    let session = Arc::new(Session::new(fs, opts.session.clone()));
+    let running = match transport::run(session.clone(), mounted.fd, opts.transport) {
+        Ok(r) => r,
+        Err(e) => {
+            cleanup(&mp, connection);
+            ready(Err(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    let control = {
+        let shared = session.shared().clone();
+        let threads = running.threads;
+        let fs_name = opts.session.fs_name.clone();
+        let mp_s = mp.display().to_string();
+        ControlServer::start(&mp, move || {
+            let snap = shared.counters.snapshot();
+            let report = StatsReport {
+                transport: "dev".into(),
+                threads,
+                fs: fs_name.clone(),
+                mountpoint: mp_s.clone(),
+                pid: std::process::id(),
+                uptime_secs: shared.started.elapsed().as_secs_f64(),
+                requests_total: snap.requests_total,
+                undecodable: snap.undecodable,
+                opcodes: snap.opcodes,
+                paths: snap.paths,
+            };
+            serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        })
+    };
+    let control = match control {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("control socket unavailable, `efuse stats` will not work: {e}");
+            None
+        }
+    };
+    tracing::info!(mountpoint = %mp.display(), privileged, "mounted");
+    ready(Ok(()));
+
+    let signal_mp: PathBuf = mp.clone();
+    let _ = std::thread::Builder::new().name("efuse-signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits for one of the blocked signals in `set`.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        tracing::info!(signal = sig, "unmounting on signal");
+        if let Err(e) = mount::unmount(&signal_mp, true) {
+            tracing::warn!("unmount on signal failed: {e}");
+        }
+    });
+
+    running.join();
+    if !session.shared().destroyed.load(std::sync::atomic::Ordering::Acquire) {
+        session.fs().destroy();
+    }
+    // Workers may also stop on an error while the mount is still there.
+    cleanup(&mp, connection);
+    drop(control);
+    tracing::info!("session ended");
+    Ok(())
+}
+
+/// Removes our mount if it is still present: abort the connection so nothing
+/// waits on this daemon, then detach it.
+fn cleanup(mp: &Path, connection: Option<u32>) {
+    let Some(m) = mount::find_mount(mp) else { return };
+    if m.connection() != connection || connection.is_none() {
+        return; // not ours (someone mounted over it, or we never saw ours)
+    }
+    if let Some(c) = connection {
+        let _ = mount::abort_connection(c);
+    }
+    if let Err(e) = mount::unmount(mp, true) {
+        tracing::warn!("could not detach {}: {e}", mp.display());
+    }
+}
