@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what efuse needs on a fresh Debian 12 machine: the FUSE user-space
+# tools, and the programs the end-to-end tests and benchmarks run.
+# Idempotent; needs root (or sudo) for apt-get.
+set -euo pipefail
+
+packages=(fuse3 fio sqlite3 attr git util-linux python3 procps coreutils tar findutils)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Rust toolchain comes with the machine (rustup); make sure it is on PATH.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
