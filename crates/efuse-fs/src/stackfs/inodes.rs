@@ -1,0 +1,554 @@
+//! The inode table: which backing inode each node id stands for, how many
+//! lookups the kernel holds on it, and a bounded set of `O_PATH` descriptors.
+//!
+//! A node is keyed by the backing (st_dev, st_ino), so hard links share one
+//! node. Its node id is ours (a counter; never reused, so generation 0 keeps
+//! (nodeid, generation) unique). Every node remembers a file handle
+//! (name_to_handle_at); its `O_PATH` descriptor is kept in an LRU of at most
+//! `bound` entries and reopened with open_by_handle_at when needed again. Nodes
+//! without a handle (no CAP_DAC_READ_SEARCH, a file system without export
+//! support) and nodes with open files keep their descriptor ("pinned").
+//!
+//! Descriptors are handed out as `Arc<OwnedFd>`: eviction drops the table's
+//! reference, and the descriptor closes when the last operation using it ends.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use efuse::Errno;
+
+use super::sys::{self, FileHandle};
+
+/// The kernel's node id of the root directory.
+pub(super) const ROOT_ID: u64 = 1;
+
+/// Backing identity of an inode: (st_dev, st_ino).
+pub(super) type InodeKey = (u64, u64);
+
+/// No neighbour in the LRU list.
+const NIL: u64 = 0;
+
+struct Node {
+    key: InodeKey,
+    nlookup: u64,
+    /// Open files (and directories) on this node; while non-zero the
+    /// descriptor is pinned, so an unlinked but open file stays reachable.
+    nopen: u32,
+    handle: Option<FileHandle>,
+    fd: Option<Arc<OwnedFd>>,
+    in_lru: bool,
+    prev: u64,
+    next: u64,
+    /// `Table::tick` when last moved to the LRU head.
+    stamp: u64,
+}
+
+struct Table {
+    nodes: HashMap<u64, Node>,
+    by_key: HashMap<InodeKey, u64>,
+    /// Descriptors of each mount seen, for open_by_handle_at, by mount id.
+    mounts: HashMap<i32, Arc<OwnedFd>>,
+    next_id: u64,
+    head: u64,
+    tail: u64,
+    lru_len: usize,
+    pinned: usize,
+    tick: u64,
+}
+
+/// Counts, for tests.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TableCounts {
+    pub nodes: usize,
+    /// Descriptors held in the LRU.
+    pub cached: usize,
+    /// Descriptors held outside the LRU.
+    pub pinned: usize,
+}
+
+pub(super) struct InodeTable {
+    table: Mutex<Table>,
+    /// Most descriptors the LRU holds.
+    bound: usize,
+    /// File handles work here (root with CAP_DAC_READ_SEARCH, export support).
+    handles: bool,
+    warned_pinned: std::sync::atomic::AtomicBool,
+}
+
+impl Table {
+    fn unlink_lru(&mut self, id: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else { return };
+        if !n.in_lru {
+            return;
+        }
+        n.in_lru = false;
+        let (prev, next) = (n.prev, n.next);
+        n.prev = NIL;
+        n.next = NIL;
+        match self.nodes.get_mut(&prev) {
+            Some(p) => p.next = next,
+            None => self.head = next,
+        }
+        match self.nodes.get_mut(&next) {
+            Some(nx) => nx.prev = prev,
+            None => self.tail = prev,
+        }
+        self.lru_len -= 1;
+    }
+
+    fn push_head(&mut self, id: u64) {
+        self.tick += 1;
+        let (tick, old_head) = (self.tick, self.head);
+        let Some(n) = self.nodes.get_mut(&id) else { return };
+        n.in_lru = true;
+        n.prev = NIL;
+        n.next = old_head;
+        n.stamp = tick;
+        match self.nodes.get_mut(&old_head) {
+            Some(h) => h.prev = id,
+            None => self.tail = id,
+        }
+        self.head = id;
+        self.lru_len += 1;
+    }
+
+    /// Marks `id` recently used. Nodes already in the newer half of the list
+    /// stay put, so a hot node costs no list surgery.
+    fn touch(&mut self, id: u64, bound: usize) {
+        let Some(n) = self.nodes.get(&id) else { return };
+        if !n.in_lru || self.tick.saturating_sub(n.stamp) < (bound as u64 / 2).max(1) {
+            return;
+        }
+        self.unlink_lru(id);
+        self.push_head(id);
+    }
+
+    fn lru_eligible(&self, n: &Node, id: u64) -> bool {
+        id != ROOT_ID
+            && n.nopen == 0
+            && n.fd.is_some()
+            && n.handle.as_ref().is_some_and(|h| self.mounts.contains_key(&h.mount_id))
+    }
+
+    /// Files a node whose descriptor was just set or unpinned: into the LRU if
+    /// it can be reopened, else counted as pinned. Returns the descriptor the
+    /// LRU evicted to stay within `bound`, to be dropped outside the lock.
+    fn place(&mut self, id: u64, bound: usize) -> Option<Arc<OwnedFd>> {
+        let n = self.nodes.get(&id)?;
+        if n.fd.is_none() || n.in_lru {
+            return None;
+        }
+        if self.lru_eligible(n, id) {
+            self.push_head(id);
+            if self.lru_len > bound {
+                return self.evict_tail();
+            }
+        } else {
+            self.pinned += 1;
+        }
+        None
+    }
+
+    /// Takes a node's descriptor out of whichever set holds it.
+    fn take_fd(&mut self, id: u64) -> Option<Arc<OwnedFd>> {
+        let in_lru = self.nodes.get(&id).is_some_and(|n| n.in_lru);
+        if in_lru {
+            self.unlink_lru(id);
+        }
+        let n = self.nodes.get_mut(&id)?;
+        let fd = n.fd.take();
+        if fd.is_some() && !in_lru {
+            self.pinned -= 1;
+        }
+        fd
+    }
+
+    fn evict_tail(&mut self) -> Option<Arc<OwnedFd>> {
+        let victim = self.tail;
+        if victim == NIL {
+            return None;
+        }
+        self.unlink_lru(victim);
+        self.nodes.get_mut(&victim).and_then(|n| n.fd.take())
+    }
+}
+
+impl InodeTable {
+    /// A table holding the root. `mount_fd` is a descriptor (not `O_PATH`) on
+    /// the root's mount, for open_by_handle_at.
+    pub(super) fn new(
+        root_fd: OwnedFd,
+        root: &libc::statx,
+        mount_fd: OwnedFd,
+        bound: usize,
+        handles: bool,
+    ) -> InodeTable {
+        let key = sys::statx_key(root);
+        let handle = if handles { sys::name_to_handle(root_fd.as_fd()).ok() } else { None };
+        let mut mounts = HashMap::new();
+        if let Some(h) = &handle {
+            mounts.insert(h.mount_id, Arc::new(mount_fd));
+        }
+        let root_node = Node {
+            key,
+            nlookup: 1,
+            nopen: 0,
+            handle,
+            fd: Some(Arc::new(root_fd)),
+            in_lru: false,
+            prev: NIL,
+            next: NIL,
+            stamp: 0,
+        };
+        let mut table = Table {
+            nodes: HashMap::new(),
+            by_key: HashMap::new(),
+            mounts,
+            next_id: ROOT_ID + 1,
+            head: NIL,
+            tail: NIL,
+            lru_len: 0,
+            pinned: 1,
+            tick: 0,
+        };
+        table.nodes.insert(ROOT_ID, root_node);
+        table.by_key.insert(key, ROOT_ID);
+        InodeTable {
+            table: Mutex::new(table),
+            bound: bound.max(1),
+            handles,
+            warned_pinned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Nothing panics while the table is borrowed; a poisoned lock still
+        // guards consistent data.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> TableCounts {
+        let t = self.lock();
+        TableCounts { nodes: t.nodes.len(), cached: t.lru_len, pinned: t.pinned }
+    }
+
+    /// The `O_PATH` descriptor of a node, reopened from its handle if evicted.
+    pub(super) fn fd(&self, id: u64) -> Result<Arc<OwnedFd>, Errno> {
+        let (handle, mount) = {
+            let mut t = self.lock();
+            let n = t.nodes.get(&id).ok_or(Errno::ESTALE)?;
+            if let Some(fd) = &n.fd {
+                let fd = fd.clone();
+                t.touch(id, self.bound);
+                return Ok(fd);
+            }
+            let handle = n.handle.clone().ok_or(Errno::ESTALE)?;
+            let mount = t.mounts.get(&handle.mount_id).cloned().ok_or(Errno::ESTALE)?;
+            (handle, mount)
+        };
+        // An unlinked inode cannot be opened by handle: ESTALE, which is the truth.
+        let fresh = Arc::new(sys::open_by_handle(mount.as_fd(), &handle, libc::O_PATH)?);
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get_mut(&id) else {
+            // Forgotten meanwhile; the caller may still finish with it.
+            return Ok(fresh);
+        };
+        if let Some(fd) = &n.fd {
+            return Ok(fd.clone());
+        }
+        n.fd = Some(fresh.clone());
+        let evicted = t.place(id, self.bound);
+        drop(t);
+        drop(evicted);
+        Ok(fresh)
+    }
+
+    /// Adds one lookup to a known node (the "." lookup).
+    pub(super) fn add_lookup(&self, id: u64) -> Result<(), Errno> {
+        let mut t = self.lock();
+        let n = t.nodes.get_mut(&id).ok_or(Errno::ESTALE)?;
+        n.nlookup += 1;
+        Ok(())
+    }
+
+    /// Whether a node stands for the backing inode `key`.
+    pub(super) fn knows(&self, key: InodeKey) -> bool {
+        self.lock().by_key.contains_key(&key)
+    }
+
+    /// Records one lookup of the inode `fd` (an `O_PATH` descriptor) with
+    /// attributes `st`; returns its node id. Reuses the node of a known
+    /// inode, unless the backing inode number was recycled for a new file
+    /// (told apart by the file handle, which carries the generation).
+    pub(super) fn remember(&self, fd: OwnedFd, st: &libc::statx) -> Result<u64, Errno> {
+        let key = sys::statx_key(st);
+        // Fast path: a known node with a live descriptor. That descriptor pins
+        // the backing inode, so its number cannot have been reused.
+        {
+            let mut t = self.lock();
+            if let Some(&id) = t.by_key.get(&key) {
+                if let Some(n) = t.nodes.get_mut(&id) {
+                    if n.fd.is_some() {
+                        n.nlookup += 1;
+                        t.touch(id, self.bound);
+                        return Ok(id);
+                    }
+                }
+            }
+        }
+        let handle = if self.handles { self.handle_for(&fd, st) } else { None };
+        let fd = Arc::new(fd);
+        let mut t = self.lock();
+        let known = t.by_key.get(&key).copied();
+        if let Some(id) = known {
+            if let Some(n) = t.nodes.get_mut(&id) {
+                if n.fd.is_some() {
+                    n.nlookup += 1;
+                    t.touch(id, self.bound);
+                    return Ok(id);
+                }
+                if n.handle.is_none() || n.handle == handle {
+                    n.nlookup += 1;
+                    n.fd = Some(fd);
+                    let evicted = t.place(id, self.bound);
+                    drop(t);
+                    drop(evicted);
+                    return Ok(id);
+                }
+                // Same number, different file: the old node lives on under
+                // its id until forgotten, but the key now names the new one.
+            }
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        let pinned_without_handle = handle.is_none();
+        t.nodes.insert(
+            id,
+            Node { key, nlookup: 1, nopen: 0, handle, fd: Some(fd), in_lru: false, prev: NIL, next: NIL, stamp: 0 },
+        );
+        t.by_key.insert(key, id);
+        let evicted = t.place(id, self.bound);
+        let pinned = t.pinned;
+        drop(t);
+        drop(evicted);
+        if pinned_without_handle
+            && self.handles
+            && pinned > self.bound
+            && !self.warned_pinned.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(pinned, "stackfs: many inodes have no file handle and keep a descriptor each");
+        }
+        Ok(id)
+    }
+
+    /// The handle of a new inode, and a mount descriptor for its mount if it
+    /// is the first inode seen there; None keeps the descriptor pinned.
+    fn handle_for(&self, fd: &OwnedFd, st: &libc::statx) -> Option<FileHandle> {
+        let handle = sys::name_to_handle(fd.as_fd()).ok()?;
+        if self.lock().mounts.contains_key(&handle.mount_id) {
+            return Some(handle);
+        }
+        // First inode of another mount under the backing tree (crossed on a
+        // mount point, a directory): keep a descriptor of it for open_by_handle_at.
+        if st.stx_mode as u32 & libc::S_IFMT != libc::S_IFDIR {
+            return None;
+        }
+        let mount_fd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+        self.lock().mounts.entry(handle.mount_id).or_insert_with(|| Arc::new(mount_fd));
+        Some(handle)
+    }
+
+    /// The kernel dropped `n` lookups of `id`; at zero the node goes away.
+    pub(super) fn forget(&self, id: u64, n: u64) {
+        self.forget_many(&[(id, n)])
+    }
+
+    /// Several forgets under one lock (BATCH_FORGET). Descriptors are closed
+    /// after the lock is released.
+    pub(super) fn forget_many(&self, forgets: &[(u64, u64)]) {
+        let mut closing: [Option<Arc<OwnedFd>>; 64] = [const { None }; 64];
+        for chunk in forgets.chunks(closing.len()) {
+            let mut t = self.lock();
+            for (slot, &(id, n)) in closing.iter_mut().zip(chunk) {
+                let Some(node) = t.nodes.get_mut(&id) else { continue };
+                node.nlookup = node.nlookup.saturating_sub(n);
+                if node.nlookup > 0 || id == ROOT_ID {
+                    continue;
+                }
+                let key = node.key;
+                *slot = t.take_fd(id);
+                t.nodes.remove(&id);
+                if t.by_key.get(&key) == Some(&id) {
+                    t.by_key.remove(&key);
+                }
+            }
+            drop(t);
+            for slot in closing.iter_mut() {
+                drop(slot.take());
+            }
+        }
+    }
+
+    /// A file or directory was opened on `id` through `fd`: pin the descriptor.
+    pub(super) fn opened(&self, id: u64, fd: &Arc<OwnedFd>) {
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get_mut(&id) else { return };
+        n.nopen += 1;
+        if n.nopen > 1 {
+            return;
+        }
+        if n.fd.is_none() {
+            n.fd = Some(fd.clone());
+            t.pinned += 1;
+        } else if n.in_lru {
+            t.unlink_lru(id);
+            t.pinned += 1;
+        }
+    }
+
+    /// The open file `opened` counted was released.
+    pub(super) fn closed(&self, id: u64) {
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get_mut(&id) else { return };
+        n.nopen = n.nopen.saturating_sub(1);
+        if n.nopen > 0 || n.fd.is_none() || n.in_lru || id == ROOT_ID {
+            return;
+        }
+        let eligible = t.nodes.get(&id).is_some_and(|n| t.lru_eligible(n, id));
+        if !eligible {
+            return;
+        }
+        t.pinned -= 1;
+        let evicted = t.place(id, self.bound);
+        drop(t);
+        drop(evicted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn open_dir(path: &std::path::Path) -> (OwnedFd, OwnedFd, libc::statx) {
+        let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let cwd = unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+        let root = sys::openat(cwd, &p, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        let mount = sys::openat(cwd, &p, libc::O_RDONLY | libc::O_DIRECTORY, 0).unwrap();
+        let st = sys::statx(root.as_fd()).unwrap();
+        (root, mount, st)
+    }
+
+    fn tempdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("stackfs-inodes-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn lookup(t: &InodeTable, parent: u64, name: &str) -> u64 {
+        let dir = t.fd(parent).unwrap();
+        let name = CString::new(name).unwrap();
+        let fd = sys::open_path_at(dir.as_fd(), &name).unwrap();
+        let st = sys::statx(fd.as_fd()).unwrap();
+        t.remember(fd, &st).unwrap()
+    }
+
+    fn handles_work() -> bool {
+        sys::geteuid() == 0
+    }
+
+    #[test]
+    fn bounded_descriptors_over_many_files() {
+        let d = tempdir("bounded");
+        for i in 0..500 {
+            std::fs::write(d.join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+        let (root, mount, st) = open_dir(&d);
+        let t = InodeTable::new(root, &st, mount, 16, handles_work());
+        let mut ids = Vec::new();
+        for i in 0..500 {
+            ids.push(lookup(&t, ROOT_ID, &format!("f{i}")));
+        }
+        let c = t.counts();
+        assert_eq!(c.nodes, 501);
+        if handles_work() {
+            assert!(c.cached <= 16, "{c:?}");
+            assert_eq!(c.pinned, 1, "{c:?}");
+            // Every node can still be reached: evicted ones are reopened.
+            for (i, &id) in ids.iter().enumerate() {
+                let fd = t.fd(id).unwrap();
+                let f = sys::reopen(fd.as_fd(), libc::O_RDONLY).unwrap();
+                let mut buf = [0u8; 8];
+                let n = sys::pread(f.as_fd(), &mut buf, 0).unwrap();
+                assert_eq!(&buf[..n], i.to_string().as_bytes());
+            }
+            assert!(t.counts().cached <= 16);
+        }
+        // Looking a name up again finds the same node; hard links too.
+        std::fs::hard_link(d.join("f7"), d.join("link7")).unwrap();
+        assert_eq!(lookup(&t, ROOT_ID, "f7"), ids[7]);
+        assert_eq!(lookup(&t, ROOT_ID, "link7"), ids[7]);
+        // Forget drops the node at zero, and only then.
+        t.forget(ids[7], 2);
+        assert!(t.fd(ids[7]).is_ok());
+        t.forget(ids[7], 1);
+        assert_eq!(t.fd(ids[7]).err(), Some(Errno::ESTALE));
+        for &id in &ids {
+            t.forget(id, 1);
+        }
+        let c = t.counts();
+        assert_eq!((c.nodes, c.cached, c.pinned), (1, 0, 1));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn recycled_inode_numbers_get_new_nodes() {
+        if !handles_work() {
+            return;
+        }
+        let d = tempdir("recycle");
+        std::fs::write(d.join("a"), b"old").unwrap();
+        let (root, mount, st) = open_dir(&d);
+        let t = InodeTable::new(root, &st, mount, 1, true);
+        let a = lookup(&t, ROOT_ID, "a");
+        // Push "a" out of the one-slot LRU, then replace the file.
+        std::fs::write(d.join("b"), b"b").unwrap();
+        let _b = lookup(&t, ROOT_ID, "b");
+        std::fs::remove_file(d.join("a")).unwrap();
+        assert_eq!(t.fd(a).err(), Some(Errno::ESTALE));
+        std::fs::write(d.join("a"), b"new").unwrap();
+        let a2 = lookup(&t, ROOT_ID, "a");
+        assert_ne!(a, a2);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn open_files_pin_their_node() {
+        if !handles_work() {
+            return;
+        }
+        let d = tempdir("pin");
+        std::fs::write(d.join("a"), b"data").unwrap();
+        std::fs::write(d.join("b"), b"b").unwrap();
+        let (root, mount, st) = open_dir(&d);
+        let t = InodeTable::new(root, &st, mount, 1, true);
+        let a = lookup(&t, ROOT_ID, "a");
+        let fd = t.fd(a).unwrap();
+        t.opened(a, &fd);
+        drop(fd);
+        let _b = lookup(&t, ROOT_ID, "b");
+        std::fs::remove_file(d.join("a")).unwrap();
+        // Unlinked but open: still reachable through the pinned descriptor.
+        assert!(t.fd(a).is_ok());
+        assert_eq!(t.counts().pinned, 2);
+        t.closed(a);
+        assert_eq!(t.counts().pinned, 1);
+        assert!(t.counts().cached <= 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,916 @@
+//! stackfs: a pass-through file system that mirrors a backing directory.
+//!
+//! Every node is an inode of the backing tree, reached only through
+//! descriptors: a lookup is `openat(parent, name, O_PATH | O_NOFOLLOW)`
+//! (openat2 with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`
+//! where available), and operations on a node use its own descriptor with
+//! `AT_EMPTY_PATH` or its `/proc/self/fd/N` magic link. No path string is
+//! built from kernel input and no symlink is ever followed, so the mount
+//! cannot be made to reach outside the backing directory. Names from the
+//! kernel must be single components; "." and ".." are answered without
+//! leaving the tree (".." of the root is the root).
+//!
+//! Descriptors are bounded: each node remembers a file handle
+//! (name_to_handle_at) and its `O_PATH` descriptor lives in an LRU, reopened
+//! with open_by_handle_at after eviction ([`inodes`]). That needs
+//! CAP_DAC_READ_SEARCH; without it, or on a file system without file handles,
+//! every remembered inode keeps its descriptor and the tree size is limited by
+//! RLIMIT_NOFILE (raised to the hard limit at start).
+//!
+//! # Ownership and permissions
+//!
+//! When the daemon runs as root and other users' requests reach it (mounted
+//! with `-o allow_other`):
+//!
+//! - **Creating operations** (create, tmpfile, mknod, mkdir, symlink) run with the
+//!   thread's file-system uid and gid switched to the caller's
+//!   (setfsuid/setfsgid, per thread, restored before the reply, even on
+//!   error). New files are owned by the caller, a setgid parent directory
+//!   passes its group on as usual, and the backing file system applies its own
+//!   permission checks to the creation with the caller's uid and primary gid
+//!   (supplementary groups are the daemon's, as FUSE does not send the
+//!   caller's). Device nodes can then only be made by root callers.
+//! - **link** creates no inode, so it runs with the daemon's credentials
+//!   (linkat with `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH, which a switched
+//!   fsuid drops).
+//! - **Every other operation** runs as the daemon and relies on the kernel's
+//!   checks: mount with `default_permissions` (the efuse CLI forces it with
+//!   `allow_other`), so the kernel checks modes and ownership against the
+//!   attributes stackfs reports, which are the backing ones.
+//!
+//! When the daemon is not root, every operation runs as the daemon's user and
+//! new files belong to it.
+//!
+//! Locks (POSIX record locks and flock) are kept by stackfs in
+//! [`efuse::locks::LockTable`]s, per node, and are not taken on the backing
+//! files.
+
+mod creds;
+mod handles;
+mod inodes;
+mod sys;
+
+use std::cell::RefCell;
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use efuse::locks::LockTable;
+use efuse::{
+    name_to_cstr, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, RequestContext, SetAttr, Statfs, TimeOrNow,
+};
+
+use creds::CallerCreds;
+use handles::{DirStream, FhCounter, HandleTable, OpenDir, OpenFile};
+use inodes::{InodeTable, ROOT_ID};
+
+/// How stackfs is set up.
+#[derive(Debug, Clone)]
+pub struct StackFsConfig {
+    /// The directory to mirror.
+    pub backing: PathBuf,
+    /// Most `O_PATH` descriptors to cache; None derives it from RLIMIT_NOFILE.
+    pub max_open_handles: Option<usize>,
+    /// How long the kernel may cache names.
+    pub entry_ttl: Duration,
+    /// How long the kernel may cache attributes.
+    pub attr_ttl: Duration,
+}
+
+impl StackFsConfig {
+    pub fn new(backing: PathBuf) -> Self {
+        StackFsConfig { backing, max_open_handles: None, entry_ttl: efuse::DEFAULT_TTL, attr_ttl: efuse::DEFAULT_TTL }
+    }
+}
+
+/// Why stackfs could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StackFsError {
+    #[error("backing directory {path}: {source}")]
+    BackingMissing { path: PathBuf, source: std::io::Error },
+    #[error("backing path {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot open backing directory {path}: {errno}")]
+    Open { path: PathBuf, errno: Errno },
+    #[error("backing path {0} contains a NUL byte")]
+    BadPath(PathBuf),
+}
+
+/// Descriptors kept free for open files, directories and the process itself
+/// when the inode cache bound is derived from RLIMIT_NOFILE.
+const FD_RESERVE: u64 = 256;
+
+/// Largest READ / xattr value served; larger requests are clamped.
+const MAX_IO: usize = 1 << 20;
+
+thread_local! {
+    /// READ and xattr data land here: one buffer per worker thread, grown to
+    /// the largest request seen, so steady-state requests allocate nothing.
+    static IO_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's I/O buffer, at least `size` bytes long.
+fn with_io_buffer<R>(size: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    IO_BUFFER.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            f(&mut buf[..size])
+        }
+        // Re-entered (cannot happen: replies do not call back): use a fresh buffer.
+        Err(_) => f(&mut vec![0u8; size]),
+    })
+}
+
+/// The pass-through file system; see the module documentation.
+pub struct StackFs {
+    inodes: InodeTable,
+    files: HandleTable<OpenFile>,
+    dirs: HandleTable<OpenDir>,
+    fhs: FhCounter,
+    /// A plain descriptor on the backing directory, for syncfs.
+    backing_dir: OwnedFd,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+    /// Create-type operations switch to the caller's fsuid/fsgid (we are root).
+    act_as_caller: bool,
+    posix_locks: LockTable,
+    flocks: LockTable,
+}
+
+impl StackFs {
+    pub fn new(cfg: StackFsConfig) -> Result<StackFs, StackFsError> {
+        let path = cfg.backing.clone();
+        let meta =
+            std::fs::metadata(&path).map_err(|source| StackFsError::BackingMissing { path: path.clone(), source })?;
+        if !meta.is_dir() {
+            return Err(StackFsError::NotADirectory(path));
+        }
+        let nofile = sys::raise_nofile_limit();
+        let cpath =
+            std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| StackFsError::BadPath(path.clone()))?;
+        // SAFETY: AT_FDCWD is always a valid directory argument.
+        let cwd = unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+        let open = |flags| {
+            sys::openat(cwd, &cpath, flags | libc::O_DIRECTORY, 0)
+                .map_err(|errno| StackFsError::Open { path: path.clone(), errno })
+        };
+        let root = open(libc::O_PATH)?;
+        let mount_fd = open(libc::O_RDONLY)?;
+        let backing_dir = open(libc::O_RDONLY)?;
+        let st = sys::statx(root.as_fd()).map_err(|errno| StackFsError::Open { path: path.clone(), errno })?;
+
+        let handles = match sys::name_to_handle(root.as_fd())
+            .and_then(|h| sys::open_by_handle(mount_fd.as_fd(), &h, libc::O_PATH))
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "stackfs: file handles unavailable on {} ({e}); every remembered inode keeps a descriptor, \
+                     so at most about {} inodes can be in use at once (RLIMIT_NOFILE {nofile})",
+                    path.display(),
+                    nofile.saturating_sub(FD_RESERVE)
+                );
+                false
+            }
+        };
+        let bound = cfg.max_open_handles.unwrap_or_else(|| (nofile / 2).saturating_sub(FD_RESERVE).max(64) as usize);
+        tracing::info!(backing = %path.display(), handles, bound, nofile, "stackfs ready");
+        Ok(StackFs {
+            inodes: InodeTable::new(root, &st, mount_fd, bound, handles),
+            files: HandleTable::default(),
+            dirs: HandleTable::default(),
+            fhs: FhCounter::default(),
+            backing_dir,
+            entry_ttl: cfg.entry_ttl,
+            attr_ttl: cfg.attr_ttl,
+            act_as_caller: sys::geteuid() == 0,
+            posix_locks: LockTable::default(),
+            flocks: LockTable::default(),
+        })
+    }
+
+    fn entry(&self, nodeid: u64, st: &libc::statx) -> Entry {
+        Entry {
+            nodeid,
+            generation: 0,
+            attr: FileAttr::from_statx(st),
+            entry_ttl: self.entry_ttl,
+            attr_ttl: self.attr_ttl,
+        }
+    }
+
+    /// Looks `name` up in the directory `dir_fd` of node `parent`; adds one lookup.
+    fn lookup_in(&self, parent: u64, dir_fd: &OwnedFd, name: &CStr) -> Result<Entry, Errno> {
+        match name.to_bytes() {
+            b"." => return self.lookup_self(parent),
+            b".." if parent == ROOT_ID => return self.lookup_self(ROOT_ID),
+            _ => {}
+        }
+        let dotdot = name.to_bytes() == b"..";
+        let fd = if dotdot {
+            // Beneath-only resolution refuses "..": a plain openat, below the root.
+            sys::openat(dir_fd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?
+        } else {
+            sys::open_path_at(dir_fd.as_fd(), name)?
+        };
+        let st = sys::statx(fd.as_fd())?;
+        // The kernel reached `parent` through its parent, so that is a node
+        // already; anything else (a directory moved out of the tree behind
+        // our back) is not ours to show.
+        if dotdot && !self.inodes.knows(sys::statx_key(&st)) {
+            return Err(Errno::ENOENT);
+        }
+        let id = self.inodes.remember(fd, &st)?;
+        Ok(self.entry(id, &st))
+    }
+
+    fn lookup_self(&self, id: u64) -> Result<Entry, Errno> {
+        let fd = self.inodes.fd(id)?;
+        let st = sys::statx(fd.as_fd())?;
+        self.inodes.add_lookup(id)?;
+        Ok(self.entry(id, &st))
+    }
+
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, Errno> {
+        let mut buf = [0u8; 256];
+        let name = name_to_cstr(name, &mut buf)?;
+        let dir = self.inodes.fd(parent)?;
+        self.lookup_in(parent, &dir, name)
+    }
+
+    /// Runs a create-type `op` in `parent` as the caller, then looks the new name up.
+    fn create_node(
+        &self,
+        ctx: &RequestContext<'_>,
+        parent: u64,
+        name: &OsStr,
+        op: impl FnOnce(&OwnedFd, &CStr) -> Result<(), Errno>,
+    ) -> Result<Entry, Errno> {
+        let mut buf = [0u8; 256];
+        let name = name_to_cstr(name, &mut buf)?;
+        if matches!(name.to_bytes(), b"." | b"..") {
+            return Err(Errno::EEXIST);
+        }
+        let dir = self.inodes.fd(parent)?;
+        {
+            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller);
+            op(&dir, name)?;
+        }
+        self.lookup_in(parent, &dir, name)
+    }
+
+    fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<FileAttr, Errno> {
+        let st = match fh.and_then(|fh| self.files.get(fh).ok()) {
+            Some(f) => sys::statx(f.fd.as_fd())?,
+            None => sys::statx(self.inodes.fd(ino)?.as_fd())?,
+        };
+        Ok(FileAttr::from_statx(&st))
+    }
+
+    fn do_setattr(&self, ino: u64, attr: &SetAttr) -> Result<FileAttr, Errno> {
+        let ifd = self.inodes.fd(ino)?;
+        let file = match attr.fh {
+            Some(fh) => Some(self.files.get(fh)?),
+            None => None,
+        };
+        if let Some(mode) = attr.mode {
+            let mode = mode & 0o7777;
+            match &file {
+                Some(f) => sys::fchmod(f.fd.as_fd(), mode)?,
+                None => sys::chmod_fd(ifd.as_fd(), mode)?,
+            }
+        }
+        if attr.uid.is_some() || attr.gid.is_some() {
+            sys::chown_fd(ifd.as_fd(), attr.uid.unwrap_or(u32::MAX), attr.gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(size) = attr.size {
+            match &file {
+                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
+                None => {
+                    let f = sys::reopen(ifd.as_fd(), libc::O_WRONLY)?;
+                    sys::ftruncate(f.as_fd(), size)?
+                }
+            }
+        }
+        if attr.atime.is_some() || attr.mtime.is_some() {
+            let ts = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                Some(TimeOrNow::Specific(t)) => {
+                    libc::timespec { tv_sec: t.sec, tv_nsec: t.nsec.min(999_999_999) as i64 }
+                }
+            };
+            let times = [ts(attr.atime), ts(attr.mtime)];
+            match &file {
+                Some(f) => sys::utimens_fd(f.fd.as_fd(), &times)?,
+                None => sys::utimens_fd(ifd.as_fd(), &times)?,
+            }
+        }
+        let st = match &file {
+            Some(f) => sys::statx(f.fd.as_fd())?,
+            None => sys::statx(ifd.as_fd())?,
+        };
+        Ok(FileAttr::from_statx(&st))
+    }
+
+    /// Opens node `ino` for I/O with `flags`, registering a new `fh`.
+    fn open_file(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        let ifd = self.inodes.fd(ino)?;
+        // O_DIRECT would demand aligned buffers of our reads and writes; the
+        // kernel already gives the caller direct-I/O semantics on the mount.
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        let fd = sys::reopen(ifd.as_fd(), flags)?;
+        Ok(self.register_file(ino, &ifd, fd))
+    }
+
+    fn register_file(&self, ino: u64, ifd: &Arc<OwnedFd>, fd: OwnedFd) -> u64 {
+        let fh = self.fhs.next();
+        self.files.insert(fh, OpenFile { fd });
+        self.inodes.opened(ino, ifd);
+        fh
+    }
+
+    fn do_create(
+        &self,
+        ctx: &RequestContext<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, u64), Errno> {
+        let mut opened = None;
+        let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT);
+        let entry = self.create_node(ctx, parent, name, |dir, name| {
+            opened = Some(sys::openat(dir.as_fd(), name, flags, mode)?);
+            Ok(())
+        })?;
+        let fd = opened.ok_or(Errno::EIO)?;
+        let ifd = match self.inodes.fd(entry.nodeid) {
+            Ok(ifd) => ifd,
+            Err(e) => {
+                self.inodes.forget(entry.nodeid, 1);
+                return Err(e);
+            }
+        };
+        Ok((entry, self.register_file(entry.nodeid, &ifd, fd)))
+    }
+
+    fn do_tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32) -> Result<(Entry, u64), Errno> {
+        let dir = self.inodes.fd(parent)?;
+        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_TMPFILE;
+        let fd = {
+            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller);
+            sys::openat(dir.as_fd(), c".", flags, mode & 0o7777)?
+        };
+        let path_fd = sys::reopen(fd.as_fd(), libc::O_PATH)?;
+        let st = sys::statx(path_fd.as_fd())?;
+        let id = self.inodes.remember(path_fd, &st)?;
+        let ifd = match self.inodes.fd(id) {
+            Ok(ifd) => ifd,
+            Err(e) => {
+                self.inodes.forget(id, 1);
+                return Err(e);
+            }
+        };
+        Ok((self.entry(id, &st), self.register_file(id, &ifd, fd)))
+    }
+
+    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let file = match self.files.get(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let size = (size as usize).min(MAX_IO);
+        with_io_buffer(size, |buf| {
+            // Fill the request unless at end of file: FUSE treats a short
+            // read as end of file.
+            let mut done = 0;
+            while done < buf.len() {
+                match sys::pread(file.fd.as_fd(), &mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e == Errno::EINTR => continue,
+                    Err(e) if done == 0 => return reply.error(e),
+                    Err(_) => break,
+                }
+            }
+            reply.data(&buf[..done])
+        })
+    }
+
+    fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let file = self.files.get(fh)?;
+        let mut done = 0;
+        while done < data.len() {
+            match sys::pwrite(file.fd.as_fd(), &data[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e == Errno::EINTR => continue,
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done.min(u32::MAX as usize) as u32)
+    }
+
+    fn do_opendir(&self, ino: u64) -> Result<u64, Errno> {
+        let ifd = self.inodes.fd(ino)?;
+        let fd = sys::openat(ifd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let fh = self.fhs.next();
+        self.dirs.insert(fh, OpenDir { fd, stream: std::sync::Mutex::new(DirStream::default()) });
+        self.inodes.opened(ino, &ifd);
+        Ok(fh)
+    }
+
+    fn do_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
+        let dir = match self.dirs.get(fh) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let mut s = dir.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = s.seek(&dir.fd, offset) {
+            return reply.error(e);
+        }
+        let mut added = 0;
+        loop {
+            let e = match s.peek(&dir.fd) {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(err) if added == 0 => return reply.error(err),
+                Err(_) => break,
+            };
+            if !reply.add(e.ino, e.off, e.kind(), OsStr::from_bytes(s.name(&e))) {
+                break;
+            }
+            s.consume(&e);
+            added += 1;
+        }
+        drop(s);
+        reply.ok()
+    }
+
+    fn do_readdirplus(&self, parent: u64, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dir = match self.dirs.get(fh) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let mut s = dir.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = s.seek(&dir.fd, offset) {
+            return reply.error(e);
+        }
+        let mut added = 0;
+        loop {
+            let e = match s.peek(&dir.fd) {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(err) if added == 0 => return reply.error(err),
+                Err(_) => break,
+            };
+            let name = s.name(&e);
+            if !reply.fits(name.len()) {
+                break;
+            }
+            let name_os = OsStr::from_bytes(name);
+            if name == b"." || name == b".." {
+                // The kernel takes neither attributes nor a lookup for these.
+                let attr = FileAttr { ino: e.ino, mode: e.kind(), ..Default::default() };
+                let entry =
+                    Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
+                if !reply.add(&entry, e.off, name_os) {
+                    break;
+                }
+            } else {
+                let mut buf = [0u8; 256];
+                let looked_up = name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &dir.fd, c));
+                match looked_up {
+                    Ok(entry) => {
+                        if !reply.add(&entry, e.off, name_os) {
+                            self.inodes.forget(entry.nodeid, 1);
+                            break;
+                        }
+                    }
+                    // Removed since it was listed: skip it.
+                    Err(err) if err == Errno::ENOENT => {}
+                    Err(err) if added == 0 => {
+                        drop(s);
+                        return reply.error(err);
+                    }
+                    Err(_) => break,
+                }
+            }
+            s.consume(&e);
+            added += 1;
+        }
+        drop(s);
+        reply.ok()
+    }
+
+    fn do_statfs(&self, ino: u64) -> Result<Statfs, Errno> {
+        let st = sys::fstatvfs(self.inodes.fd(ino)?.as_fd())?;
+        Ok(Statfs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: st.f_namemax as u32,
+            frsize: st.f_frsize as u32,
+        })
+    }
+
+    /// Replies with `size` bytes of xattr data or the size needed (size 0).
+    fn xattr_reply(size: u32, reply: ReplyXattr, call: impl FnOnce(&mut [u8]) -> Result<usize, Errno>) {
+        if size == 0 {
+            return match call(&mut []) {
+                Ok(n) => reply.size(n.min(u32::MAX as usize) as u32),
+                Err(e) => reply.error(e),
+            };
+        }
+        with_io_buffer((size as usize).min(MAX_IO), |buf| match call(buf) {
+            Ok(n) => reply.data(&buf[..n.min(buf.len())]),
+            Err(e) => reply.error(e),
+        })
+    }
+}
+
+/// An xattr name as a C string: up to 255 bytes, any byte but NUL.
+fn xattr_name<'b>(name: &OsStr, buf: &'b mut [u8; 256]) -> Result<&'b CStr, Errno> {
+    let b = name.as_bytes();
+    if b.len() > 255 {
+        return Err(Errno::ERANGE);
+    }
+    if b.is_empty() || b.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    buf[..b.len()].copy_from_slice(b);
+    buf[b.len()] = 0;
+    CStr::from_bytes_with_nul(&buf[..=b.len()]).map_err(|_| Errno::EINVAL)
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<Entry, Errno>) {
+    match r {
+        Ok(e) => reply.entry(&e),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl Filesystem for StackFs {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            posix_locks: true,
+            flock_locks: true,
+            atomic_o_trunc: true,
+            export_support: false,
+            readdirplus: true,
+            handle_killpriv_v2: false,
+        }
+    }
+
+    fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(e) => reply.entry(&e),
+            // A negative entry lets the kernel cache the miss for the entry TTL.
+            Err(e) if e == Errno::ENOENT && !self.entry_ttl.is_zero() => reply.entry(&Entry {
+                nodeid: 0,
+                generation: 0,
+                attr: FileAttr::default(),
+                entry_ttl: self.entry_ttl,
+                attr_ttl: Duration::ZERO,
+            }),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.inodes.forget(ino, nlookup)
+    }
+
+    fn batch_forget(&self, nodes: &[(u64, u64)]) {
+        self.inodes.forget_many(nodes)
+    }
+
+    fn getattr(&self, _ctx: &RequestContext<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        match self.attr_of(ino, fh) {
+            Ok(a) => reply.attr(&a, self.attr_ttl),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statx(&self, _ctx: &RequestContext<'_>, ino: u64, fh: Option<u64>, _flags: u32, _mask: u32, reply: ReplyStatx) {
+        match self.attr_of(ino, fh) {
+            Ok(a) => reply.statx(&a, self.attr_ttl),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(&self, _ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
+        match self.do_setattr(ino, attr) {
+            Ok(a) => reply.attr(&a, self.attr_ttl),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _ctx: &RequestContext<'_>, ino: u64, reply: ReplyData) {
+        let fd = match self.inodes.fd(ino) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = [0u8; libc::PATH_MAX as usize + 1];
+        match sys::readlink(fd.as_fd(), &mut buf) {
+            Ok(n) if n >= buf.len() => reply.error(Errno::ENAMETOOLONG),
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, mode: u32, rdev: u32, reply: ReplyEntry) {
+        let r = self.create_node(ctx, parent, name, |dir, name| sys::mknodat(dir.as_fd(), name, mode, rdev as u64));
+        reply_entry(reply, r)
+    }
+
+    fn mkdir(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, mode: u32, reply: ReplyEntry) {
+        let r = self.create_node(ctx, parent, name, |dir, name| sys::mkdirat(dir.as_fd(), name, mode & 0o7777));
+        reply_entry(reply, r)
+    }
+
+    fn unlink(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut buf = [0u8; 256];
+        let r = name_to_cstr(name, &mut buf).and_then(|name| sys::unlinkat(self.inodes.fd(parent)?.as_fd(), name, 0));
+        reply_empty(reply, r)
+    }
+
+    fn rmdir(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut buf = [0u8; 256];
+        let r = name_to_cstr(name, &mut buf)
+            .and_then(|name| sys::unlinkat(self.inodes.fd(parent)?.as_fd(), name, libc::AT_REMOVEDIR));
+        reply_empty(reply, r)
+    }
+
+    fn symlink(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, target: &OsStr, reply: ReplyEntry) {
+        let target = match std::ffi::CString::new(target.as_bytes()) {
+            Ok(t) => t,
+            Err(_) => return reply.error(Errno::EINVAL),
+        };
+        let r = self.create_node(ctx, parent, name, |dir, name| sys::symlinkat(&target, dir.as_fd(), name));
+        reply_entry(reply, r)
+    }
+
+    fn rename(
+        &self,
+        _ctx: &RequestContext<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (mut b1, mut b2) = ([0u8; 256], [0u8; 256]);
+        let r = (|| {
+            let old = name_to_cstr(name, &mut b1)?;
+            let new = name_to_cstr(newname, &mut b2)?;
+            let od = self.inodes.fd(parent)?;
+            let nd = self.inodes.fd(newparent)?;
+            sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)
+        })();
+        reply_empty(reply, r)
+    }
+
+    fn link(&self, _ctx: &RequestContext<'_>, ino: u64, newparent: u64, newname: &OsStr, reply: ReplyEntry) {
+        let mut buf = [0u8; 256];
+        let r = (|| {
+            let name = name_to_cstr(newname, &mut buf)?;
+            let fd = self.inodes.fd(ino)?;
+            let dir = self.inodes.fd(newparent)?;
+            sys::link_fd(fd.as_fd(), dir.as_fd(), name)?;
+            self.lookup_in(newparent, &dir, name)
+        })();
+        reply_entry(reply, r)
+    }
+
+    fn open(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        match self.open_file(ino, flags) {
+            Ok(fh) => reply.opened(fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        self.do_read(fh, offset, size, reply)
+    }
+
+    fn write(
+        &self,
+        _ctx: &RequestContext<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        _write_flags: u32,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, lock_owner: u64, reply: ReplyEmpty) {
+        self.posix_locks.release_owner(ino, lock_owner);
+        // close(dup(fd)): what close(2) of the caller's descriptor would do to
+        // the backing file (network file systems flush and report errors here).
+        let r = self.files.get(fh).and_then(|f| sys::dup(f.fd.as_fd())).map(drop);
+        reply_empty(reply, r)
+    }
+
+    fn release(
+        &self,
+        _ctx: &RequestContext<'_>,
+        ino: u64,
+        fh: u64,
+        _flags: i32,
+        flock_owner: Option<u64>,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(owner) = flock_owner {
+            self.flocks.release_owner(ino, owner);
+        }
+        if self.files.remove(fh).is_some() {
+            self.inodes.closed(ino);
+        }
+        reply.ok()
+    }
+
+    fn fsync(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let r = self.files.get(fh).and_then(|f| sys::fsync(f.fd.as_fd(), datasync));
+        reply_empty(reply, r)
+    }
+
+    fn opendir(&self, _ctx: &RequestContext<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        match self.do_opendir(ino) {
+            Ok(fh) => reply.opened(fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, reply: ReplyDirectory) {
+        self.do_readdir(fh, offset, reply)
+    }
+
+    fn readdirplus(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, reply: ReplyDirectoryPlus) {
+        self.do_readdirplus(ino, fh, offset, reply)
+    }
+
+    fn releasedir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+        if self.dirs.remove(fh).is_some() {
+            self.inodes.closed(ino);
+        }
+        reply.ok()
+    }
+
+    fn fsyncdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let r = self.dirs.get(fh).and_then(|d| sys::fsync(d.fd.as_fd(), datasync));
+        reply_empty(reply, r)
+    }
+
+    fn statfs(&self, _ctx: &RequestContext<'_>, ino: u64, reply: ReplyStatfs) {
+        match self.do_statfs(ino) {
+            Ok(s) => reply.statfs(&s),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(&self, _ctx: &RequestContext<'_>, ino: u64, name: &OsStr, value: &[u8], flags: i32, reply: ReplyEmpty) {
+        let mut buf = [0u8; 256];
+        let r =
+            xattr_name(name, &mut buf).and_then(|name| sys::setxattr(self.inodes.fd(ino)?.as_fd(), name, value, flags));
+        reply_empty(reply, r)
+    }
+
+    fn getxattr(&self, _ctx: &RequestContext<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let mut buf = [0u8; 256];
+        let prep = xattr_name(name, &mut buf).and_then(|name| Ok((name, self.inodes.fd(ino)?)));
+        match prep {
+            Ok((name, fd)) => Self::xattr_reply(size, reply, |out| sys::getxattr(fd.as_fd(), name, out)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _ctx: &RequestContext<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        match self.inodes.fd(ino) {
+            Ok(fd) => Self::xattr_reply(size, reply, |out| sys::listxattr(fd.as_fd(), out)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _ctx: &RequestContext<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut buf = [0u8; 256];
+        let r = xattr_name(name, &mut buf).and_then(|name| sys::removexattr(self.inodes.fd(ino)?.as_fd(), name));
+        reply_empty(reply, r)
+    }
+
+    fn access(&self, _ctx: &RequestContext<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        let r = self.inodes.fd(ino).and_then(|fd| sys::access_fd(fd.as_fd(), mask));
+        reply_empty(reply, r)
+    }
+
+    fn create(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, mode: u32, flags: i32, reply: ReplyCreate) {
+        match self.do_create(ctx, parent, name, mode, flags) {
+            Ok((entry, fh)) => reply.created(&entry, fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32, reply: ReplyCreate) {
+        match self.do_tmpfile(ctx, parent, mode, flags) {
+            Ok((entry, fh)) => reply.created(&entry, fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getlk(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: u64, owner: u64, lock: &FileLock, reply: ReplyLock) {
+        reply.locked(&self.posix_locks.getlk(ino, owner, lock))
+    }
+
+    fn setlk(
+        &self,
+        ctx: &RequestContext<'_>,
+        ino: u64,
+        _fh: u64,
+        owner: u64,
+        lock: &FileLock,
+        flock: bool,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let table = if flock { &self.flocks } else { &self.posix_locks };
+        table.setlk(ctx, ino, owner, lock, sleep, reply)
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &RequestContext<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.files.get(fh).and_then(|f| sys::fallocate(f.fd.as_fd(), mode, offset, length));
+        reply_empty(reply, r)
+    }
+
+    fn lseek(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, whence: i32, reply: ReplyLseek) {
+        match self.files.get(fh).and_then(|f| sys::lseek(f.fd.as_fd(), offset, whence)) {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: &RequestContext<'_>,
+        _ino_in: u64,
+        fh_in: u64,
+        offset_in: u64,
+        _ino_out: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u32,
+        reply: ReplyCopy,
+    ) {
+        let r = (|| {
+            let fin = self.files.get(fh_in)?;
+            let fout = self.files.get(fh_out)?;
+            sys::copy_file_range(fin.fd.as_fd(), offset_in, fout.fd.as_fd(), offset_out, len, flags)
+        })();
+        match r {
+            Ok(n) => reply.copied(n as u64),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn syncfs(&self, _ctx: &RequestContext<'_>, _ino: u64, reply: ReplyEmpty) {
+        reply_empty(reply, sys::syncfs(self.backing_dir.as_fd()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,347 @@
+//! stackfs driven through an efuse session without a kernel: requests are
+//! encoded by hand and replies read back from a `MemorySink`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use efuse::abi::structs as abi;
+use efuse::abi::Opcode;
+use efuse::{MemorySink, ReplySink, Session, SessionConfig};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::*;
+
+struct Harness {
+    session: Session<StackFs>,
+    mem: Arc<MemorySink>,
+    sink: Arc<dyn ReplySink>,
+    unique: std::cell::Cell<u64>,
+    dir: PathBuf,
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stackfs-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl Harness {
+    fn new(tag: &str, max_open_handles: Option<usize>) -> Harness {
+        let dir = tempdir(tag);
+        let mut cfg = StackFsConfig::new(dir.join("backing"));
+        std::fs::create_dir_all(&cfg.backing).unwrap();
+        cfg.max_open_handles = max_open_handles;
+        let fs = StackFs::new(cfg).unwrap();
+        let session = Session::new(fs, SessionConfig::default());
+        let mem = Arc::new(MemorySink::default());
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        let h = Harness { session, mem, sink, unique: std::cell::Cell::new(1), dir };
+        let init = abi::InitIn {
+            major: 7,
+            minor: 45,
+            max_readahead: 131072,
+            flags: u32::MAX,
+            flags2: 0,
+            ..Default::default()
+        };
+        let buf = h.encode(Opcode::Init, 0, &[init.as_bytes()]);
+        assert!(h.session.handle_init(&buf, &h.sink).is_ok());
+        h
+    }
+
+    fn backing(&self) -> PathBuf {
+        self.dir.join("backing")
+    }
+
+    fn encode(&self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> Vec<u8> {
+        let unique = self.unique.get();
+        self.unique.set(unique + 1);
+        let body: usize = parts.iter().map(|p| p.len()).sum();
+        let h = abi::InHeader {
+            len: (std::mem::size_of::<abi::InHeader>() + body) as u32,
+            opcode: op as u32,
+            unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            ..Default::default()
+        };
+        let mut v = h.as_bytes().to_vec();
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    }
+
+    /// Sends one request; returns (error, payload) of its reply.
+    fn call(&self, op: Opcode, nodeid: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        let buf = self.encode(op, nodeid, parts);
+        let unique = self.unique.get() - 1;
+        self.session.dispatch(&buf, &self.sink);
+        let replies = self.mem.replies.lock().unwrap();
+        let r = replies.iter().rev().find(|r| r.1 == unique).expect("no reply");
+        (r.2, r.3.clone())
+    }
+
+    fn lookup(&self, parent: u64, name: &str) -> Result<abi::EntryOut, i32> {
+        let name = format!("{name}\0");
+        let (err, data) = self.call(Opcode::Lookup, parent, &[name.as_bytes()]);
+        if err != 0 {
+            return Err(err);
+        }
+        let (e, _) = abi::EntryOut::read_from_prefix(&data).unwrap();
+        if e.nodeid == 0 {
+            return Err(-libc::ENOENT);
+        }
+        Ok(e)
+    }
+
+    fn forget(&self, nodeid: u64, n: u64) {
+        let f = abi::ForgetIn { nlookup: n };
+        let buf = self.encode(Opcode::Forget, nodeid, &[f.as_bytes()]);
+        self.session.dispatch(&buf, &self.sink);
+    }
+
+    fn opendir(&self, nodeid: u64) -> u64 {
+        let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+        let (err, data) = self.call(Opcode::Opendir, nodeid, &[o.as_bytes()]);
+        assert_eq!(err, 0);
+        abi::OpenOut::read_from_prefix(&data).unwrap().0.fh
+    }
+
+    /// All (name, nodeid) of a READDIRPLUS listing, in small buffers.
+    fn readdirplus(&self, nodeid: u64, fh: u64) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let r = abi::ReadIn { fh, offset, size: 1024, ..Default::default() };
+            let (err, data) = self.call(Opcode::Readdirplus, nodeid, &[r.as_bytes()]);
+            assert_eq!(err, 0);
+            if data.is_empty() {
+                return out;
+            }
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let (d, _) = abi::DirentPlus::read_from_prefix(rest).unwrap();
+                let size = efuse::abi::encode::direntplus_size(d.dirent.namelen as usize);
+                let hdr = std::mem::size_of::<abi::DirentPlus>();
+                let name = String::from_utf8(rest[hdr..hdr + d.dirent.namelen as usize].to_vec()).unwrap();
+                out.push((name, d.entry_out.nodeid));
+                offset = d.dirent.off;
+                rest = &rest[size..];
+            }
+        }
+    }
+
+    fn counts(&self) -> inodes::TableCounts {
+        self.session.fs().inodes.counts()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_files(dir: &Path, n: usize) {
+    for i in 0..n {
+        std::fs::write(dir.join(format!("f{i:04}")), format!("content {i}")).unwrap();
+    }
+}
+
+#[test]
+fn readdirplus_counts_lookups_and_forget_releases_them() {
+    let h = Harness::new("rdp", Some(16));
+    write_files(&h.backing(), 500);
+    let fh = h.opendir(ROOT_ID);
+    let listed = h.readdirplus(ROOT_ID, fh);
+    assert_eq!(listed.len(), 502);
+    let mut names: Vec<_> = listed.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(&names[..3], &[".", "..", "f0000"]);
+    for (name, id) in &listed {
+        if name == "." || name == ".." {
+            assert_eq!(*id, 0);
+        } else {
+            assert_ne!(*id, ROOT_ID);
+        }
+    }
+    let c = h.counts();
+    assert_eq!(c.nodes, 501);
+    assert!(c.cached <= 16, "{c:?}");
+    // Looking a listed name up again gives the same node.
+    let f7 = listed.iter().find(|(n, _)| n == "f0007").unwrap().1;
+    let e = h.lookup(ROOT_ID, "f0007").unwrap();
+    assert_eq!(e.nodeid, f7);
+    assert_eq!(
+        e.attr.ino,
+        std::fs::metadata(h.backing().join("f0007"))
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino()
+            })
+            .unwrap()
+    );
+    // Every entry counted one lookup; f0007 two.
+    for (name, id) in &listed {
+        if name != "." && name != ".." {
+            h.forget(*id, 1);
+        }
+    }
+    assert_eq!(h.counts().nodes, 2);
+    h.forget(f7, 1);
+    assert_eq!(h.counts().nodes, 1);
+    let rel = abi::ReleaseIn { fh, ..Default::default() };
+    assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
+}
+
+#[test]
+fn read_write_through_evicted_handles() {
+    let h = Harness::new("rw", Some(4));
+    write_files(&h.backing(), 50);
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(h.lookup(ROOT_ID, &format!("f{i:04}")).unwrap().nodeid);
+    }
+    for (i, &id) in ids.iter().enumerate() {
+        let o = abi::OpenIn { flags: libc::O_RDWR as u32, open_flags: 0 };
+        let (err, data) = h.call(Opcode::Open, id, &[o.as_bytes()]);
+        assert_eq!(err, 0);
+        let fh = abi::OpenOut::read_from_prefix(&data).unwrap().0.fh;
+        let r = abi::ReadIn { fh, offset: 0, size: 4096, ..Default::default() };
+        let (err, data) = h.call(Opcode::Read, id, &[r.as_bytes()]);
+        assert_eq!(err, 0);
+        assert_eq!(data, format!("content {i}").as_bytes());
+        let payload = b"XY";
+        let w = abi::WriteIn { fh, offset: 0, size: 2, ..Default::default() };
+        let (err, data) = h.call(Opcode::Write, id, &[w.as_bytes(), payload]);
+        assert_eq!(err, 0);
+        assert_eq!(abi::WriteOut::read_from_prefix(&data).unwrap().0.size, 2);
+        let rel = abi::ReleaseIn { fh, ..Default::default() };
+        assert_eq!(h.call(Opcode::Release, id, &[rel.as_bytes()]).0, 0);
+    }
+    assert_eq!(std::fs::read(h.backing().join("f0009")).unwrap(), b"XYntent 9");
+    assert_eq!(h.session.fs().files.len(), 0);
+    assert!(h.counts().cached <= 4);
+}
+
+#[test]
+fn names_cannot_escape_the_backing_directory() {
+    let h = Harness::new("escape", None);
+    std::fs::write(h.dir.join("secret"), b"outside").unwrap();
+    std::os::unix::fs::symlink("../secret", h.backing().join("link")).unwrap();
+    std::fs::create_dir(h.backing().join("sub")).unwrap();
+    // ".." of the root is the root; "." is the directory itself.
+    assert_eq!(h.lookup(ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
+    assert_eq!(h.lookup(ROOT_ID, ".").unwrap().nodeid, ROOT_ID);
+    let sub = h.lookup(ROOT_ID, "sub").unwrap().nodeid;
+    assert_eq!(h.lookup(sub, "..").unwrap().nodeid, ROOT_ID);
+    // Multi-component and empty names are refused.
+    assert_eq!(h.lookup(ROOT_ID, "../secret").unwrap_err(), -libc::EINVAL);
+    assert_eq!(h.lookup(ROOT_ID, "sub/../../secret").unwrap_err(), -libc::EINVAL);
+    assert_eq!(h.lookup(ROOT_ID, "").unwrap_err(), -libc::EINVAL);
+    // A symlink is a symlink node, never its target; opening it fails.
+    let link = h.lookup(ROOT_ID, "link").unwrap();
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    let (err, data) = h.call(Opcode::Readlink, link.nodeid, &[]);
+    assert_eq!((err, &data[..]), (0, &b"../secret"[..]));
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_ne!(h.call(Opcode::Open, link.nodeid, &[o.as_bytes()]).0, 0);
+    // CREATE over the symlink does not follow it.
+    let c = abi::CreateIn { flags: (libc::O_WRONLY | libc::O_TRUNC) as u32, mode: 0o644, umask: 0, open_flags: 0 };
+    assert_ne!(h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"link\0"]).0, 0);
+    assert_eq!(std::fs::read(h.dir.join("secret")).unwrap(), b"outside");
+}
+
+#[test]
+fn create_rename_link_unlink() {
+    let h = Harness::new("ops", None);
+    let c = abi::CreateIn { flags: libc::O_RDWR as u32, mode: libc::S_IFREG | 0o640, umask: 0, open_flags: 0 };
+    let (err, data) = h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"new\0"]);
+    assert_eq!(err, 0);
+    let (e, rest) = abi::EntryOut::read_from_prefix(&data).unwrap();
+    let (o, _) = abi::OpenOut::read_from_prefix(rest).unwrap();
+    assert_eq!(e.attr.mode, libc::S_IFREG | 0o640);
+    let w = abi::WriteIn { fh: o.fh, offset: 0, size: 5, ..Default::default() };
+    assert_eq!(h.call(Opcode::Write, e.nodeid, &[w.as_bytes(), b"hello"]).0, 0);
+    // Hard link: same node.
+    let l = abi::LinkIn { oldnodeid: e.nodeid };
+    let (err, data) = h.call(Opcode::Link, ROOT_ID, &[l.as_bytes(), b"hard\0"]);
+    assert_eq!(err, 0);
+    assert_eq!(abi::EntryOut::read_from_prefix(&data).unwrap().0.nodeid, e.nodeid);
+    // RENAME_NOREPLACE refuses an existing target; plain rename works.
+    let r = abi::Rename2In { newdir: ROOT_ID, flags: libc::RENAME_NOREPLACE, padding: 0 };
+    assert_eq!(h.call(Opcode::Rename2, ROOT_ID, &[r.as_bytes(), b"new\0hard\0"]).0, -libc::EEXIST);
+    let r = abi::Rename2In { newdir: ROOT_ID, flags: 0, padding: 0 };
+    assert_eq!(h.call(Opcode::Rename2, ROOT_ID, &[r.as_bytes(), b"new\0moved\0"]).0, 0);
+    assert_eq!(std::fs::read(h.backing().join("moved")).unwrap(), b"hello");
+    // mkdir, symlink, mknod(fifo)
+    let m = abi::MkdirIn { mode: 0o750, umask: 0 };
+    let (err, data) = h.call(Opcode::Mkdir, ROOT_ID, &[m.as_bytes(), b"d\0"]);
+    assert_eq!(err, 0);
+    assert_eq!(abi::EntryOut::read_from_prefix(&data).unwrap().0.attr.mode, libc::S_IFDIR | 0o750);
+    assert_eq!(h.call(Opcode::Symlink, ROOT_ID, &[b"s\0", b"moved\0"]).0, 0);
+    let n = abi::MknodIn { mode: libc::S_IFIFO | 0o600, rdev: 0, umask: 0, padding: 0 };
+    let (err, data) = h.call(Opcode::Mknod, ROOT_ID, &[n.as_bytes(), b"fifo\0"]);
+    assert_eq!(err, 0);
+    assert_eq!(abi::EntryOut::read_from_prefix(&data).unwrap().0.attr.mode & libc::S_IFMT, libc::S_IFIFO);
+    // xattrs
+    let sx = abi::SetxattrInCompat { size: 3, flags: 0 };
+    assert_eq!(h.call(Opcode::Setxattr, e.nodeid, &[sx.as_bytes(), b"user.k\0", b"val"]).0, 0);
+    let gx = abi::GetxattrIn { size: 0, padding: 0 };
+    let (err, data) = h.call(Opcode::Getxattr, e.nodeid, &[gx.as_bytes(), b"user.k\0"]);
+    assert_eq!((err, abi::GetxattrOut::read_from_prefix(&data).unwrap().0.size), (0, 3));
+    let gx = abi::GetxattrIn { size: 64, padding: 0 };
+    assert_eq!(h.call(Opcode::Getxattr, e.nodeid, &[gx.as_bytes(), b"user.k\0"]), (0, b"val".to_vec()));
+    // setattr: truncate by path, chmod.
+    let sa = abi::SetattrIn {
+        valid: efuse::abi::consts::fattr::SIZE | efuse::abi::consts::fattr::MODE,
+        size: 2,
+        mode: 0o600,
+        ..Default::default()
+    };
+    let (err, data) = h.call(Opcode::Setattr, e.nodeid, &[sa.as_bytes()]);
+    assert_eq!(err, 0);
+    let (a, _) = abi::AttrOut::read_from_prefix(&data).unwrap();
+    assert_eq!((a.attr.size, a.attr.mode), (2, libc::S_IFREG | 0o600));
+    // Unlink both names while open: the node stays usable through its fh.
+    assert_eq!(h.call(Opcode::Unlink, ROOT_ID, &[b"moved\0"]).0, 0);
+    assert_eq!(h.call(Opcode::Unlink, ROOT_ID, &[b"hard\0"]).0, 0);
+    let g = abi::GetattrIn { getattr_flags: 0, dummy: 0, fh: 0 };
+    assert_eq!(h.call(Opcode::Getattr, e.nodeid, &[g.as_bytes()]).0, 0);
+    let rel = abi::ReleaseIn { fh: o.fh, ..Default::default() };
+    assert_eq!(h.call(Opcode::Release, e.nodeid, &[rel.as_bytes()]).0, 0);
+    assert_eq!(h.call(Opcode::Rmdir, ROOT_ID, &[b"d\0"]).0, 0);
+    assert_eq!(h.lookup(ROOT_ID, "d").unwrap_err(), -libc::ENOENT);
+}
+
+#[test]
+fn create_runs_as_the_caller() {
+    if sys::geteuid() != 0 {
+        return;
+    }
+    let h = Harness::new("creds", None);
+    std::fs::set_permissions(h.backing(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let m = abi::MkdirIn { mode: 0o755, umask: 0 };
+    let mut buf = h.encode(Opcode::Mkdir, ROOT_ID, &[m.as_bytes(), b"mine\0"]);
+    // uid and gid of the header.
+    buf[24..28].copy_from_slice(&1234u32.to_ne_bytes());
+    buf[28..32].copy_from_slice(&5678u32.to_ne_bytes());
+    h.session.dispatch(&buf, &h.sink);
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(h.backing().join("mine")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    // The thread is root again afterwards.
+    std::fs::write(h.backing().join("after"), b"").unwrap();
+    assert_eq!(std::fs::metadata(h.backing().join("after")).unwrap().uid(), 0);
+    // A caller without write permission cannot create in root's 0755 directory.
+    std::fs::create_dir(h.backing().join("closed")).unwrap();
+    let closed = h.lookup(ROOT_ID, "closed").unwrap().nodeid;
+    let mut buf = h.encode(Opcode::Mkdir, closed, &[m.as_bytes(), b"x\0"]);
+    buf[24..28].copy_from_slice(&1234u32.to_ne_bytes());
+    h.session.dispatch(&buf, &h.sink);
+    assert!(!h.backing().join("closed/x").exists());
+}
