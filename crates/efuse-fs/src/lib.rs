@@ -1,1 +1,2 @@
-
+pub mod memfs;
+pub mod stackfs;
