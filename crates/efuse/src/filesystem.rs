@@ -12,8 +12,8 @@ use std::ffi::OsStr;
 use crate::reply::*;
 use crate::types::*;
 
-/// What the kernel offered at INIT, for a file system that wants to know.
-#[derive(Debug, Clone, Copy)]
+/// What INIT settled, for a file system that wants to know.
+#[derive(Debug, Clone)]
 pub struct InitInfo {
     /// Negotiated protocol minor version (major is 7).
     pub minor: u32,
@@ -21,6 +21,22 @@ pub struct InitInfo {
     pub max_write: u32,
     /// Largest READ the kernel will ask for.
     pub max_read: u32,
+    /// The negotiated `efuse_abi::consts::init` flags.
+    pub flags: u64,
+    /// For notifications and passthrough backing files (None without a kernel, in tests).
+    pub connection: Option<crate::connection::Connection>,
+}
+
+impl InitInfo {
+    /// FUSE passthrough is on: OPEN may answer with a backing file.
+    pub fn passthrough(&self) -> bool {
+        self.flags & efuse_abi::consts::init::PASSTHROUGH != 0
+    }
+
+    /// The kernel's writeback cache is on (excludes passthrough).
+    pub fn writeback_cache(&self) -> bool {
+        self.flags & efuse_abi::consts::init::WRITEBACK_CACHE != 0
+    }
 }
 
 #[allow(unused_variables)]

@@ -9,6 +9,7 @@
 //!
 //! Data flows one way: transport -> session -> file system -> reply.
 
+pub mod connection;
 pub mod control;
 pub mod daemon;
 pub mod filesystem;
@@ -20,10 +21,11 @@ pub mod stats;
 pub mod transport;
 pub mod types;
 
+pub use connection::{BackingId, Connection};
 pub use efuse_abi as abi;
 pub use filesystem::{Filesystem, InitInfo};
 pub use reply::*;
-pub use session::{Session, SessionConfig};
+pub use session::{Features, Session, SessionConfig};
 pub use types::*;
 
 /// Default entry and attribute cache time, as libfuse's.

@@ -13,6 +13,7 @@ use efuse_abi::structs as abi;
 use efuse_abi::Opcode;
 use zerocopy::IntoBytes;
 
+use crate::connection::BackingId;
 use crate::stats::Counters;
 use crate::types::{Entry, Errno, FileAttr, FileLock, Statfs};
 
@@ -203,7 +204,17 @@ reply_type!(
 );
 impl ReplyOpen {
     pub fn opened(self, fh: u64, open_flags: u32) {
-        let out = abi::OpenOut { fh, open_flags, backing_id: 0 };
+        self.send(fh, open_flags, 0)
+    }
+
+    /// Opens with FUSE passthrough: the kernel serves reads, writes and mmap
+    /// from `backing` without asking the daemon.
+    pub fn opened_passthrough(self, fh: u64, open_flags: u32, backing: BackingId) {
+        self.send(fh, open_flags | efuse_abi::consts::fopen::PASSTHROUGH, backing.raw())
+    }
+
+    fn send(self, fh: u64, open_flags: u32, backing_id: i32) {
+        let out = abi::OpenOut { fh, open_flags, backing_id };
         self.0.count_open_path(open_flags);
         self.0.ok(&[IoSlice::new(out.as_bytes())])
     }
@@ -215,8 +226,17 @@ reply_type!(
 );
 impl ReplyCreate {
     pub fn created(self, entry: &Entry, fh: u64, open_flags: u32) {
+        self.send(entry, fh, open_flags, 0)
+    }
+
+    /// Creates and opens with FUSE passthrough (see [`ReplyOpen::opened_passthrough`]).
+    pub fn created_passthrough(self, entry: &Entry, fh: u64, open_flags: u32, backing: BackingId) {
+        self.send(entry, fh, open_flags | efuse_abi::consts::fopen::PASSTHROUGH, backing.raw())
+    }
+
+    fn send(self, entry: &Entry, fh: u64, open_flags: u32, backing_id: i32) {
         let e = entry.to_abi();
-        let o = abi::OpenOut { fh, open_flags, backing_id: 0 };
+        let o = abi::OpenOut { fh, open_flags, backing_id };
         self.0.count_open_path(open_flags);
         self.0.ok(&[IoSlice::new(e.as_bytes()), IoSlice::new(o.as_bytes())])
     }

@@ -71,6 +71,59 @@ impl Interrupts {
     }
 }
 
+/// Kernel features a mount asks for. Each is negotiated only when the kernel
+/// offers it and the file system declares it can honour it
+/// ([`Capabilities`]); anything else is left off with no error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// READDIRPLUS (adaptive): listings carry attributes, saving LOOKUPs.
+    pub readdirplus: bool,
+    /// The kernel caches symlink targets.
+    pub cache_symlinks: bool,
+    /// The kernel's writeback cache for buffered writes (excludes passthrough).
+    pub writeback_cache: bool,
+    /// FUSE passthrough: opened files may be served by the kernel from a backing file.
+    pub passthrough: bool,
+    /// No OPEN/RELEASE round trips (excludes passthrough); needs a file system
+    /// with stateless opens.
+    pub no_open: bool,
+    /// No OPENDIR/RELEASEDIR round trips.
+    pub no_opendir: bool,
+    /// POSIX and flock locks are kept by the daemon (when the file system
+    /// implements them) rather than by the kernel locally.
+    pub daemon_locks: bool,
+}
+
+impl Features {
+    /// libfuse's behaviour: the "plain FUSE" baseline of `--profile plain`.
+    pub const PLAIN: Features = Features {
+        readdirplus: false,
+        cache_symlinks: false,
+        writeback_cache: false,
+        passthrough: false,
+        no_open: false,
+        no_opendir: false,
+        daemon_locks: true,
+    };
+
+    /// Everything that keeps answers exact and saves round trips.
+    pub const DEFAULT: Features = Features {
+        readdirplus: true,
+        cache_symlinks: true,
+        writeback_cache: false,
+        passthrough: true,
+        no_open: false,
+        no_opendir: false,
+        daemon_locks: true,
+    };
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Features::DEFAULT
+    }
+}
+
 /// Per-mount settings the session negotiates with.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -80,12 +133,26 @@ pub struct SessionConfig {
     pub max_write: u32,
     /// Name of the file system, for reports.
     pub fs_name: String,
+    /// Kernel features to ask for.
+    pub features: Features,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { debug: false, max_write: MAX_WRITE, fs_name: "efuse".into() }
+        SessionConfig { debug: false, max_write: MAX_WRITE, fs_name: "efuse".into(), features: Features::DEFAULT }
     }
+}
+
+/// Whether this process may register passthrough backing files
+/// (CAP_SYS_ADMIN in its effective set).
+pub fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// What INIT settled.
@@ -106,6 +173,9 @@ pub struct SessionShared {
     pub destroyed: AtomicBool,
     setxattr_ext: AtomicBool,
     max_read: AtomicU32,
+    /// OPEN / OPENDIR are answered ENOSYS by the session (stateless opens).
+    no_open: AtomicBool,
+    no_opendir: AtomicBool,
 }
 
 impl Default for SessionShared {
@@ -117,6 +187,8 @@ impl Default for SessionShared {
             destroyed: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
             max_read: AtomicU32::new(MAX_WRITE),
+            no_open: AtomicBool::new(false),
+            no_opendir: AtomicBool::new(false),
         }
     }
 }
@@ -167,9 +239,11 @@ impl<F: Filesystem> Session<F> {
         &self.config
     }
 
-    /// Capabilities efuse itself offers on top of the file system's.
+    /// The INIT flags to ask for: what efuse always offers, plus each feature
+    /// the mount wants and the file system can honour.
     fn wanted_flags(&self) -> u64 {
         let caps = self.fs.capabilities();
+        let feat = self.config.features;
         let mut f = init::ASYNC_READ
             | init::BIG_WRITES
             | init::MAX_PAGES
@@ -178,29 +252,39 @@ impl<F: Filesystem> Session<F> {
             | init::ASYNC_DIO
             | init::ABORT_ERROR
             | init::INIT_EXT;
-        if caps.posix_locks {
-            f |= init::POSIX_LOCKS;
-        }
-        if caps.flock_locks {
-            f |= init::FLOCK_LOCKS;
-        }
-        if caps.atomic_o_trunc {
-            f |= init::ATOMIC_O_TRUNC;
-        }
-        if caps.export_support {
-            f |= init::EXPORT_SUPPORT;
-        }
-        if caps.readdirplus {
-            f |= init::DO_READDIRPLUS | init::READDIRPLUS_AUTO;
-        }
-        if caps.handle_killpriv_v2 {
-            f |= init::HANDLE_KILLPRIV_V2;
-        }
+        let mut want = |on: bool, flag: u64| {
+            if on {
+                f |= flag;
+            }
+        };
+        want(caps.posix_locks && feat.daemon_locks, init::POSIX_LOCKS);
+        want(caps.flock_locks && feat.daemon_locks, init::FLOCK_LOCKS);
+        // Without OPEN the kernel truncates with SETATTR itself.
+        want(caps.atomic_o_trunc && !(feat.no_open && caps.stateless_open), init::ATOMIC_O_TRUNC);
+        want(caps.export_support, init::EXPORT_SUPPORT);
+        want(caps.readdirplus && feat.readdirplus, init::DO_READDIRPLUS | init::READDIRPLUS_AUTO);
+        want(caps.handle_killpriv_v2, init::HANDLE_KILLPRIV_V2);
+        want(caps.cache_symlinks && feat.cache_symlinks, init::CACHE_SYMLINKS);
+        want(caps.writeback_cache && feat.writeback_cache, init::WRITEBACK_CACHE);
+        want(caps.stateless_open && feat.no_open, init::NO_OPEN_SUPPORT);
+        want(caps.stateless_opendir && feat.no_opendir, init::NO_OPENDIR_SUPPORT);
+        // The kernel refuses passthrough with the writeback cache, and without
+        // OPEN there is no reply to carry a backing file.
+        let passthrough = caps.passthrough
+            && feat.passthrough
+            && !(caps.writeback_cache && feat.writeback_cache)
+            && !(caps.stateless_open && feat.no_open);
+        want(passthrough, init::PASSTHROUGH);
         f
     }
 
     /// Handles the INIT request in `buf` and sends the reply through `sink`.
-    pub fn handle_init(&self, buf: &[u8], sink: &Arc<dyn ReplySink>) -> Result<InitOutcome, InitError> {
+    pub fn handle_init(
+        &self,
+        buf: &[u8],
+        sink: &Arc<dyn ReplySink>,
+        connection: Option<crate::connection::Connection>,
+    ) -> Result<InitOutcome, InitError> {
         let req = Request::parse(buf, ProtocolOptions::default())?;
         let arg = match req.op {
             Operation::Init { arg } => arg,
@@ -232,14 +316,27 @@ impl<F: Filesystem> Session<F> {
         if kernel_flags & init::INIT_EXT != 0 {
             kernel_flags |= (arg.flags2 as u64) << 32;
         }
-        let flags = kernel_flags & self.wanted_flags();
+        let mut flags = kernel_flags & self.wanted_flags();
+        if flags & init::PASSTHROUGH != 0 && !has_cap_sys_admin() {
+            tracing::info!("passthrough off: registering backing files needs CAP_SYS_ADMIN; reads and writes go through the daemon");
+            flags &= !init::PASSTHROUGH;
+        } else if self.config.features.passthrough
+            && self.fs.capabilities().passthrough
+            && kernel_flags & init::PASSTHROUGH == 0
+        {
+            tracing::info!(
+                "passthrough off: the kernel does not offer it (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
+            );
+        }
         let max_write = self.config.max_write.clamp(4096, MAX_WRITE);
-        let info = InitInfo { minor, max_write, max_read: max_write };
+        let info = InitInfo { minor, max_write, max_read: max_write, flags, connection };
         if let Err(e) = self.fs.init(&info) {
             send(-e.raw(), &[]);
             return Err(InitError::Refused(e));
         }
         self.shared.setxattr_ext.store(flags & init::SETXATTR_EXT != 0, Ordering::Relaxed);
+        self.shared.no_open.store(flags & init::NO_OPEN_SUPPORT != 0, Ordering::Relaxed);
+        self.shared.no_opendir.store(flags & init::NO_OPENDIR_SUPPORT != 0, Ordering::Relaxed);
         self.shared.max_read.store(max_write, Ordering::Relaxed);
         let out = abi::InitOut {
             major: efuse_abi::KERNEL_VERSION,
@@ -252,6 +349,8 @@ impl<F: Filesystem> Session<F> {
             max_write,
             time_gran: 1,
             max_pages: (max_write / 4096) as u16,
+            // Backing files live on a file system that is not itself stacked.
+            max_stack_depth: if flags & init::PASSTHROUGH != 0 { 1 } else { 0 },
             ..Default::default()
         };
         send(0, out.as_bytes());
@@ -351,6 +450,8 @@ impl<F: Filesystem> Session<F> {
                 fs.rename(&ctx, ino, name, arg.newdir, newname, arg.flags, ReplyEmpty::new(r()))
             }
             Operation::Link { arg, name } => fs.link(&ctx, arg.oldnodeid, ino, name, ReplyEntry::new(r())),
+            // Stateless opens: ENOSYS tells the kernel to stop sending OPEN and RELEASE.
+            Operation::Open { .. } if self.shared.no_open.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
             Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
             Operation::Read { arg } => {
                 let size = arg.size.min(self.shared.max_read.load(Ordering::Relaxed));
@@ -378,6 +479,7 @@ impl<F: Filesystem> Session<F> {
                 // A second INIT on a live session is a kernel bug; refuse it.
                 Responder::new(h.unique, opcode, sink.clone()).error_raw(libc::EPROTO)
             }
+            Operation::Opendir { .. } if self.shared.no_opendir.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
             Operation::Opendir { arg } => fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
             Operation::Readdir { arg } => {
                 let limit = (arg.size as usize).min(REQUEST_BUFFER_SIZE);
@@ -546,7 +648,7 @@ mod tests {
             flags2: (init::PASSTHROUGH >> 32) as u32,
             ..Default::default()
         };
-        let out = session.handle_init(&request(Opcode::Init, 1, 0, init_in.as_bytes()), &sink).unwrap();
+        let out = session.handle_init(&request(Opcode::Init, 1, 0, init_in.as_bytes()), &sink, None).unwrap();
         let InitOutcome::Done(n) = out else { panic!("retry") };
         // Only what both sides support: no locks (Hello lacks them), no passthrough.
         assert_eq!(n.flags, init::ASYNC_READ | init::INIT_EXT);
@@ -589,7 +691,7 @@ mod tests {
         let mem = Arc::new(MemorySink::default());
         let sink: Arc<dyn ReplySink> = mem.clone();
         let init_in = abi::InitIn { major: 7, minor: 20, ..Default::default() };
-        assert!(session.handle_init(&request(Opcode::Init, 1, 0, &init_in.as_bytes()[..16]), &sink).is_err());
+        assert!(session.handle_init(&request(Opcode::Init, 1, 0, &init_in.as_bytes()[..16]), &sink, None).is_err());
         assert_eq!(mem.replies.lock().unwrap()[0].2, -libc::EPROTO);
     }
 }

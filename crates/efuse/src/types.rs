@@ -322,6 +322,20 @@ pub struct Capabilities {
     pub readdirplus: bool,
     /// The file system clears suid/sgid on write, truncate and chown as the VFS does.
     pub handle_killpriv_v2: bool,
+    /// The file system can hand open files to the kernel for passthrough I/O
+    /// (its bytes are the backing file's, unchanged).
+    pub passthrough: bool,
+    /// Symlink targets never change in place: the kernel may cache READLINK.
+    pub cache_symlinks: bool,
+    /// READ/WRITE work without per-open state (with fh 0), so the mount may run
+    /// without OPEN and RELEASE requests (FUSE_NO_OPEN_SUPPORT).
+    pub stateless_open: bool,
+    /// READDIR works without OPENDIR (fh 0), so the mount may run without
+    /// OPENDIR and RELEASEDIR requests.
+    pub stateless_opendir: bool,
+    /// WRITE handles the kernel's writeback cache (writes with a guessed fh,
+    /// the kernel authoritative for size and mtime).
+    pub writeback_cache: bool,
 }
 
 /// Who sent a request.

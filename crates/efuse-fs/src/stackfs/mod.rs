@@ -578,6 +578,7 @@ impl Filesystem for StackFs {
             export_support: false,
             readdirplus: true,
             handle_killpriv_v2: false,
+            ..Default::default()
         }
     }
 

@@ -18,13 +18,13 @@ use crate::stats::Counters;
 
 /// Where replies of one worker go: its /dev/fuse descriptor.
 pub struct DevChannel {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     shared: Arc<SessionShared>,
 }
 
 impl DevChannel {
     pub fn new(fd: OwnedFd, shared: Arc<SessionShared>) -> DevChannel {
-        DevChannel { fd, shared }
+        DevChannel { fd: Arc::new(fd), shared }
     }
 
     /// Reads one request into `buf`; Ok(None) means the connection is gone.
@@ -137,7 +137,8 @@ pub fn run<F: Filesystem>(
             Err(e) => return Err(crate::session::InitError::NotInit(format!("read error: {e}"))),
         };
         let sink: Arc<dyn ReplySink> = main.clone();
-        match session.handle_init(&buf[..n], &sink)? {
+        let connection = crate::connection::Connection::new(main.fd.clone());
+        match session.handle_init(&buf[..n], &sink, Some(connection))? {
             InitOutcome::Done(n) => break n,
             InitOutcome::Retry => continue,
         }
