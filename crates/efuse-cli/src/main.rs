@@ -14,9 +14,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use efuse::daemon::{serve, ServeOptions};
 use efuse::mount::{self, MountOptions};
+use efuse::policy::{PassthroughMode, PathPolicy};
 use efuse::session::SessionConfig;
 use efuse::stats::StatsReport;
 use efuse::transport::TransportConfig;
+use efuse::{CacheMode, CachePolicy, Features};
 use efuse_fs::memfs::{MemFs, MemFsConfig};
 use efuse_fs::stackfs::{StackFs, StackFsConfig};
 
@@ -79,8 +81,34 @@ enum MountCmd {
     },
 }
 
+/// `--profile`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Profile {
+    /// Every acceleration the file system can keep exact.
+    Default,
+    /// Plain FUSE, as libfuse: 1 s TTLs, no keep_cache, no writeback cache,
+    /// no readdirplus, no passthrough. The honest baseline.
+    Plain,
+}
+
 #[derive(Args)]
 struct CommonMount {
+    /// default: every acceleration; plain: FUSE as libfuse does it (the baseline).
+    #[arg(long, value_enum, default_value = "default")]
+    profile: Profile,
+    /// Name/attribute/data caching: auto (long and exact where changes are
+    /// seen), none (TTL 0), always (long, nothing changes behind the mount).
+    #[arg(long, value_name = "MODE", value_parser = parse_cache)]
+    cache: Option<CacheMode>,
+    /// Kernel passthrough of file I/O: auto (adaptive per open), on, off.
+    #[arg(long, value_name = "MODE", value_parser = parse_passthrough)]
+    passthrough: Option<PassthroughMode>,
+    /// Use the kernel's writeback cache for buffered writes (turns passthrough off).
+    #[arg(long)]
+    writeback_cache: bool,
+    /// Stateless opens: the kernel sends no OPEN/RELEASE (turns passthrough off).
+    #[arg(long)]
+    no_open: bool,
     /// Worker threads, each with its own /dev/fuse descriptor (default: CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -90,6 +118,46 @@ struct CommonMount {
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(short = 'f', long)]
     foreground: bool,
+}
+
+fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    s.parse()
+}
+
+fn parse_passthrough(s: &str) -> Result<PassthroughMode, String> {
+    s.parse()
+}
+
+/// Kernel features for the chosen profile and flags.
+fn features(common: &CommonMount) -> Features {
+    let mut f = match common.profile {
+        Profile::Default => Features::DEFAULT,
+        Profile::Plain => Features::PLAIN,
+    };
+    if common.passthrough == Some(PassthroughMode::Off) {
+        f.passthrough = false;
+    } else if common.passthrough.is_some() {
+        f.passthrough = true;
+    }
+    if common.writeback_cache {
+        f.writeback_cache = true;
+        f.passthrough = false;
+    }
+    if common.no_open {
+        f.no_open = true;
+        f.passthrough = false;
+    }
+    f
+}
+
+/// memfs's cache policy: everything passes through the mount, so long TTLs are exact.
+fn memfs_cache(common: &CommonMount) -> CachePolicy {
+    match (common.profile, common.cache) {
+        (_, Some(CacheMode::None)) => CachePolicy::NONE,
+        (_, Some(CacheMode::Auto | CacheMode::Always)) => CachePolicy::EXACT,
+        (Profile::Plain, None) => CachePolicy::SHORT,
+        (Profile::Default, None) => CachePolicy::EXACT,
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -177,8 +245,8 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
     let fsname = match &m {
         MountCmd::Memfs { .. } => "memfs".to_string(),
         MountCmd::Stackfs { backing, .. } => {
-            let b = std::fs::canonicalize(backing)
-                .with_context(|| format!("backing directory {}", backing.display()))?;
+            let b =
+                std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
             if !b.is_dir() {
                 bail!("backing directory {}: not a directory", b.display());
             }
@@ -211,20 +279,33 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
         Some(n) => TransportConfig { threads: n as usize },
         None => TransportConfig::default(),
     };
-    let session = SessionConfig { debug, fs_name: String::new(), ..Default::default() };
+    let session = SessionConfig { debug, fs_name: String::new(), features: features(common), ..Default::default() };
     let opts = |name: &str| ServeOptions {
         mount: mount_opts.clone(),
         session: SessionConfig { fs_name: name.into(), ..session.clone() },
         transport,
     };
     match m {
-        MountCmd::Memfs { size, .. } => {
-            let fs = MemFs::new(MemFsConfig { capacity: size, ..Default::default() });
+        MountCmd::Memfs { size, ref common, .. } => {
+            let paths = PathPolicy {
+                mode: PassthroughMode::Off,
+                passthrough_granted: false,
+                adaptive: common.profile == Profile::Default,
+            };
+            let fs =
+                MemFs::new(MemFsConfig { capacity: size, cache: memfs_cache(common), paths, ..Default::default() });
             serve(fs, &mp, opts("memfs"), ready)?;
         }
-        MountCmd::Stackfs { backing, max_open_handles, .. } => {
+        MountCmd::Stackfs { backing, max_open_handles, ref common, .. } => {
             let mut cfg = StackFsConfig::new(backing);
             cfg.max_open_handles = max_open_handles;
+            cfg.plain = common.profile == Profile::Plain;
+            cfg.cache = common.cache.unwrap_or(CacheMode::Auto);
+            cfg.passthrough = match (common.profile, common.passthrough) {
+                (_, Some(m)) => m,
+                (Profile::Plain, None) => PassthroughMode::Off,
+                (Profile::Default, None) => PassthroughMode::Auto,
+            };
             let fs = match StackFs::new(cfg) {
                 Ok(fs) => fs,
                 Err(e) => {
@@ -405,7 +486,16 @@ mod tests {
 
     #[test]
     fn allow_other_implies_default_permissions() {
-        let common = CommonMount { threads: None, options: vec!["allow_other".into()], foreground: true };
+        let common = CommonMount {
+            profile: Profile::Default,
+            cache: None,
+            passthrough: None,
+            writeback_cache: false,
+            no_open: false,
+            threads: None,
+            options: vec!["allow_other".into()],
+            foreground: true,
+        };
         let (o, debug) = mount_options(&common, "x").unwrap();
         assert!(o.allow_other && o.default_permissions && !debug);
     }

@@ -9,18 +9,21 @@
 //!
 //! Data flows one way: transport -> session -> file system -> reply.
 
+pub mod cache;
 pub mod connection;
 pub mod control;
 pub mod daemon;
 pub mod filesystem;
 pub mod locks;
 pub mod mount;
+pub mod policy;
 pub mod reply;
 pub mod session;
 pub mod stats;
 pub mod transport;
 pub mod types;
 
+pub use cache::{CacheMode, CachePolicy};
 pub use connection::{BackingId, Connection};
 pub use efuse_abi as abi;
 pub use filesystem::{Filesystem, InitInfo};

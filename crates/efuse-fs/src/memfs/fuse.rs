@@ -3,6 +3,10 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use efuse::abi::consts::fopen;
+use efuse::policy::DataPath;
 
 use efuse::{
     Capabilities, Errno, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate, ReplyData, ReplyDirectory,
@@ -40,6 +44,44 @@ fn xattr(r: Result<(), Errno>, data: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
+/// File handles carry the data path chosen at open in their low two bits, so
+/// RELEASE can account for it without a table.
+fn handle_with_path(counter: u64, path: DataPath) -> u64 {
+    let code = match path {
+        DataPath::Cached => 0,
+        DataPath::Direct => 1,
+        DataPath::Passthrough => 2,
+    };
+    (counter << 2) | code
+}
+
+fn path_of_handle(fh: u64) -> DataPath {
+    match fh & 3 {
+        1 => DataPath::Direct,
+        2 => DataPath::Passthrough,
+        _ => DataPath::Cached,
+    }
+}
+
+impl MemFs {
+    /// Chooses cached or direct I/O for a new open of `ino` (memfs has no
+    /// backing file, so never passthrough) and returns the handle and
+    /// `FOPEN_*` flags to answer with.
+    fn choose_path(&self, ino: u64, counter: u64, flags: i32) -> (u64, u32) {
+        let size = MemFs::getattr(self, ino).map(|a| a.size).unwrap_or(0);
+        let mut shard = self.io_shard(ino);
+        let io = shard.entry(ino).or_default();
+        let path = self.paths().choose(io, size, false, flags & libc::O_DIRECT != 0);
+        io.opened(path, flags & libc::O_ACCMODE != libc::O_RDONLY);
+        let open_flags = match path {
+            DataPath::Direct => fopen::DIRECT_IO,
+            _ if self.cache().keep_cache && io.keep_cache() => fopen::KEEP_CACHE,
+            _ => 0,
+        };
+        (handle_with_path(counter, path), open_flags)
+    }
+}
+
 /// A whole-file lock, as flock(2) takes.
 fn whole_file(lock: &FileLock) -> FileLock {
     FileLock { start: 0, end: u64::MAX, ..*lock }
@@ -52,6 +94,9 @@ impl Filesystem for MemFs {
             flock_locks: true,
             atomic_o_trunc: true,
             readdirplus: true,
+            cache_symlinks: true,
+            // READ and WRITE name the inode, not the open: no per-open state.
+            stateless_open: true,
             ..Default::default()
         }
     }
@@ -61,13 +106,15 @@ impl Filesystem for MemFs {
             Ok(e) => reply.entry(&e),
             // A negative entry lets the kernel cache the miss; memfs changes
             // only through this mount, which invalidates it.
-            Err(e) if e == Errno::ENOENT && self.getattr(parent).is_ok() => reply.entry(&efuse::Entry {
-                nodeid: 0,
-                generation: 0,
-                attr: Default::default(),
-                entry_ttl: efuse::DEFAULT_TTL,
-                attr_ttl: efuse::DEFAULT_TTL,
-            }),
+            Err(e) if e == Errno::ENOENT && !self.cache().negative_ttl.is_zero() && self.getattr(parent).is_ok() => {
+                reply.entry(&efuse::Entry {
+                    nodeid: 0,
+                    generation: 0,
+                    attr: Default::default(),
+                    entry_ttl: self.cache().negative_ttl,
+                    attr_ttl: Duration::ZERO,
+                })
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -78,14 +125,14 @@ impl Filesystem for MemFs {
 
     fn getattr(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         match MemFs::getattr(self, ino) {
-            Ok(a) => reply.attr(&a, efuse::DEFAULT_TTL),
+            Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
     }
 
     fn setattr(&self, _ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
         match MemFs::setattr(self, ino, attr) {
-            Ok(a) => reply.attr(&a, efuse::DEFAULT_TTL),
+            Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
     }
@@ -137,12 +184,20 @@ impl Filesystem for MemFs {
 
     fn open(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         match MemFs::open(self, ino, flags, false) {
-            Ok(fh) => reply.opened(fh, 0),
+            Ok(fh) => {
+                let (fh, open_flags) = self.choose_path(ino, fh, flags);
+                reply.opened(fh, open_flags)
+            }
             Err(e) => reply.error(e),
         }
     }
 
     fn read(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        if self.paths().adaptive {
+            if let Some(io) = self.io_shard(ino).get_mut(&ino) {
+                io.observe_read(offset, size);
+            }
+        }
         with_out_buffer(|buf| match MemFs::read(self, ino, offset, size, buf) {
             Ok(()) => reply.data(buf),
             Err(e) => reply.error(e),
@@ -159,6 +214,9 @@ impl Filesystem for MemFs {
         _write_flags: u32,
         reply: ReplyWrite,
     ) {
+        if let Some(io) = self.io_shard(ino).get_mut(&ino) {
+            io.observe_write();
+        }
         match MemFs::write(self, ino, offset, data) {
             // A WRITE is at most max_write (1 MiB) long.
             Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),
@@ -175,13 +233,16 @@ impl Filesystem for MemFs {
         &self,
         _ctx: &RequestContext<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         _flags: i32,
         flock_owner: Option<u64>,
         reply: ReplyEmpty,
     ) {
         if let Some(owner) = flock_owner {
             self.flock_locks.release_owner(ino, owner);
+        }
+        if let Some(io) = self.io_shard(ino).get_mut(&ino) {
+            io.released(path_of_handle(fh));
         }
         MemFs::release(self, ino);
         reply.ok()
@@ -192,8 +253,11 @@ impl Filesystem for MemFs {
     }
 
     fn opendir(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        // Listings change only through this mount, which keeps the kernel's
+        // cached listing right (it drops it when the directory changes).
+        let cache_dir = if self.cache().cache_dir { fopen::CACHE_DIR | fopen::KEEP_CACHE } else { 0 };
         match MemFs::open(self, ino, flags, true) {
-            Ok(fh) => reply.opened(fh, 0),
+            Ok(fh) => reply.opened(fh, cache_dir),
             Err(e) => reply.error(e),
         }
     }
@@ -262,8 +326,8 @@ impl Filesystem for MemFs {
         };
         match made {
             Ok(e) => {
-                let fh = self.next_handle();
-                reply.created(&e, fh, 0)
+                let (fh, open_flags) = self.choose_path(e.nodeid, self.next_handle(), flags);
+                reply.created(&e, fh, open_flags)
             }
             Err(e) => reply.error(e),
         }
@@ -330,11 +394,11 @@ impl Filesystem for MemFs {
         }
     }
 
-    fn tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, _flags: i32, reply: ReplyCreate) {
+    fn tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32, reply: ReplyCreate) {
         match self.create_node(caller(ctx), parent, None, mode, NewKind::Node { rdev: 0 }, true) {
             Ok(e) => {
-                let fh = self.next_handle();
-                reply.created(&e, fh, 0)
+                let (fh, open_flags) = self.choose_path(e.nodeid, self.next_handle(), flags);
+                reply.created(&e, fh, open_flags)
             }
             Err(e) => reply.error(e),
         }

@@ -21,6 +21,8 @@ mod pool;
 #[cfg(test)]
 mod tests;
 
+use efuse::policy::{InodeIo, PassthroughMode, PathPolicy};
+use efuse::CachePolicy;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -45,11 +47,21 @@ pub struct MemFsConfig {
     /// Size of a data block: a power of two from 512 to 1 MiB; anything else
     /// falls back to 4096.
     pub block_size: u32,
+    /// TTLs and page-cache rules. Every change to memfs passes through the
+    /// mount, so long-lived caches are exact ([`CachePolicy::EXACT`]).
+    pub cache: CachePolicy,
+    /// Data path choice per open (memfs never passes bytes through: cached or direct).
+    pub paths: PathPolicy,
 }
 
 impl Default for MemFsConfig {
     fn default() -> Self {
-        MemFsConfig { capacity: 1 << 30, block_size: 4096 }
+        MemFsConfig {
+            capacity: 1 << 30,
+            block_size: 4096,
+            cache: CachePolicy::EXACT,
+            paths: PathPolicy { mode: PassthroughMode::Off, passthrough_granted: false, adaptive: true },
+        }
     }
 }
 
@@ -97,7 +109,14 @@ pub struct MemFs {
     rename_lock: Mutex<()>,
     posix_locks: LockTable,
     flock_locks: LockTable,
+    cache: CachePolicy,
+    paths: PathPolicy,
+    /// What each regular file's I/O looked like, for the per-open path choice.
+    io: Box<[Mutex<HashMap<u64, InodeIo>>]>,
 }
+
+/// Shards of the per-inode I/O observations.
+const IO_SHARDS: usize = 16;
 
 thread_local! {
     /// READ and xattr answers are copied here, so the inode lock is released
@@ -186,6 +205,9 @@ impl MemFs {
             rename_lock: Mutex::new(()),
             posix_locks: LockTable::default(),
             flock_locks: LockTable::default(),
+            cache: cfg.cache,
+            paths: cfg.paths,
+            io: (0..IO_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         };
         // SAFETY: geteuid and getegid cannot fail and touch no memory of ours.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -251,6 +273,7 @@ impl MemFs {
         };
         if free {
             self.shard(node.ino).write().unwrap_or_else(|e| e.into_inner()).remove(&node.ino);
+            self.io_shard(node.ino).remove(&node.ino);
             self.inodes.fetch_sub(1, Ordering::AcqRel);
             // Its blocks go back to the pool when the last Arc drops.
         }
@@ -291,8 +314,22 @@ impl MemFs {
         }
     }
 
-    fn entry_of(attr: FileAttr) -> Entry {
-        Entry { nodeid: attr.ino, generation: 0, attr, entry_ttl: efuse::DEFAULT_TTL, attr_ttl: efuse::DEFAULT_TTL }
+    /// The I/O observations of the shard holding `ino`.
+    pub(crate) fn io_shard(&self, ino: u64) -> std::sync::MutexGuard<'_, HashMap<u64, InodeIo>> {
+        self.io[(ino as usize) % IO_SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache policy replies follow.
+    pub(crate) fn cache(&self) -> &CachePolicy {
+        &self.cache
+    }
+
+    pub(crate) fn paths(&self) -> &PathPolicy {
+        &self.paths
+    }
+
+    fn entry_of(&self, attr: FileAttr) -> Entry {
+        Entry { nodeid: attr.ino, generation: 0, attr, entry_ttl: self.cache.entry_ttl, attr_ttl: self.cache.attr_ttl }
     }
 
     /// Whether directory `a` is `b` or one of its ancestors. Only stable under
@@ -333,7 +370,7 @@ impl MemFs {
             c
         };
         let attr = self.attr_of(&child, &child.read());
-        Ok(Self::entry_of(attr))
+        Ok(self.entry_of(attr))
     }
 
     pub(crate) fn forget(&self, ino: u64, nlookup: u64) {
@@ -475,7 +512,7 @@ impl MemFs {
             }
             pg.touch_modified(now);
         }
-        Ok(Self::entry_of(attr))
+        Ok(self.entry_of(attr))
     }
 
     pub(crate) fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
@@ -729,7 +766,7 @@ impl MemFs {
         }
         let mut g = c.write();
         g.ctime = now;
-        Ok(Self::entry_of(self.attr_of(&c, &g)))
+        Ok(self.entry_of(self.attr_of(&c, &g)))
     }
 
     pub(crate) fn readlink(&self, ino: u64, out: &mut Vec<u8>) -> Result<(), Errno> {
@@ -880,7 +917,7 @@ impl MemFs {
             return Err(err);
         }
         let attr = self.getattr(e.nodeid).unwrap_or(e.attr);
-        Ok(Self::entry_of(attr))
+        Ok(self.entry_of(attr))
     }
 
     pub(crate) fn release(&self, ino: u64) {
@@ -1050,7 +1087,7 @@ impl MemFs {
         for (cookie, ino, name) in dots {
             if offset < cookie {
                 let attr = FileAttr { ino, mode: libc::S_IFDIR, ..Default::default() };
-                let e = Entry { nodeid: 0, ..Self::entry_of(attr) };
+                let e = Entry { nodeid: 0, ..self.entry_of(attr) };
                 if !add(&e, cookie, OsStr::new(name)) {
                     return Ok(());
                 }
@@ -1061,7 +1098,7 @@ impl MemFs {
         for (cookie, name, e) in d.after(offset) {
             let Some(c) = self.get(e.ino) else { continue };
             let attr = self.attr_of(&c, &c.read());
-            if !add(&Self::entry_of(attr), cookie, OsStr::from_bytes(name)) {
+            if !add(&self.entry_of(attr), cookie, OsStr::from_bytes(name)) {
                 break;
             }
             if self.add_lookup(&c).is_err() {

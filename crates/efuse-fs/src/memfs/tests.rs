@@ -11,7 +11,7 @@ const ROOT: u64 = 1;
 const USER: Caller = Caller { uid: 1000, gid: 1000 };
 
 fn small(blocks: u64) -> MemFs {
-    MemFs::new(MemFsConfig { capacity: blocks * 4096, block_size: 4096 })
+    MemFs::new(MemFsConfig { capacity: blocks * 4096, block_size: 4096, ..Default::default() })
 }
 
 fn n(s: &str) -> &OsStr {

@@ -1,0 +1,349 @@
+//! Per-open choice of the data path: passthrough, cached or direct.
+//!
+//! eFUSE probes its I/O paths and predicts the best one from what it saw; this
+//! is the same idea on a stock kernel, in the daemon. For each open of a
+//! regular file the file system asks [`PathPolicy::choose`] which path the
+//! kernel should use:
+//!
+//! - **passthrough**: the kernel reads and writes the backing file itself; the
+//!   daemon sees no READ/WRITE at all. Only for file systems whose bytes pass
+//!   through unchanged (stackfs) and when the kernel granted FUSE_PASSTHROUGH.
+//!   It wins whenever it is allowed: I/O runs at the backing file system's
+//!   speed, through its page cache, so efuse prefers it (`auto` and `on`).
+//! - **cached**: the FUSE page cache; hits cost nothing, misses one round trip
+//!   each, with readahead. Best for sequential reads and re-reads.
+//! - **direct** (FOPEN_DIRECT_IO): every read and write goes to the daemon,
+//!   with the application's own sizes and offsets. Best for random access to
+//!   data that is not read again: no readahead amplification, no page cache
+//!   filled with pages nobody reads twice.
+//!
+//! Between cached and direct the policy *probes then predicts*: a new inode is
+//! opened cached; once enough reads have been seen (in cached mode the daemon
+//! sees the misses, in direct mode every read), the inode's pattern decides
+//! (random and never re-read -> direct; sequential or re-read -> cached). The
+//! window decays, so an inode whose pattern changes is re-classified, and
+//! every [`REPROBE_EVERY`]th open of a direct inode is opened cached again to
+//! re-check that re-reads would not have hit the cache.
+//!
+//! All live opens of an inode share one path: the kernel forbids mixing
+//! cached and passthrough opens (the later open fails with EIO), and a direct
+//! or passthrough write behind a cached open's back would leave its pages
+//! stale. The path changes only when no open is live, and the first cached
+//! open after writes that bypassed the FUSE page cache does not keep the
+//! cache ([`InodeIo::keep_cache`]), so no stale page is ever served.
+
+/// One of the three data paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataPath {
+    Passthrough,
+    Cached,
+    Direct,
+}
+
+/// What `--passthrough` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PassthroughMode {
+    /// Passthrough where allowed, otherwise the adaptive cached/direct choice.
+    #[default]
+    Auto,
+    /// Passthrough for every eligible open, never direct.
+    On,
+    /// Never passthrough; the adaptive cached/direct choice.
+    Off,
+}
+
+impl std::str::FromStr for PassthroughMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(PassthroughMode::Auto),
+            "on" => Ok(PassthroughMode::On),
+            "off" => Ok(PassthroughMode::Off),
+            _ => Err(format!("unknown passthrough mode '{s}' (auto, on, off)")),
+        }
+    }
+}
+
+/// Reads seen before the pattern is trusted.
+pub const MIN_SAMPLES: u32 = 32;
+/// Every this many opens, a direct inode is opened cached to re-probe.
+pub const REPROBE_EVERY: u32 = 16;
+/// Files smaller than this are always cached: readahead of a small file costs little.
+pub const SMALL_FILE: u64 = 256 * 1024;
+/// Block size used to recognise re-reads.
+const BLOCK_SHIFT: u32 = 12;
+/// Slots of the recently-read block table.
+const RECENT: usize = 512;
+
+/// What one inode's I/O has looked like recently, and its live opens.
+#[derive(Debug, Clone)]
+pub struct InodeIo {
+    reads: u32,
+    sequential: u32,
+    reread: u32,
+    next_offset: u64,
+    recent: Box<[u64; RECENT]>,
+    opens: u32,
+    live_cached: u32,
+    live_passthrough: u32,
+    live_direct: u32,
+    /// Data changed while no cached open was live: the page cache may be stale.
+    cache_stale: bool,
+}
+
+impl Default for InodeIo {
+    fn default() -> Self {
+        InodeIo {
+            reads: 0,
+            sequential: 0,
+            reread: 0,
+            next_offset: 0,
+            recent: Box::new([0; RECENT]),
+            opens: 0,
+            live_cached: 0,
+            live_passthrough: 0,
+            live_direct: 0,
+            cache_stale: false,
+        }
+    }
+}
+
+/// The pattern the daemon has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Too few reads to tell.
+    Unknown,
+    Sequential,
+    /// Random, with blocks read again (the page cache would hit).
+    RandomReread,
+    /// Random, each block read once.
+    Random,
+}
+
+impl InodeIo {
+    /// Records a READ the daemon served.
+    pub fn observe_read(&mut self, offset: u64, len: u32) {
+        if self.reads >= 4 * MIN_SAMPLES {
+            // Decay: the recent past counts more than the distant past.
+            self.reads /= 2;
+            self.sequential /= 2;
+            self.reread /= 2;
+        }
+        self.reads += 1;
+        if offset == self.next_offset {
+            self.sequential += 1;
+        }
+        self.next_offset = offset + len as u64;
+        let block = offset >> BLOCK_SHIFT;
+        let slot = (block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize % RECENT;
+        if self.recent[slot] == block + 1 {
+            self.reread += 1;
+        } else {
+            self.recent[slot] = block + 1;
+        }
+    }
+
+    pub fn pattern(&self) -> Pattern {
+        if self.reads < MIN_SAMPLES {
+            Pattern::Unknown
+        } else if self.sequential * 2 >= self.reads {
+            Pattern::Sequential
+        } else if self.reread * 4 >= self.reads {
+            Pattern::RandomReread
+        } else {
+            Pattern::Random
+        }
+    }
+
+    /// Records a WRITE the daemon served. Writes through a cached open update
+    /// the page cache as they go; any other write makes it stale.
+    pub fn observe_write(&mut self) {
+        if self.live_cached == 0 {
+            self.cache_stale = true;
+        }
+    }
+
+    /// Must be called for every open answered with `path`; `writable` when
+    /// opened for writing.
+    pub fn opened(&mut self, path: DataPath, writable: bool) {
+        self.opens = self.opens.wrapping_add(1);
+        match path {
+            DataPath::Cached => self.live_cached += 1,
+            DataPath::Passthrough => self.live_passthrough += 1,
+            DataPath::Direct => self.live_direct += 1,
+        }
+        if path != DataPath::Cached && writable {
+            // Passthrough writes are never seen by the daemon; direct ones
+            // bypass the page cache.
+            self.cache_stale = true;
+        }
+    }
+
+    /// Must be called for every release of an open answered with `path`.
+    pub fn released(&mut self, path: DataPath) {
+        match path {
+            DataPath::Cached => self.live_cached = self.live_cached.saturating_sub(1),
+            DataPath::Passthrough => self.live_passthrough = self.live_passthrough.saturating_sub(1),
+            DataPath::Direct => self.live_direct = self.live_direct.saturating_sub(1),
+        }
+    }
+
+    /// Whether a cached open about to be answered may keep the page cache
+    /// (FOPEN_KEEP_CACHE): not when data changed behind it. Clears the mark,
+    /// since the open without KEEP_CACHE drops the stale pages.
+    pub fn keep_cache(&mut self) -> bool {
+        !std::mem::take(&mut self.cache_stale)
+    }
+
+    /// Marks the page cache stale (a change the daemon learnt of otherwise).
+    pub fn invalidate(&mut self) {
+        self.cache_stale = true;
+    }
+
+    /// Opens of this inode still using passthrough.
+    pub fn live_passthrough(&self) -> u32 {
+        self.live_passthrough
+    }
+}
+
+/// The mount-wide part of the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathPolicy {
+    pub mode: PassthroughMode,
+    /// The kernel granted passthrough (FUSE_PASSTHROUGH negotiated, CAP_SYS_ADMIN).
+    pub passthrough_granted: bool,
+    /// Direct I/O may be chosen (off for mmap-heavy setups or the plain profile).
+    pub adaptive: bool,
+}
+
+impl PathPolicy {
+    /// Chooses the path for a new open of a regular file of `size` bytes.
+    /// `bytes_unchanged` is the file system's word that its bytes are the
+    /// backing file's (passthrough allowed); `app_direct` is O_DIRECT.
+    pub fn choose(&self, io: &InodeIo, size: u64, bytes_unchanged: bool, app_direct: bool) -> DataPath {
+        let passthrough_ok =
+            bytes_unchanged && self.passthrough_granted && self.mode != PassthroughMode::Off && io.live_cached == 0;
+        // Live opens fix the path (see the module documentation).
+        if io.live_passthrough > 0 {
+            return if passthrough_ok { DataPath::Passthrough } else { DataPath::Direct };
+        }
+        if io.live_cached > 0 {
+            return DataPath::Cached;
+        }
+        if io.live_direct > 0 {
+            return DataPath::Direct;
+        }
+        if passthrough_ok {
+            return DataPath::Passthrough;
+        }
+        if app_direct {
+            // The application asked for no caching.
+            return DataPath::Direct;
+        }
+        if !self.adaptive || self.mode == PassthroughMode::On || size < SMALL_FILE {
+            return DataPath::Cached;
+        }
+        match io.pattern() {
+            Pattern::Random if io.opens % REPROBE_EVERY != REPROBE_EVERY - 1 => DataPath::Direct,
+            _ => DataPath::Cached,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADAPTIVE: PathPolicy = PathPolicy { mode: PassthroughMode::Auto, passthrough_granted: false, adaptive: true };
+
+    fn feed_random(io: &mut InodeIo, n: u64, space: u64) {
+        let mut x = 12345u64;
+        for _ in 0..n {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            io.observe_read(((x >> 20) % space) << 12, 4096);
+        }
+    }
+
+    #[test]
+    fn sequential_stays_cached() {
+        let mut io = InodeIo::default();
+        for i in 0..100 {
+            io.observe_read(i * 131072, 131072);
+        }
+        assert_eq!(io.pattern(), Pattern::Sequential);
+        assert_eq!(ADAPTIVE.choose(&io, 1 << 30, false, false), DataPath::Cached);
+    }
+
+    #[test]
+    fn random_once_goes_direct_but_rereads_stay_cached() {
+        let mut io = InodeIo::default();
+        assert_eq!(ADAPTIVE.choose(&io, 1 << 30, false, false), DataPath::Cached, "probe first");
+        feed_random(&mut io, 200, 1 << 18);
+        assert_eq!(io.pattern(), Pattern::Random);
+        assert_eq!(ADAPTIVE.choose(&io, 1 << 30, false, false), DataPath::Direct);
+        // A small working set read over and over: the cache would hit.
+        let mut hot = InodeIo::default();
+        feed_random(&mut hot, 400, 16);
+        assert_eq!(hot.pattern(), Pattern::RandomReread);
+        assert_eq!(ADAPTIVE.choose(&hot, 1 << 30, false, false), DataPath::Cached);
+        // Small files are never worth direct I/O.
+        assert_eq!(ADAPTIVE.choose(&io, 4096, false, false), DataPath::Cached);
+    }
+
+    #[test]
+    fn reprobe_periodically() {
+        let mut io = InodeIo::default();
+        feed_random(&mut io, 200, 1 << 18);
+        let mut paths = Vec::new();
+        for _ in 0..REPROBE_EVERY {
+            let p = ADAPTIVE.choose(&io, 1 << 30, false, false);
+            io.opened(p, false);
+            io.released(p);
+            paths.push(p);
+        }
+        assert_eq!(paths.iter().filter(|p| **p == DataPath::Cached).count(), 1);
+    }
+
+    #[test]
+    fn passthrough_rules() {
+        let pt = PathPolicy { mode: PassthroughMode::Auto, passthrough_granted: true, adaptive: true };
+        let mut io = InodeIo::default();
+        assert_eq!(pt.choose(&io, 1 << 30, true, false), DataPath::Passthrough);
+        // Not for a transforming file system.
+        assert_eq!(pt.choose(&io, 1 << 30, false, false), DataPath::Cached);
+        // A live cached open forbids passthrough; a live passthrough open forbids cached.
+        io.opened(DataPath::Cached, false);
+        assert_eq!(pt.choose(&io, 1 << 30, true, false), DataPath::Cached);
+        io.released(DataPath::Cached);
+        io.opened(DataPath::Passthrough, true);
+        let off = PathPolicy { mode: PassthroughMode::Off, ..pt };
+        assert_eq!(off.choose(&io, 1 << 30, true, false), DataPath::Direct);
+        assert_eq!(io.live_passthrough(), 1);
+        // Passthrough writes bypassed the FUSE page cache: the next cached open drops it.
+        io.released(DataPath::Passthrough);
+        assert!(!io.keep_cache());
+        assert!(io.keep_cache());
+    }
+
+    #[test]
+    fn live_opens_share_one_path() {
+        let mut io = InodeIo::default();
+        feed_random(&mut io, 200, 1 << 18);
+        let p = ADAPTIVE.choose(&io, 1 << 30, false, false);
+        assert_eq!(p, DataPath::Direct);
+        io.opened(p, true);
+        // Even an application asking for the cache joins the live direct opens.
+        assert_eq!(ADAPTIVE.choose(&io, 1 << 30, false, false), DataPath::Direct);
+        io.observe_write();
+        io.released(p);
+        let mut seq = io.clone();
+        for i in 0..200 {
+            seq.observe_read(i << 17, 1 << 17);
+        }
+        assert_eq!(ADAPTIVE.choose(&seq, 1 << 30, false, false), DataPath::Cached);
+        assert!(!seq.keep_cache(), "direct writes happened since the last cached open");
+        seq.opened(DataPath::Cached, true);
+        seq.observe_write();
+        assert!(seq.keep_cache(), "writes through a cached open keep the cache right");
+    }
+}
