@@ -81,6 +81,13 @@ enum MountCmd {
     },
 }
 
+/// `--locks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LockPlace {
+    Kernel,
+    Daemon,
+}
+
 /// `--profile`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Profile {
@@ -109,6 +116,10 @@ struct CommonMount {
     /// Stateless opens: the kernel sends no OPEN/RELEASE (turns passthrough off).
     #[arg(long)]
     no_open: bool,
+    /// Where POSIX and flock locks live: kernel (default profile; no FLUSH on
+    /// close) or daemon (plain profile; SETLK/SETLKW/GETLK reach the daemon).
+    #[arg(long, value_enum, value_name = "WHERE")]
+    locks: Option<LockPlace>,
     /// Worker threads, each with its own /dev/fuse descriptor (default: CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -146,6 +157,9 @@ fn features(common: &CommonMount) -> Features {
     if common.no_open {
         f.no_open = true;
         f.passthrough = false;
+    }
+    if let Some(l) = common.locks {
+        f.daemon_locks = l == LockPlace::Daemon;
     }
     f
 }
@@ -397,9 +411,15 @@ fn daemon_pid(mp: &Path) -> Option<i32> {
     efuse::control::query(mp, "pid").ok()?.trim().parse().ok()
 }
 
+/// Whether `pid` still runs (an exited daemon may linger as a zombie until
+/// its new parent reaps it: that counts as gone).
 fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the parenthesised command name.
+    match stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) {
+        Some('Z') | Some('X') | None => false,
+        Some(_) => true,
+    }
 }
 
 fn cmd_umount(mountpoint: &Path) -> Result<()> {
@@ -492,6 +512,7 @@ mod tests {
             passthrough: None,
             writeback_cache: false,
             no_open: false,
+            locks: None,
             threads: None,
             options: vec!["allow_other".into()],
             foreground: true,

@@ -284,7 +284,21 @@ pub fn find_mount(path: &Path) -> Option<MountInfo> {
 /// Aborts a FUSE connection: every pending and future request fails, so
 /// nothing blocks on a dead daemon any more.
 pub fn abort_connection(conn: u32) -> io::Result<()> {
-    std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1")
+    const CONNECTIONS: &str = "/sys/fs/fuse/connections";
+    let abort = format!("{CONNECTIONS}/{conn}/abort");
+    if !Path::new(&abort).exists() && is_root() {
+        // The fusectl file system is not always mounted; mount it once.
+        let (src, dir, fstype) = (c"fusectl", CString::new(CONNECTIONS).expect("no NUL"), c"fusectl");
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe { libc::mount(src.as_ptr(), dir.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(io::Error::new(e.kind(), format!("mounting fusectl on {CONNECTIONS}: {e}")));
+            }
+        }
+    }
+    std::fs::write(&abort, "1")
 }
 
 /// Unmounts `mountpoint`. As root by umount2(2), falling back to a lazy

@@ -106,7 +106,8 @@ impl Features {
         daemon_locks: true,
     };
 
-    /// Everything that keeps answers exact and saves round trips.
+    /// Everything that keeps answers exact and saves round trips. Locks are
+    /// kept by the kernel (exact on a local mount), so a close needs no FLUSH.
     pub const DEFAULT: Features = Features {
         readdirplus: true,
         cache_symlinks: true,
@@ -114,7 +115,7 @@ impl Features {
         passthrough: true,
         no_open: false,
         no_opendir: false,
-        daemon_locks: true,
+        daemon_locks: false,
     };
 }
 
@@ -395,12 +396,18 @@ impl<F: Filesystem> Session<F> {
             Operation::Create { arg, .. } | Operation::Tmpfile { arg, .. } => arg.umask,
             _ => 0,
         };
+        let kill_suidgid = match &req.op {
+            Operation::Open { arg } => arg.open_flags & efuse_abi::consts::OPEN_KILL_SUIDGID != 0,
+            Operation::Create { arg, .. } => arg.open_flags & efuse_abi::consts::OPEN_KILL_SUIDGID != 0,
+            _ => false,
+        };
         let ctx = RequestContext {
             unique: h.unique,
             uid: h.uid,
             gid: h.gid,
             pid: h.pid,
             umask,
+            kill_suidgid,
             interrupts: &self.shared.interrupts,
         };
         let r = || Responder::new(h.unique, opcode, sink.clone());

@@ -347,6 +347,10 @@ pub struct RequestContext<'a> {
     pub pid: u32,
     /// The caller's umask, on MKNOD, MKDIR and CREATE (the kernel already applied it to `mode`).
     pub umask: u32,
+    /// On OPEN and CREATE with `HANDLE_KILLPRIV_V2`: the open truncates on
+    /// behalf of a caller without CAP_FSETID, so suid (and sgid, if group
+    /// executable) must be cleared.
+    pub kill_suidgid: bool,
     pub(crate) interrupts: &'a std::sync::Arc<crate::session::Interrupts>,
 }
 

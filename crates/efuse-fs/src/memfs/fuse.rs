@@ -9,7 +9,7 @@ use efuse::abi::consts::fopen;
 use efuse::policy::DataPath;
 
 use efuse::{
-    Capabilities, Errno, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate, ReplyData, ReplyDirectory,
+    Capabilities, Errno, FileLock, Filesystem, InitInfo, ReplyAttr, ReplyCopy, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     RequestContext, SetAttr,
 };
@@ -73,11 +73,14 @@ impl MemFs {
         let io = shard.entry(ino).or_default();
         let path = self.paths().choose(io, size, false, flags & libc::O_DIRECT != 0);
         io.opened(path, flags & libc::O_ACCMODE != libc::O_RDONLY);
-        let open_flags = match path {
+        let mut open_flags = match path {
             DataPath::Direct => fopen::DIRECT_IO,
             _ if self.cache().keep_cache && io.keep_cache() => fopen::KEEP_CACHE,
             _ => 0,
         };
+        if self.noflush.load(std::sync::atomic::Ordering::Relaxed) {
+            open_flags |= fopen::NOFLUSH;
+        }
         (handle_with_path(counter, path), open_flags)
     }
 }
@@ -95,10 +98,19 @@ impl Filesystem for MemFs {
             atomic_o_trunc: true,
             readdirplus: true,
             cache_symlinks: true,
+            // memfs clears suid/sgid and file capabilities on write, truncate
+            // and chown itself, so the kernel need not ask before each write.
+            handle_killpriv_v2: true,
             // READ and WRITE name the inode, not the open: no per-open state.
             stateless_open: true,
             ..Default::default()
         }
+    }
+
+    fn init(&self, info: &InitInfo) -> Result<(), Errno> {
+        let daemon_locks = info.flags & efuse::abi::consts::init::POSIX_LOCKS != 0;
+        self.noflush.store(!daemon_locks, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
@@ -182,8 +194,8 @@ impl Filesystem for MemFs {
         entry(MemFs::link(self, ino, newparent, newname), reply)
     }
 
-    fn open(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        match MemFs::open(self, ino, flags, false) {
+    fn open(&self, ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        match MemFs::open(self, ino, flags, false, ctx.kill_suidgid) {
             Ok(fh) => {
                 let (fh, open_flags) = self.choose_path(ino, fh, flags);
                 reply.opened(fh, open_flags)
@@ -211,13 +223,14 @@ impl Filesystem for MemFs {
         _fh: u64,
         offset: u64,
         data: &[u8],
-        _write_flags: u32,
+        write_flags: u32,
         reply: ReplyWrite,
     ) {
         if let Some(io) = self.io_shard(ino).get_mut(&ino) {
             io.observe_write();
         }
-        match MemFs::write(self, ino, offset, data) {
+        let kill = write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0;
+        match MemFs::write(self, ino, offset, data, kill) {
             // A WRITE is at most max_write (1 MiB) long.
             Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),
             Err(e) => reply.error(e),
@@ -256,7 +269,7 @@ impl Filesystem for MemFs {
         // Listings change only through this mount, which keeps the kernel's
         // cached listing right (it drops it when the directory changes).
         let cache_dir = if self.cache().cache_dir { fopen::CACHE_DIR | fopen::KEEP_CACHE } else { 0 };
-        match MemFs::open(self, ino, flags, true) {
+        match MemFs::open(self, ino, flags, true, false) {
             Ok(fh) => reply.opened(fh, cache_dir),
             Err(e) => reply.error(e),
         }

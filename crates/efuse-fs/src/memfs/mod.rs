@@ -111,6 +111,9 @@ pub struct MemFs {
     flock_locks: LockTable,
     cache: CachePolicy,
     paths: PathPolicy,
+    /// FLUSH does nothing here unless the daemon keeps POSIX locks (released
+    /// on FLUSH): set at INIT when it does not, so opens carry FOPEN_NOFLUSH.
+    pub(crate) noflush: std::sync::atomic::AtomicBool,
     /// What each regular file's I/O looked like, for the per-open path choice.
     io: Box<[Mutex<HashMap<u64, InodeIo>>]>,
 }
@@ -131,6 +134,23 @@ pub(crate) fn with_out_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     let r = f(&mut buf);
     OUT_BUFFER.with(|b| b.set(buf));
     r
+}
+
+/// Clears suid, and sgid when the file is group-executable, as the VFS does
+/// when an unprivileged caller writes or truncates.
+pub(crate) fn kill_suidgid(i: &mut Inode) {
+    let mut kill = libc::S_ISUID;
+    if i.mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    i.mode &= !kill;
+}
+
+/// Drops `security.capability`, as Linux does on write, truncate and chown.
+fn drop_capabilities(i: &mut Inode) {
+    if !i.xattrs.is_empty() {
+        i.xattrs.remove(&b"security.capability"[..]);
+    }
 }
 
 fn name_bytes(name: &OsStr) -> Result<&[u8], Errno> {
@@ -207,6 +227,7 @@ impl MemFs {
             flock_locks: LockTable::default(),
             cache: cfg.cache,
             paths: cfg.paths,
+            noflush: std::sync::atomic::AtomicBool::new(false),
             io: (0..IO_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         };
         // SAFETY: geteuid and getegid cannot fail and touch no memory of ours.
@@ -793,6 +814,10 @@ impl MemFs {
         let n = self.node(ino)?;
         let now = Timespec::now();
         let mut g = n.write();
+        if set.size.is_some() || set.uid.is_some() || set.gid.is_some() {
+            // File capabilities do not survive a truncate or a change of owner.
+            drop_capabilities(&mut g);
+        }
         // The size first: it is the only change that can fail.
         if let Some(size) = set.size {
             g.file_mut()?.truncate(size)?;
@@ -808,11 +833,7 @@ impl MemFs {
             g.gid = gid;
         }
         if set.kill_suidgid {
-            let mut kill = libc::S_ISUID;
-            if g.mode & libc::S_IXGRP != 0 {
-                kill |= libc::S_ISGID;
-            }
-            g.mode &= !kill;
+            kill_suidgid(&mut g);
         }
         let at = |t: TimeOrNow| match t {
             TimeOrNow::Now => now,
@@ -873,7 +894,7 @@ impl MemFs {
 
     // ---- open files ----
 
-    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool) -> Result<u64, Errno> {
+    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill_suidgid: bool) -> Result<u64, Errno> {
         let n = self.node(ino)?;
         if want_dir && n.kind != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
@@ -885,17 +906,19 @@ impl MemFs {
             }
             k.opens += 1;
         }
-        if !want_dir
-            && flags & libc::O_TRUNC != 0
-            && flags & libc::O_ACCMODE != libc::O_RDONLY
-            && n.kind == libc::S_IFREG
-        {
+        // O_TRUNC truncates even with O_RDONLY, as on Linux (the kernel has
+        // checked write permission).
+        if !want_dir && flags & libc::O_TRUNC != 0 && n.kind == libc::S_IFREG {
             let mut g = n.write();
             if let Ok(f) = g.file_mut() {
                 // Shrinking to zero cannot fail.
                 let _ = f.truncate(0);
             }
             g.touch_modified(Timespec::now());
+            drop_capabilities(&mut g);
+            if kill_suidgid {
+                self::kill_suidgid(&mut g);
+            }
         }
         Ok(self.next_handle())
     }
@@ -908,7 +931,7 @@ impl MemFs {
     pub(crate) fn open_existing(&self, parent: u64, name: &OsStr, flags: i32) -> Result<Entry, Errno> {
         let e = self.lookup(parent, name)?;
         let opened = match e.attr.kind() {
-            libc::S_IFREG => self.open(e.nodeid, flags, false).map(|_| ()),
+            libc::S_IFREG => self.open(e.nodeid, flags, false, false).map(|_| ()),
             libc::S_IFDIR => Err(Errno::EISDIR),
             _ => Err(Errno::EEXIST),
         };
@@ -940,11 +963,17 @@ impl MemFs {
         Ok(())
     }
 
-    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+    /// Writes `data`; `kill_suidgid` as the kernel asks (HANDLE_KILLPRIV_V2).
+    /// Like any write on Linux, it drops file capabilities.
+    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<usize, Errno> {
         let n = self.node(ino)?;
         let mut g = n.write();
         let written = g.file_mut()?.write(offset, data)?;
         g.touch_modified(Timespec::now());
+        drop_capabilities(&mut g);
+        if kill_suidgid {
+            self::kill_suidgid(&mut g);
+        }
         Ok(written)
     }
 
