@@ -59,6 +59,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use efuse::locks::LockTable;
+use efuse::policy::PassthroughMode;
+use efuse::CacheMode;
 use efuse::{
     name_to_cstr, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen,
@@ -76,15 +78,24 @@ pub struct StackFsConfig {
     pub backing: PathBuf,
     /// Most `O_PATH` descriptors to cache; None derives it from RLIMIT_NOFILE.
     pub max_open_handles: Option<usize>,
-    /// How long the kernel may cache names.
-    pub entry_ttl: Duration,
-    /// How long the kernel may cache attributes.
-    pub attr_ttl: Duration,
+    /// `--cache`: how long the kernel may trust names, attributes and data.
+    pub cache: CacheMode,
+    /// `--passthrough`: whether opens may be served by the kernel from the backing file.
+    pub passthrough: PassthroughMode,
+    /// `--profile plain`: libfuse's behaviour (1 s TTLs, no keep_cache, no
+    /// passthrough, no adaptive path choice), the honest baseline.
+    pub plain: bool,
 }
 
 impl StackFsConfig {
     pub fn new(backing: PathBuf) -> Self {
-        StackFsConfig { backing, max_open_handles: None, entry_ttl: efuse::DEFAULT_TTL, attr_ttl: efuse::DEFAULT_TTL }
+        StackFsConfig {
+            backing,
+            max_open_handles: None,
+            cache: CacheMode::Auto,
+            passthrough: PassthroughMode::Auto,
+            plain: false,
+        }
     }
 }
 
@@ -188,8 +199,8 @@ impl StackFs {
             dirs: HandleTable::default(),
             fhs: FhCounter::default(),
             backing_dir,
-            entry_ttl: cfg.entry_ttl,
-            attr_ttl: cfg.attr_ttl,
+            entry_ttl: efuse::DEFAULT_TTL,
+            attr_ttl: efuse::DEFAULT_TTL,
             act_as_caller: sys::geteuid() == 0,
             posix_locks: LockTable::default(),
             flocks: LockTable::default(),

@@ -369,7 +369,9 @@ pub(super) fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) ->
 }
 
 pub(super) fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> Result<u64, Errno> {
-    let offset = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    // The kernel passes the caller's loff_t through unchanged: a negative
+    // offset arrives as a large u64 and the backing lseek must judge it.
+    let offset = offset as i64;
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
     if r < 0 {

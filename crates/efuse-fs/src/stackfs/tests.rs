@@ -46,7 +46,7 @@ impl Harness {
             ..Default::default()
         };
         let buf = h.encode(Opcode::Init, 0, &[init.as_bytes()]);
-        assert!(h.session.handle_init(&buf, &h.sink).is_ok());
+        assert!(h.session.handle_init(&buf, &h.sink, None).is_ok());
         h
     }
 
