@@ -12,6 +12,10 @@
 //!   speed, through its page cache, so efuse prefers it (`auto` and `on`).
 //! - **cached**: the FUSE page cache; hits cost nothing, misses one round trip
 //!   each, with readahead. Best for sequential reads and re-reads.
+//!   One exception: a small file opened read-only is served from the FUSE
+//!   page cache (kept with FOPEN_KEEP_CACHE): after the first read its opens
+//!   cost one OPEN and nothing else, while every passthrough open also
+//!   registers a backing file with the kernel.
 //! - **direct** (FOPEN_DIRECT_IO): every read and write goes to the daemon,
 //!   with the application's own sizes and offsets. Best for random access to
 //!   data that is not read again: no readahead amplification, no page cache
@@ -207,6 +211,8 @@ impl InodeIo {
 }
 
 /// The mount-wide part of the choice.
+///
+/// Use [`PathPolicy::choose_open`] with the open's flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathPolicy {
     pub mode: PassthroughMode,
@@ -217,6 +223,17 @@ pub struct PathPolicy {
 }
 
 impl PathPolicy {
+    /// Chooses the path for an open of a regular file of `size` bytes with
+    /// `open(2)` flags `flags`; see the module documentation.
+    pub fn choose_open(&self, io: &InodeIo, size: u64, bytes_unchanged: bool, flags: i32) -> DataPath {
+        let app_direct = flags & libc::O_DIRECT != 0;
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
+        if read_only && !app_direct && size < SMALL_FILE && io.live_passthrough == 0 && io.live_direct == 0 {
+            return DataPath::Cached;
+        }
+        self.choose(io, size, bytes_unchanged, app_direct)
+    }
+
     /// Chooses the path for a new open of a regular file of `size` bytes.
     /// `bytes_unchanged` is the file system's word that its bytes are the
     /// backing file's (passthrough allowed); `app_direct` is O_DIRECT.
@@ -323,6 +340,18 @@ mod tests {
         io.released(DataPath::Passthrough);
         assert!(!io.keep_cache());
         assert!(io.keep_cache());
+    }
+
+    #[test]
+    fn small_read_only_files_use_the_page_cache() {
+        let pt = PathPolicy { mode: PassthroughMode::Auto, passthrough_granted: true, adaptive: true };
+        let mut io = InodeIo::default();
+        assert_eq!(pt.choose_open(&io, 4096, true, libc::O_RDONLY), DataPath::Cached);
+        assert_eq!(pt.choose_open(&io, 4096, true, libc::O_RDWR), DataPath::Passthrough);
+        assert_eq!(pt.choose_open(&io, 1 << 30, true, libc::O_RDONLY), DataPath::Passthrough);
+        // A reader joins a live passthrough writer.
+        io.opened(DataPath::Passthrough, true);
+        assert_eq!(pt.choose_open(&io, 4096, true, libc::O_RDONLY), DataPath::Passthrough);
     }
 
     #[test]

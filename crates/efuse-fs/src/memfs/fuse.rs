@@ -71,7 +71,7 @@ impl MemFs {
         let size = MemFs::getattr(self, ino).map(|a| a.size).unwrap_or(0);
         let mut shard = self.io_shard(ino);
         let io = shard.entry(ino).or_default();
-        let path = self.paths().choose(io, size, false, flags & libc::O_DIRECT != 0);
+        let path = self.paths().choose_open(io, size, false, flags);
         io.opened(path, flags & libc::O_ACCMODE != libc::O_RDONLY);
         let mut open_flags = match path {
             DataPath::Direct => fopen::DIRECT_IO,
