@@ -545,10 +545,12 @@ impl<F: Filesystem> Session<F> {
             Operation::NotifyReply { .. } => {
                 // Answers to NOTIFY_RETRIEVE, which efuse never sends: nothing waits for them.
             }
-            Operation::Ioctl { .. }
-            | Operation::Poll { .. }
-            | Operation::SetupMapping { .. }
-            | Operation::RemoveMapping { .. } => Responder::new(h.unique, opcode, sink.clone()).error_raw(libc::ENOSYS),
+            // No ioctls are implemented: answer as a local file system does for
+            // an unknown command (isatty() probes on every open land here).
+            Operation::Ioctl { .. } => r().error_raw(libc::ENOTTY),
+            Operation::Poll { .. } | Operation::SetupMapping { .. } | Operation::RemoveMapping { .. } => {
+                r().error_raw(libc::ENOSYS)
+            }
         }
     }
 
