@@ -84,6 +84,16 @@ impl Connection {
         self.send_notify(notify::DELETE, &[out.as_bytes(), name, b"\0"])
     }
 
+    /// Makes every name the kernel cached so far stale at once
+    /// (FUSE_NOTIFY_INC_EPOCH, Linux 6.16+): for when changes may have been
+    /// missed. Ok(false) where the kernel does not know the message.
+    pub fn inc_epoch(&self) -> io::Result<bool> {
+        match self.send_notify(notify::INC_EPOCH, &[]) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            other => other,
+        }
+    }
+
     /// Registers `file` (an open regular file, not O_PATH) as a backing file
     /// for passthrough. The kernel keeps its own reference: `file` may be
     /// closed afterwards. Needs CAP_SYS_ADMIN.

@@ -240,9 +240,10 @@ impl PathPolicy {
     pub fn choose(&self, io: &InodeIo, size: u64, bytes_unchanged: bool, app_direct: bool) -> DataPath {
         let passthrough_ok =
             bytes_unchanged && self.passthrough_granted && self.mode != PassthroughMode::Off && io.live_cached == 0;
-        // Live opens fix the path (see the module documentation).
+        // Live opens fix the path (see the module documentation). While an
+        // inode has a backing file the kernel accepts only passthrough opens.
         if io.live_passthrough > 0 {
-            return if passthrough_ok { DataPath::Passthrough } else { DataPath::Direct };
+            return DataPath::Passthrough;
         }
         if io.live_cached > 0 {
             return DataPath::Cached;
@@ -333,8 +334,7 @@ mod tests {
         assert_eq!(pt.choose(&io, 1 << 30, true, false), DataPath::Cached);
         io.released(DataPath::Cached);
         io.opened(DataPath::Passthrough, true);
-        let off = PathPolicy { mode: PassthroughMode::Off, ..pt };
-        assert_eq!(off.choose(&io, 1 << 30, true, false), DataPath::Direct);
+        assert_eq!(pt.choose(&io, 1 << 30, true, true), DataPath::Passthrough, "even O_DIRECT joins it");
         assert_eq!(io.live_passthrough(), 1);
         // Passthrough writes bypassed the FUSE page cache: the next cached open drops it.
         io.released(DataPath::Passthrough);

@@ -252,7 +252,9 @@ impl<F: Filesystem> Session<F> {
             | init::AUTO_INVAL_DATA
             | init::ASYNC_DIO
             | init::ABORT_ERROR
-            | init::INIT_EXT;
+            | init::INIT_EXT
+            // Shared mmap of a file the policy opened with FOPEN_DIRECT_IO.
+            | init::DIRECT_IO_ALLOW_MMAP;
         let mut want = |on: bool, flag: u64| {
             if on {
                 f |= flag;

@@ -9,11 +9,14 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use efuse::Errno;
 
+use super::fileio::{NodeIo, OpenPath};
 use super::sys;
 
 /// An open regular file (or anything else opened for I/O).
 pub(super) struct OpenFile {
     pub(super) fd: OwnedFd,
+    /// The inode's I/O state (regular files), and the path this open was given.
+    pub(super) io: Option<(Arc<NodeIo>, OpenPath)>,
 }
 
 /// An open directory and its position in the listing.

@@ -11,6 +11,11 @@
 //!
 //! Descriptors are handed out as `Arc<OwnedFd>`: eviction drops the table's
 //! reference, and the descriptor closes when the last operation using it ends.
+//!
+//! For the backing-directory watcher the table also answers "which node is
+//! this?" by file handle (fanotify reports handles) and by (st_dev, st_ino)
+//! (inotify reports names, which the watcher stats). A regular file's I/O
+//! state ([`NodeIo`]) hangs off its node and goes away with it.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use efuse::Errno;
 
+use super::fileio::NodeIo;
 use super::sys::{self, FileHandle};
 
 /// The kernel's node id of the root directory.
@@ -42,6 +48,8 @@ struct Node {
     next: u64,
     /// `Table::tick` when last moved to the LRU head.
     stamp: u64,
+    /// I/O state of a regular file, made on first open.
+    io: Option<Arc<NodeIo>>,
 }
 
 struct Table {
@@ -55,6 +63,8 @@ struct Table {
     lru_len: usize,
     pinned: usize,
     tick: u64,
+    /// Node by [`FileHandle::key`], kept once [`InodeTable::track_handles`] was called.
+    by_handle: Option<HashMap<Box<[u8]>, u64>>,
 }
 
 /// Counts, for tests.
@@ -201,6 +211,7 @@ impl InodeTable {
             prev: NIL,
             next: NIL,
             stamp: 0,
+            io: None,
         };
         let mut table = Table {
             nodes: HashMap::new(),
@@ -212,6 +223,7 @@ impl InodeTable {
             lru_len: 0,
             pinned: 1,
             tick: 0,
+            by_handle: None,
         };
         table.nodes.insert(ROOT_ID, root_node);
         table.by_key.insert(key, ROOT_ID);
@@ -325,9 +337,23 @@ impl InodeTable {
         let id = t.next_id;
         t.next_id += 1;
         let pinned_without_handle = handle.is_none();
+        if let (Some(map), Some(h)) = (t.by_handle.as_mut(), handle.as_ref()) {
+            map.insert(h.key(), id);
+        }
         t.nodes.insert(
             id,
-            Node { key, nlookup: 1, nopen: 0, handle, fd: Some(fd), in_lru: false, prev: NIL, next: NIL, stamp: 0 },
+            Node {
+                key,
+                nlookup: 1,
+                nopen: 0,
+                handle,
+                fd: Some(fd),
+                in_lru: false,
+                prev: NIL,
+                next: NIL,
+                stamp: 0,
+                io: None,
+            },
         );
         t.by_key.insert(key, id);
         let evicted = t.place(id, self.bound);
@@ -362,14 +388,16 @@ impl InodeTable {
     }
 
     /// The kernel dropped `n` lookups of `id`; at zero the node goes away.
+    #[cfg(test)]
     pub(super) fn forget(&self, id: u64, n: u64) {
-        self.forget_many(&[(id, n)])
+        self.forget_many(&[(id, n)], |_| {})
     }
 
-    /// Several forgets under one lock (BATCH_FORGET). Descriptors are closed
-    /// after the lock is released.
-    pub(super) fn forget_many(&self, forgets: &[(u64, u64)]) {
-        let mut closing: [Option<Arc<OwnedFd>>; 64] = [const { None }; 64];
+    /// Several forgets under one lock (BATCH_FORGET); `gone` hears of each
+    /// node removed, after the lock is released, as are descriptors closed.
+    pub(super) fn forget_many(&self, forgets: &[(u64, u64)], mut gone: impl FnMut(u64)) {
+        type Closing = (u64, Option<Arc<OwnedFd>>, Option<Arc<NodeIo>>);
+        let mut closing: [Closing; 64] = [const { (0, None, None) }; 64];
         for chunk in forgets.chunks(closing.len()) {
             let mut t = self.lock();
             for (slot, &(id, n)) in closing.iter_mut().zip(chunk) {
@@ -379,17 +407,66 @@ impl InodeTable {
                     continue;
                 }
                 let key = node.key;
-                *slot = t.take_fd(id);
-                t.nodes.remove(&id);
+                let io = node.io.take();
+                let fd = t.take_fd(id);
+                *slot = (id, fd, io);
+                if let Some(node) = t.nodes.remove(&id) {
+                    if let (Some(map), Some(h)) = (t.by_handle.as_mut(), node.handle.as_ref()) {
+                        let k = h.key();
+                        if map.get(&k) == Some(&id) {
+                            map.remove(&k);
+                        }
+                    }
+                }
                 if t.by_key.get(&key) == Some(&id) {
                     t.by_key.remove(&key);
                 }
             }
             drop(t);
             for slot in closing.iter_mut() {
-                drop(slot.take());
+                let (id, fd, io) = std::mem::take(slot);
+                drop(fd);
+                drop(io);
+                if id != 0 {
+                    gone(id);
+                }
             }
         }
+    }
+
+    /// Starts answering [`node_by_handle`](Self::node_by_handle); false when
+    /// nodes have no file handles here.
+    pub(super) fn track_handles(&self) -> bool {
+        if !self.handles {
+            return false;
+        }
+        let mut t = self.lock();
+        let map: HashMap<Box<[u8]>, u64> =
+            t.nodes.iter().filter_map(|(&id, n)| n.handle.as_ref().map(|h| (h.key(), id))).collect();
+        t.by_handle = Some(map);
+        true
+    }
+
+    /// The node of the inode with handle key `key` ([`sys::handle_key`]).
+    pub(super) fn node_by_handle(&self, key: &[u8]) -> Option<u64> {
+        self.lock().by_handle.as_ref()?.get(key).copied()
+    }
+
+    /// The node standing for the backing inode `key`.
+    pub(super) fn node_by_key(&self, key: InodeKey) -> Option<u64> {
+        self.lock().by_key.get(&key).copied()
+    }
+
+    /// Every node id, for invalidating everything after lost events.
+    pub(super) fn all_ids(&self) -> Vec<u64> {
+        self.lock().nodes.keys().copied().collect()
+    }
+
+    /// The I/O state of node `id`, made on first use.
+    pub(super) fn io(&self, id: u64) -> Result<Arc<NodeIo>, Errno> {
+        let mut t = self.lock();
+        let n = t.nodes.get_mut(&id).ok_or(Errno::ESTALE)?;
+        Ok(n.io.get_or_insert_with(|| Arc::new(NodeIo::default())).clone())
     }
 
     /// A file or directory was opened on `id` through `fd`: pin the descriptor.

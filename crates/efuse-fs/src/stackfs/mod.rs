@@ -44,32 +44,63 @@
 //! Locks (POSIX record locks and flock) are kept by stackfs in
 //! [`efuse::locks::LockTable`]s, per node, and are not taken on the backing
 //! files.
+//!
+//! # Kernel-side fast paths
+//!
+//! Each has a rule that keeps it exact, or it is off:
+//!
+//! - **Names, attributes, negative entries** (`--cache`): `none` answers
+//!   with TTL 0; `always` with long TTLs and no watching (the user promises
+//!   nothing changes behind the mount); `auto` with long TTLs kept exact by
+//!   the backing-directory watcher ([`watch`]), which tells the kernel of
+//!   every change made behind the mount; without a watcher, 1 s TTLs
+//!   ([`CachePolicy::SHORT`], also the plain profile). A miss is cached as a
+//!   negative entry only when the policy's `negative_ttl` is non-zero.
+//! - **Page cache** (`FOPEN_KEEP_CACHE`) and **cached listings**
+//!   (`FOPEN_CACHE_DIR`): only under a policy that keeps them (exact
+//!   caching); the watcher's `inval_inode` drops a changed file's pages and a
+//!   changed directory's listing. Symlinks are cached by the kernel: a
+//!   symlink's target never changes in place.
+//! - **Data path per open** ([`fileio`]): passthrough (the kernel does the
+//!   I/O on the backing file), cached or direct, as
+//!   [`efuse::policy::PathPolicy`] chooses from the inode's observed reads.
+//! - **Stateless opens** (`--no-open`): READ, WRITE, ... arrive with `fh` 0
+//!   and are served by a per-inode descriptor ([`fileio::NodeIo`]); real
+//!   handles start at 1.
+//! - **FLUSH** is answered without a system call unless the backing file
+//!   system acts on close (network file systems); it still releases the
+//!   closing process's POSIX locks.
 
 mod creds;
+mod fileio;
 mod handles;
 mod inodes;
 mod sys;
+mod watch;
 
 use std::cell::RefCell;
 use std::ffi::{CStr, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use efuse::abi::consts::fopen;
 use efuse::locks::LockTable;
-use efuse::policy::PassthroughMode;
-use efuse::CacheMode;
+use efuse::policy::{PassthroughMode, PathPolicy};
 use efuse::{
     name_to_cstr, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, RequestContext, SetAttr, Statfs, TimeOrNow,
 };
+use efuse::{BackingId, CacheMode, CachePolicy, InitInfo};
 
 use creds::CallerCreds;
+use fileio::{OpenPath, Passthrough};
 use handles::{DirStream, FhCounter, HandleTable, OpenDir, OpenFile};
 use inodes::{InodeTable, ROOT_ID};
+use watch::{WatchKind, Watcher};
 
 /// How stackfs is set up.
 #[derive(Debug, Clone)]
@@ -141,18 +172,71 @@ fn with_io_buffer<R>(size: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 /// The pass-through file system; see the module documentation.
 pub struct StackFs {
-    inodes: InodeTable,
+    inodes: Arc<InodeTable>,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<OpenDir>,
     fhs: FhCounter,
     /// A plain descriptor on the backing directory, for syncfs.
     backing_dir: OwnedFd,
-    entry_ttl: Duration,
-    attr_ttl: Duration,
+    /// Device of the backing directory.
+    root_dev: u64,
+    cache_mode: CacheMode,
+    passthrough_mode: PassthroughMode,
+    plain: bool,
+    /// What INIT settled: caching, watcher, data paths.
+    accel: OnceLock<Accel>,
+    /// The backing file system acts on close(2) (network file systems), so
+    /// FLUSH closes a duplicate descriptor as the caller's close would.
+    flush_backing: bool,
     /// Create-type operations switch to the caller's fsuid/fsgid (we are root).
     act_as_caller: bool,
     posix_locks: LockTable,
     flocks: LockTable,
+}
+
+/// The fast paths settled at INIT.
+struct Accel {
+    cache: CachePolicy,
+    /// Keeps `cache` exact under `--cache auto`.
+    watcher: Option<Watcher>,
+    paths: PathPolicy,
+    /// Registers backing files, when the kernel granted passthrough.
+    passthrough: Option<Passthrough>,
+}
+
+/// Before INIT (never reached by the kernel): cache nothing.
+static BEFORE_INIT: Accel = Accel {
+    cache: CachePolicy::NONE,
+    watcher: None,
+    paths: PathPolicy { mode: PassthroughMode::Off, passthrough_granted: false, adaptive: false },
+    passthrough: None,
+};
+
+/// File systems whose close(2) does work (flushing, reporting write errors):
+/// NFS, SMB/CIFS (three magics), FUSE, Ceph, AFS, 9p, Lustre.
+const FLUSHING_FS: [i64; 9] =
+    [0x6969, 0x517B, 0xFF53_4D42, 0xFE53_4D42, 0x6573_5546, 0x00C3_6400, 0x5346_414F, 0x0102_1997, 0x0BD0_0BD0];
+
+/// A descriptor to do I/O on: an open file's, or the inode's own for `fh` 0.
+enum IoFd {
+    Open(Arc<OpenFile>),
+    Stateless(Arc<OwnedFd>),
+}
+
+impl IoFd {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            IoFd::Open(f) => f.fd.as_fd(),
+            IoFd::Stateless(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// How an open was answered: `FOPEN_*` flags and the backing file for passthrough.
+struct Opened {
+    fh: u64,
+    flags: u32,
+    backing: Option<BackingId>,
 }
 
 impl StackFs {
@@ -192,29 +276,120 @@ impl StackFs {
             }
         };
         let bound = cfg.max_open_handles.unwrap_or_else(|| (nofile / 2).saturating_sub(FD_RESERVE).max(64) as usize);
+        let flush_backing = sys::fs_type(backing_dir.as_fd()).is_ok_and(|t| FLUSHING_FS.contains(&t));
         tracing::info!(backing = %path.display(), handles, bound, nofile, "stackfs ready");
         Ok(StackFs {
-            inodes: InodeTable::new(root, &st, mount_fd, bound, handles),
+            inodes: Arc::new(InodeTable::new(root, &st, mount_fd, bound, handles)),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
             fhs: FhCounter::default(),
             backing_dir,
-            entry_ttl: efuse::DEFAULT_TTL,
-            attr_ttl: efuse::DEFAULT_TTL,
+            root_dev: sys::statx_key(&st).0,
+            cache_mode: cfg.cache,
+            passthrough_mode: cfg.passthrough,
+            plain: cfg.plain,
+            accel: OnceLock::new(),
+            flush_backing,
             act_as_caller: sys::geteuid() == 0,
             posix_locks: LockTable::default(),
             flocks: LockTable::default(),
         })
     }
 
+    fn accel(&self) -> &Accel {
+        self.accel.get().unwrap_or(&BEFORE_INIT)
+    }
+
+    /// The cache policy replies follow now: the one settled at INIT, or
+    /// short TTLs once the watcher has lost track.
+    fn cache(&self) -> CachePolicy {
+        let a = self.accel();
+        match &a.watcher {
+            Some(w) if w.degraded() => CachePolicy::SHORT,
+            _ => a.cache,
+        }
+    }
+
+    /// Settles caching and data paths for this mount (at INIT).
+    fn settle(&self, info: &InitInfo) -> Accel {
+        let conn = info.connection.clone();
+        let (cache, watcher) = match (self.cache_mode, self.plain) {
+            (CacheMode::None, _) => (CachePolicy::NONE, None),
+            (_, true) => (CachePolicy::SHORT, None),
+            (CacheMode::Always, false) => (CachePolicy::EXACT, None),
+            (CacheMode::Auto, false) => {
+                let root = self.inodes.fd(ROOT_ID);
+                let started = match (&conn, &root) {
+                    (Some(c), Ok(root)) => Watcher::start(self.inodes.clone(), c.clone(), root, self.root_dev),
+                    (None, _) => Err("no connection to notify the kernel on".into()),
+                    (_, Err(e)) => Err(format!("backing directory: {e}")),
+                };
+                match started {
+                    Ok(w) => (CachePolicy::EXACT, Some(w)),
+                    Err(why) => {
+                        tracing::info!("stackfs: cannot watch the backing directory ({why}); caching for 1 s");
+                        (CachePolicy::SHORT, None)
+                    }
+                }
+            }
+        };
+        let passthrough = match &conn {
+            Some(c) if info.passthrough() && self.passthrough_mode != PassthroughMode::Off => {
+                Some(Passthrough::new(c.clone()))
+            }
+            _ => None,
+        };
+        let paths = PathPolicy {
+            mode: self.passthrough_mode,
+            passthrough_granted: passthrough.is_some(),
+            adaptive: !self.plain,
+        };
+        Accel { cache, watcher, paths, passthrough }
+    }
+
     fn entry(&self, nodeid: u64, st: &libc::statx) -> Entry {
+        let cache = self.cache();
         Entry {
             nodeid,
             generation: 0,
             attr: FileAttr::from_statx(st),
-            entry_ttl: self.entry_ttl,
-            attr_ttl: self.attr_ttl,
+            entry_ttl: cache.entry_ttl,
+            attr_ttl: cache.attr_ttl,
         }
+    }
+
+    /// A directory node is about to be shown: the watcher must see changes
+    /// in it before the kernel may cache anything below it.
+    fn watch(&self, id: u64, st: &libc::statx) {
+        if st.stx_mode as u32 & libc::S_IFMT != libc::S_IFDIR {
+            return;
+        }
+        let Some(w) = &self.accel().watcher else { return };
+        let dev = sys::statx_key(st).0;
+        if w.kind() == WatchKind::Fanotify && dev == self.root_dev {
+            return;
+        }
+        if let Ok(fd) = self.inodes.fd(id) {
+            w.watch_dir(id, &fd, dev);
+        }
+    }
+
+    /// Drops lookups; nodes that go away lose their watch.
+    fn forget_nodes(&self, nodes: &[(u64, u64)]) {
+        match &self.accel().watcher {
+            Some(w) => self.inodes.forget_many(nodes, |id| w.forgotten(id)),
+            None => self.inodes.forget_many(nodes, |_| {}),
+        }
+    }
+
+    /// The descriptor for I/O on `fh`, or for `fh` 0 (stateless opens) the
+    /// inode's own, opened for writing when `write`.
+    fn io_fd(&self, ino: u64, fh: u64, write: bool) -> Result<IoFd, Errno> {
+        if fh != 0 {
+            return self.files.get(fh).map(IoFd::Open);
+        }
+        let ifd = self.inodes.fd(ino)?;
+        self.inodes.io(ino)?.stateless_fd(&ifd, write).map(IoFd::Stateless)
     }
 
     /// Looks `name` up in the directory `dir_fd` of node `parent`; adds one lookup.
@@ -239,6 +414,7 @@ impl StackFs {
             return Err(Errno::ENOENT);
         }
         let id = self.inodes.remember(fd, &st)?;
+        self.watch(id, &st);
         Ok(self.entry(id, &st))
     }
 
@@ -278,7 +454,7 @@ impl StackFs {
     }
 
     fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<FileAttr, Errno> {
-        let st = match fh.and_then(|fh| self.files.get(fh).ok()) {
+        let st = match fh.filter(|&fh| fh != 0).and_then(|fh| self.files.get(fh).ok()) {
             Some(f) => sys::statx(f.fd.as_fd())?,
             None => sys::statx(self.inodes.fd(ino)?.as_fd())?,
         };
@@ -288,13 +464,13 @@ impl StackFs {
     fn do_setattr(&self, ino: u64, attr: &SetAttr) -> Result<FileAttr, Errno> {
         let ifd = self.inodes.fd(ino)?;
         let file = match attr.fh {
-            Some(fh) => Some(self.files.get(fh)?),
+            Some(fh) => Some(self.io_fd(ino, fh, attr.size.is_some())?),
             None => None,
         };
         if let Some(mode) = attr.mode {
             let mode = mode & 0o7777;
             match &file {
-                Some(f) => sys::fchmod(f.fd.as_fd(), mode)?,
+                Some(f) => sys::fchmod(f.fd(), mode)?,
                 None => sys::chmod_fd(ifd.as_fd(), mode)?,
             }
         }
@@ -303,7 +479,7 @@ impl StackFs {
         }
         if let Some(size) = attr.size {
             match &file {
-                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
+                Some(f) => sys::ftruncate(f.fd(), size)?,
                 None => {
                     let f = sys::reopen(ifd.as_fd(), libc::O_WRONLY)?;
                     sys::ftruncate(f.as_fd(), size)?
@@ -320,32 +496,73 @@ impl StackFs {
             };
             let times = [ts(attr.atime), ts(attr.mtime)];
             match &file {
-                Some(f) => sys::utimens_fd(f.fd.as_fd(), &times)?,
+                Some(f) => sys::utimens_fd(f.fd(), &times)?,
                 None => sys::utimens_fd(ifd.as_fd(), &times)?,
             }
         }
         let st = match &file {
-            Some(f) => sys::statx(f.fd.as_fd())?,
+            Some(f) => sys::statx(f.fd())?,
             None => sys::statx(ifd.as_fd())?,
         };
         Ok(FileAttr::from_statx(&st))
     }
 
     /// Opens node `ino` for I/O with `flags`, registering a new `fh`.
-    fn open_file(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+    fn open_file(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let ifd = self.inodes.fd(ino)?;
         // O_DIRECT would demand aligned buffers of our reads and writes; the
         // kernel already gives the caller direct-I/O semantics on the mount.
+        let app_direct = flags & libc::O_DIRECT != 0;
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
         let fd = sys::reopen(ifd.as_fd(), flags)?;
-        Ok(self.register_file(ino, &ifd, fd))
+        self.register_file(ino, &ifd, fd, flags, app_direct)
     }
 
-    fn register_file(&self, ino: u64, ifd: &Arc<OwnedFd>, fd: OwnedFd) -> u64 {
+    /// Files the open `fd` of node `ino` under a new `fh`, choosing its data
+    /// path (regular files) and the `FOPEN_*` flags to answer with.
+    fn register_file(
+        &self,
+        ino: u64,
+        ifd: &Arc<OwnedFd>,
+        fd: OwnedFd,
+        flags: i32,
+        app_direct: bool,
+    ) -> Result<Opened, Errno> {
+        let st = sys::statx(fd.as_fd())?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let (io, keep) = if st.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG {
+            let io = self.inodes.io(ino)?;
+            let a = self.accel();
+            let (path, keep) = io.open(&a.paths, a.passthrough.as_ref(), &fd, st.stx_size, app_direct, writable);
+            (Some((io, path)), keep)
+        } else {
+            (None, true)
+        };
+        let (flags, backing) = match io.as_ref().map(|(_, p)| *p) {
+            Some(OpenPath::Passthrough(id)) => (0, Some(id)),
+            Some(OpenPath::Direct) => (fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES, None),
+            // Pages stay across opens only when every change reaches us.
+            Some(OpenPath::Cached) | None if keep && self.cache().keep_cache => (fopen::KEEP_CACHE, None),
+            Some(OpenPath::Cached) | None => (0, None),
+        };
         let fh = self.fhs.next();
-        self.files.insert(fh, OpenFile { fd });
+        self.files.insert(fh, OpenFile { fd, io });
         self.inodes.opened(ino, ifd);
-        fh
+        Ok(Opened { fh, flags, backing })
+    }
+
+    /// Undoes `register_file` (RELEASE): the inode's last passthrough open
+    /// gives its backing file back.
+    fn release_file(&self, ino: u64, fh: u64) {
+        let Some(file) = self.files.remove(fh) else { return };
+        self.inodes.closed(ino);
+        if let Some((io, path)) = &file.io {
+            if let Some(id) = io.released(*path) {
+                if let Some(p) = &self.accel().passthrough {
+                    p.close(id);
+                }
+            }
+        }
     }
 
     fn do_create(
@@ -355,25 +572,34 @@ impl StackFs {
         name: &OsStr,
         mode: u32,
         flags: i32,
-    ) -> Result<(Entry, u64), Errno> {
+    ) -> Result<(Entry, Opened), Errno> {
         let mut opened = None;
+        let app_direct = flags & libc::O_DIRECT != 0;
         let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT);
         let entry = self.create_node(ctx, parent, name, |dir, name| {
             opened = Some(sys::openat(dir.as_fd(), name, flags, mode)?);
             Ok(())
         })?;
         let fd = opened.ok_or(Errno::EIO)?;
-        let ifd = match self.inodes.fd(entry.nodeid) {
-            Ok(ifd) => ifd,
+        let registered =
+            self.inodes.fd(entry.nodeid).and_then(|ifd| self.register_file(entry.nodeid, &ifd, fd, flags, app_direct));
+        match registered {
+            Ok(opened) => Ok((entry, opened)),
             Err(e) => {
-                self.inodes.forget(entry.nodeid, 1);
-                return Err(e);
+                self.forget_nodes(&[(entry.nodeid, 1)]);
+                Err(e)
             }
-        };
-        Ok((entry, self.register_file(entry.nodeid, &ifd, fd)))
+        }
     }
 
-    fn do_tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32) -> Result<(Entry, u64), Errno> {
+    fn do_tmpfile(
+        &self,
+        ctx: &RequestContext<'_>,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened), Errno> {
+        let app_direct = flags & libc::O_DIRECT != 0;
         let dir = self.inodes.fd(parent)?;
         let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_TMPFILE;
         let fd = {
@@ -383,28 +609,32 @@ impl StackFs {
         let path_fd = sys::reopen(fd.as_fd(), libc::O_PATH)?;
         let st = sys::statx(path_fd.as_fd())?;
         let id = self.inodes.remember(path_fd, &st)?;
-        let ifd = match self.inodes.fd(id) {
-            Ok(ifd) => ifd,
+        match self.inodes.fd(id).and_then(|ifd| self.register_file(id, &ifd, fd, flags, app_direct)) {
+            Ok(opened) => Ok((self.entry(id, &st), opened)),
             Err(e) => {
-                self.inodes.forget(id, 1);
-                return Err(e);
+                self.forget_nodes(&[(id, 1)]);
+                Err(e)
             }
-        };
-        Ok((self.entry(id, &st), self.register_file(id, &ifd, fd)))
+        }
     }
 
-    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        let file = match self.files.get(fh) {
+    fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let file = match self.io_fd(ino, fh, false) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        if let IoFd::Open(f) = &file {
+            if let Some((io, _)) = &f.io {
+                io.observe_read(offset, size);
+            }
+        }
         let size = (size as usize).min(MAX_IO);
         with_io_buffer(size, |buf| {
             // Fill the request unless at end of file: FUSE treats a short
             // read as end of file.
             let mut done = 0;
             while done < buf.len() {
-                match sys::pread(file.fd.as_fd(), &mut buf[done..], offset + done as u64) {
+                match sys::pread(file.fd(), &mut buf[done..], offset + done as u64) {
                     Ok(0) => break,
                     Ok(n) => done += n,
                     Err(e) if e == Errno::EINTR => continue,
@@ -416,11 +646,16 @@ impl StackFs {
         })
     }
 
-    fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        let file = self.files.get(fh)?;
+    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let file = self.io_fd(ino, fh, true)?;
+        if let IoFd::Open(f) = &file {
+            if let Some((io, _)) = &f.io {
+                io.observe_write();
+            }
+        }
         let mut done = 0;
         while done < data.len() {
-            match sys::pwrite(file.fd.as_fd(), &data[done..], offset + done as u64) {
+            match sys::pwrite(file.fd(), &data[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e == Errno::EINTR => continue,
@@ -503,7 +738,7 @@ impl StackFs {
                 match looked_up {
                     Ok(entry) => {
                         if !reply.add(&entry, e.off, name_os) {
-                            self.inodes.forget(entry.nodeid, 1);
+                            self.forget_nodes(&[(entry.nodeid, 1)]);
                             break;
                         }
                     }
@@ -589,50 +824,81 @@ impl Filesystem for StackFs {
             export_support: false,
             readdirplus: true,
             handle_killpriv_v2: false,
-            ..Default::default()
+            passthrough: true,
+            // A symlink's target never changes in place: a new target is a new inode.
+            cache_symlinks: true,
+            stateless_open: true,
+            stateless_opendir: false,
+            writeback_cache: false,
+        }
+    }
+
+    fn init(&self, info: &InitInfo) -> Result<(), Errno> {
+        let accel = self.settle(info);
+        tracing::info!(
+            cache = ?accel.cache,
+            watcher = ?accel.watcher.as_ref().map(|w| w.kind()),
+            passthrough = accel.passthrough.is_some(),
+            "stackfs fast paths"
+        );
+        // A second INIT never reaches a file system; keep the first settlement.
+        let _ = self.accel.set(accel);
+        Ok(())
+    }
+
+    fn destroy(&self) {
+        if let Some(w) = &self.accel().watcher {
+            w.stop();
         }
     }
 
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent, name) {
             Ok(e) => reply.entry(&e),
-            // A negative entry lets the kernel cache the miss for the entry TTL.
-            Err(e) if e == Errno::ENOENT && !self.entry_ttl.is_zero() => reply.entry(&Entry {
-                nodeid: 0,
-                generation: 0,
-                attr: FileAttr::default(),
-                entry_ttl: self.entry_ttl,
-                attr_ttl: Duration::ZERO,
-            }),
+            Err(e) if e == Errno::ENOENT => {
+                // A negative entry lets the kernel cache the miss; the watcher
+                // drops it when the name appears behind the mount.
+                let ttl = self.cache().negative_ttl;
+                if ttl.is_zero() {
+                    return reply.error(e);
+                }
+                reply.entry(&Entry {
+                    nodeid: 0,
+                    generation: 0,
+                    attr: FileAttr::default(),
+                    entry_ttl: ttl,
+                    attr_ttl: Duration::ZERO,
+                })
+            }
             Err(e) => reply.error(e),
         }
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        self.inodes.forget(ino, nlookup)
+        self.forget_nodes(&[(ino, nlookup)])
     }
 
     fn batch_forget(&self, nodes: &[(u64, u64)]) {
-        self.inodes.forget_many(nodes)
+        self.forget_nodes(nodes)
     }
 
     fn getattr(&self, _ctx: &RequestContext<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
         match self.attr_of(ino, fh) {
-            Ok(a) => reply.attr(&a, self.attr_ttl),
+            Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
     }
 
     fn statx(&self, _ctx: &RequestContext<'_>, ino: u64, fh: Option<u64>, _flags: u32, _mask: u32, reply: ReplyStatx) {
         match self.attr_of(ino, fh) {
-            Ok(a) => reply.statx(&a, self.attr_ttl),
+            Ok(a) => reply.statx(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
     }
 
     fn setattr(&self, _ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
         match self.do_setattr(ino, attr) {
-            Ok(a) => reply.attr(&a, self.attr_ttl),
+            Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
     }
@@ -717,33 +983,39 @@ impl Filesystem for StackFs {
 
     fn open(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         match self.open_file(ino, flags) {
-            Ok(fh) => reply.opened(fh, 0),
+            Ok(Opened { fh, flags, backing: Some(id) }) => reply.opened_passthrough(fh, flags, id),
+            Ok(Opened { fh, flags, backing: None }) => reply.opened(fh, flags),
             Err(e) => reply.error(e),
         }
     }
 
-    fn read(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        self.do_read(fh, offset, size, reply)
+    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        self.do_read(ino, fh, offset, size, reply)
     }
 
     fn write(
         &self,
         _ctx: &RequestContext<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: u64,
         data: &[u8],
         _write_flags: u32,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        match self.do_write(ino, fh, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
     }
 
     fn flush(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, lock_owner: u64, reply: ReplyEmpty) {
+        // FLUSH is how the closing process's POSIX locks go (daemon locks).
         self.posix_locks.release_owner(ino, lock_owner);
+        if !self.flush_backing || fh == 0 {
+            // Local backing file systems do nothing on close(2).
+            return reply.ok();
+        }
         // close(dup(fd)): what close(2) of the caller's descriptor would do to
         // the backing file (network file systems flush and report errors here).
         let r = self.files.get(fh).and_then(|f| sys::dup(f.fd.as_fd())).map(drop);
@@ -762,20 +1034,21 @@ impl Filesystem for StackFs {
         if let Some(owner) = flock_owner {
             self.flocks.release_owner(ino, owner);
         }
-        if self.files.remove(fh).is_some() {
-            self.inodes.closed(ino);
-        }
+        self.release_file(ino, fh);
         reply.ok()
     }
 
-    fn fsync(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
-        let r = self.files.get(fh).and_then(|f| sys::fsync(f.fd.as_fd(), datasync));
+    fn fsync(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let r = self.io_fd(ino, fh, false).and_then(|f| sys::fsync(f.fd(), datasync));
         reply_empty(reply, r)
     }
 
     fn opendir(&self, _ctx: &RequestContext<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        // A cached listing stays valid across opens: the watcher drops it
+        // (inval_inode of the directory) when the directory changes.
+        let flags = if self.cache().cache_dir { fopen::CACHE_DIR | fopen::KEEP_CACHE } else { 0 };
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(fh, 0),
+            Ok(fh) => reply.opened(fh, flags),
             Err(e) => reply.error(e),
         }
     }
@@ -843,14 +1116,16 @@ impl Filesystem for StackFs {
 
     fn create(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, mode: u32, flags: i32, reply: ReplyCreate) {
         match self.do_create(ctx, parent, name, mode, flags) {
-            Ok((entry, fh)) => reply.created(&entry, fh, 0),
+            Ok((entry, Opened { fh, flags, backing: Some(id) })) => reply.created_passthrough(&entry, fh, flags, id),
+            Ok((entry, Opened { fh, flags, backing: None })) => reply.created(&entry, fh, flags),
             Err(e) => reply.error(e),
         }
     }
 
     fn tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32, reply: ReplyCreate) {
         match self.do_tmpfile(ctx, parent, mode, flags) {
-            Ok((entry, fh)) => reply.created(&entry, fh, 0),
+            Ok((entry, Opened { fh, flags, backing: Some(id) })) => reply.created_passthrough(&entry, fh, flags, id),
+            Ok((entry, Opened { fh, flags, backing: None })) => reply.created(&entry, fh, flags),
             Err(e) => reply.error(e),
         }
     }
@@ -877,19 +1152,19 @@ impl Filesystem for StackFs {
     fn fallocate(
         &self,
         _ctx: &RequestContext<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.files.get(fh).and_then(|f| sys::fallocate(f.fd.as_fd(), mode, offset, length));
+        let r = self.io_fd(ino, fh, true).and_then(|f| sys::fallocate(f.fd(), mode, offset, length));
         reply_empty(reply, r)
     }
 
-    fn lseek(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, whence: i32, reply: ReplyLseek) {
-        match self.files.get(fh).and_then(|f| sys::lseek(f.fd.as_fd(), offset, whence)) {
+    fn lseek(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, whence: i32, reply: ReplyLseek) {
+        match self.io_fd(ino, fh, false).and_then(|f| sys::lseek(f.fd(), offset, whence)) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(e),
         }
@@ -898,10 +1173,10 @@ impl Filesystem for StackFs {
     fn copy_file_range(
         &self,
         _ctx: &RequestContext<'_>,
-        _ino_in: u64,
+        ino_in: u64,
         fh_in: u64,
         offset_in: u64,
-        _ino_out: u64,
+        ino_out: u64,
         fh_out: u64,
         offset_out: u64,
         len: u64,
@@ -909,9 +1184,9 @@ impl Filesystem for StackFs {
         reply: ReplyCopy,
     ) {
         let r = (|| {
-            let fin = self.files.get(fh_in)?;
-            let fout = self.files.get(fh_out)?;
-            sys::copy_file_range(fin.fd.as_fd(), offset_in, fout.fd.as_fd(), offset_out, len, flags)
+            let fin = self.io_fd(ino_in, fh_in, false)?;
+            let fout = self.io_fd(ino_out, fh_out, true)?;
+            sys::copy_file_range(fin.fd(), offset_in, fout.fd(), offset_out, len, flags)
         })();
         match r {
             Ok(n) => reply.copied(n as u64),

@@ -470,3 +470,111 @@ pub(super) fn setfsgid(gid: u32) -> u32 {
     // SAFETY: as setfsuid.
     unsafe { libc::syscall(libc::SYS_setfsgid, gid) as u32 }
 }
+
+/// Longest key [`FileHandle::key`] produces.
+pub(super) const HANDLE_KEY_MAX: usize = 4 + MAX_HANDLE_SZ;
+
+impl FileHandle {
+    /// The handle's identity without its mount: type then bytes, as fanotify
+    /// reports it ([`handle_key`]).
+    pub(super) fn key(&self) -> Box<[u8]> {
+        let mut buf = [0u8; HANDLE_KEY_MAX];
+        handle_key(self.handle_type, &self.bytes, &mut buf).into()
+    }
+}
+
+/// The key of the handle (`handle_type`, `bytes`), built in `buf`.
+pub(super) fn handle_key<'b>(handle_type: i32, bytes: &[u8], buf: &'b mut [u8; HANDLE_KEY_MAX]) -> &'b [u8] {
+    let n = bytes.len().min(MAX_HANDLE_SZ);
+    buf[..4].copy_from_slice(&handle_type.to_ne_bytes());
+    buf[4..4 + n].copy_from_slice(&bytes[..n]);
+    &buf[..4 + n]
+}
+
+/// fstatfs(2)'s `f_type`: which kind of file system `fd` is on.
+pub(super) fn fs_type(fd: BorrowedFd<'_>) -> Result<i64, Errno> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one struct statfs.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: zero-initialised and filled by the kernel.
+    let st = unsafe { st.assume_init() };
+    // f_type's width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// fanotify_init(2), close-on-exec.
+pub(super) fn fanotify_init(flags: u32, event_f_flags: u32) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall; returns a new descriptor.
+    owned(unsafe { libc::fanotify_init(flags | libc::FAN_CLOEXEC, event_f_flags) })
+}
+
+/// fanotify_mark(2) on the inode `fd` refers to (followed through /proc/self/fd).
+pub(super) fn fanotify_mark(fan: BorrowedFd<'_>, flags: u32, mask: u64, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let path = ProcFdPath::new(fd);
+    // SAFETY: NUL-terminated path; the kernel only reads it.
+    check(unsafe { libc::fanotify_mark(fan.as_raw_fd(), flags, mask, libc::AT_FDCWD, path.as_cstr().as_ptr()) })
+        .map(drop)
+}
+
+/// inotify_init1(2), close-on-exec.
+pub(super) fn inotify_init() -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall; returns a new descriptor.
+    owned(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) })
+}
+
+/// inotify_add_watch(2) on the inode `fd` refers to; returns the watch descriptor.
+pub(super) fn inotify_add_watch(ino: BorrowedFd<'_>, fd: BorrowedFd<'_>, mask: u32) -> Result<i32, Errno> {
+    let path = ProcFdPath::new(fd);
+    // SAFETY: NUL-terminated path; the kernel only reads it.
+    check(unsafe { libc::inotify_add_watch(ino.as_raw_fd(), path.as_cstr().as_ptr(), mask) })
+}
+
+pub(super) fn inotify_rm_watch(ino: BorrowedFd<'_>, wd: i32) {
+    // SAFETY: plain syscall; a stale wd only yields EINVAL.
+    unsafe { libc::inotify_rm_watch(ino.as_raw_fd(), wd) };
+}
+
+/// read(2), retried on EINTR.
+pub(super) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        // SAFETY: the kernel writes at most buf.len() bytes.
+        match check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }) {
+            Err(e) if e == Errno::EINTR => continue,
+            other => return other,
+        }
+    }
+}
+
+/// An eventfd, to wake a thread blocked in [`poll2`].
+pub(super) fn eventfd() -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall; returns a new descriptor.
+    owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })
+}
+
+pub(super) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Waits until `a` or `b` is readable; returns (a readable, b readable).
+pub(super) fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<(bool, bool), Errno> {
+    let mut fds = [
+        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: two valid pollfds.
+        match check(unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) }) {
+            Err(e) if e == Errno::EINTR => continue,
+            Err(e) => return Err(e),
+            Ok(_) => return Ok((fds[0].revents != 0, fds[1].revents != 0)),
+        }
+    }
+}
+
+pub(super) fn getpid() -> i32 {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::getpid() }
+}
