@@ -444,6 +444,9 @@ impl<F: Filesystem> Session<F> {
             }
             Operation::Setattr { arg } => {
                 let attr = setattr_from_abi(&arg);
+                if self.config.debug {
+                    tracing::debug!(unique = h.unique, valid = arg.valid, ?attr, "SETATTR");
+                }
                 fs.setattr(&ctx, ino, &attr, ReplyAttr::new(r()))
             }
             Operation::Readlink => fs.readlink(&ctx, ino, ReplyData::new(r())),
@@ -600,7 +603,10 @@ fn setattr_from_abi(a: &abi::SetattrIn) -> SetAttr {
         mtime: time_or_now(v, fattr::MTIME, fattr::MTIME_NOW, a.mtime, a.mtimensec),
         ctime: (v & fattr::CTIME != 0).then_some(Timespec::new(a.ctime as i64, a.ctimensec)),
         fh: (v & fattr::FH != 0).then_some(a.fh),
-        kill_suidgid: v & fattr::KILL_SUIDGID != 0,
+        // An empty SETATTR is the kernel's remove-privileges call (a write by
+        // a caller without CAP_FSETID, e.g. through passthrough, or chown):
+        // with HANDLE_KILLPRIV_V2 the file system must clear suid/sgid itself.
+        kill_suidgid: v & fattr::KILL_SUIDGID != 0 || v == 0,
     }
 }
 

@@ -277,8 +277,24 @@ pub struct SetAttr {
     pub ctime: Option<Timespec>,
     /// The open file the change came through (ftruncate, fchmod, ...).
     pub fh: Option<u64>,
-    /// The kernel asks to clear suid/sgid (with `HANDLE_KILLPRIV_V2`).
+    /// The kernel asks to clear suid/sgid (with `HANDLE_KILLPRIV_V2`): suid
+    /// always, sgid when the file is group-executable or the caller is not in
+    /// its group (see [`kills_sgid`]).
     pub kill_suidgid: bool,
+}
+
+/// The mode bits a write or truncate by a caller of group `caller_gid`
+/// (without CAP_FSETID) clears from a file of `mode` and group `file_gid`, as
+/// Linux's VFS does: suid always; sgid when the file is group-executable or
+/// the caller is not in its group. FUSE sends only the caller's primary
+/// group, so a caller in the group through a supplementary group is treated
+/// as a non-member.
+pub fn kills_sgid(mode: u32, file_gid: u32, caller_gid: u32) -> u32 {
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 || caller_gid != file_gid {
+        kill |= libc::S_ISGID;
+    }
+    mode & kill
 }
 
 /// File system statistics, as `statvfs(3)` reports them.

@@ -142,8 +142,8 @@ impl Filesystem for MemFs {
         }
     }
 
-    fn setattr(&self, _ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
-        match MemFs::setattr(self, ino, attr) {
+    fn setattr(&self, ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
+        match MemFs::setattr(self, ino, attr, ctx.gid) {
             Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
@@ -195,7 +195,7 @@ impl Filesystem for MemFs {
     }
 
     fn open(&self, ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        match MemFs::open(self, ino, flags, false, ctx.kill_suidgid) {
+        match MemFs::open(self, ino, flags, false, ctx.kill_suidgid.then_some(ctx.gid)) {
             Ok(fh) => {
                 let (fh, open_flags) = self.choose_path(ino, fh, flags);
                 reply.opened(fh, open_flags)
@@ -218,7 +218,7 @@ impl Filesystem for MemFs {
 
     fn write(
         &self,
-        _ctx: &RequestContext<'_>,
+        ctx: &RequestContext<'_>,
         ino: u64,
         _fh: u64,
         offset: u64,
@@ -229,7 +229,7 @@ impl Filesystem for MemFs {
         if let Some(io) = self.io_shard(ino).get_mut(&ino) {
             io.observe_write();
         }
-        let kill = write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0;
+        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then_some(ctx.gid);
         match MemFs::write(self, ino, offset, data, kill) {
             // A WRITE is at most max_write (1 MiB) long.
             Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),
@@ -269,7 +269,7 @@ impl Filesystem for MemFs {
         // Listings change only through this mount, which keeps the kernel's
         // cached listing right (it drops it when the directory changes).
         let cache_dir = if self.cache().cache_dir { fopen::CACHE_DIR | fopen::KEEP_CACHE } else { 0 };
-        match MemFs::open(self, ino, flags, true, false) {
+        match MemFs::open(self, ino, flags, true, None) {
             Ok(fh) => reply.opened(fh, cache_dir),
             Err(e) => reply.error(e),
         }

@@ -136,14 +136,10 @@ pub(crate) fn with_out_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     r
 }
 
-/// Clears suid, and sgid when the file is group-executable, as the VFS does
-/// when an unprivileged caller writes or truncates.
-pub(crate) fn kill_suidgid(i: &mut Inode) {
-    let mut kill = libc::S_ISUID;
-    if i.mode & libc::S_IXGRP != 0 {
-        kill |= libc::S_ISGID;
-    }
-    i.mode &= !kill;
+/// Clears suid and sgid as the VFS does when an unprivileged caller writes
+/// or truncates ([`efuse::kills_sgid`]).
+pub(crate) fn kill_suidgid(i: &mut Inode, caller_gid: u32) {
+    i.mode &= !efuse::kills_sgid(i.mode, i.gid, caller_gid);
 }
 
 /// Drops `security.capability`, as Linux does on write, truncate and chown.
@@ -810,7 +806,8 @@ impl MemFs {
         Ok(self.attr_of(&n, &g))
     }
 
-    pub(crate) fn setattr(&self, ino: u64, set: &SetAttr) -> Result<FileAttr, Errno> {
+    /// `caller_gid` decides whether a kill of privileges clears sgid.
+    pub(crate) fn setattr(&self, ino: u64, set: &SetAttr, caller_gid: u32) -> Result<FileAttr, Errno> {
         let n = self.node(ino)?;
         let now = Timespec::now();
         let mut g = n.write();
@@ -833,7 +830,7 @@ impl MemFs {
             g.gid = gid;
         }
         if set.kill_suidgid {
-            kill_suidgid(&mut g);
+            kill_suidgid(&mut g, caller_gid);
         }
         let at = |t: TimeOrNow| match t {
             TimeOrNow::Now => now,
@@ -894,7 +891,7 @@ impl MemFs {
 
     // ---- open files ----
 
-    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill_suidgid: bool) -> Result<u64, Errno> {
+    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill: Option<u32>) -> Result<u64, Errno> {
         let n = self.node(ino)?;
         if want_dir && n.kind != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
@@ -916,8 +913,8 @@ impl MemFs {
             }
             g.touch_modified(Timespec::now());
             drop_capabilities(&mut g);
-            if kill_suidgid {
-                self::kill_suidgid(&mut g);
+            if let Some(caller_gid) = kill {
+                kill_suidgid(&mut g, caller_gid);
             }
         }
         Ok(self.next_handle())
@@ -931,7 +928,7 @@ impl MemFs {
     pub(crate) fn open_existing(&self, parent: u64, name: &OsStr, flags: i32) -> Result<Entry, Errno> {
         let e = self.lookup(parent, name)?;
         let opened = match e.attr.kind() {
-            libc::S_IFREG => self.open(e.nodeid, flags, false, false).map(|_| ()),
+            libc::S_IFREG => self.open(e.nodeid, flags, false, None).map(|_| ()),
             libc::S_IFDIR => Err(Errno::EISDIR),
             _ => Err(Errno::EEXIST),
         };
@@ -963,16 +960,17 @@ impl MemFs {
         Ok(())
     }
 
-    /// Writes `data`; `kill_suidgid` as the kernel asks (HANDLE_KILLPRIV_V2).
-    /// Like any write on Linux, it drops file capabilities.
-    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<usize, Errno> {
+    /// Writes `data`; `kill` (the caller's gid) when the kernel asks to clear
+    /// suid/sgid (HANDLE_KILLPRIV_V2). Like any write on Linux, it drops file
+    /// capabilities.
+    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill: Option<u32>) -> Result<usize, Errno> {
         let n = self.node(ino)?;
         let mut g = n.write();
         let written = g.file_mut()?.write(offset, data)?;
         g.touch_modified(Timespec::now());
         drop_capabilities(&mut g);
-        if kill_suidgid {
-            self::kill_suidgid(&mut g);
+        if let Some(caller_gid) = kill {
+            kill_suidgid(&mut g, caller_gid);
         }
         Ok(written)
     }

@@ -82,7 +82,7 @@ fn create_lookup_and_attributes() {
 fn setgid_directories_pass_on_their_group() {
     let fs = MemFs::new(MemFsConfig::default());
     let d = dir(&fs, ROOT, "shared");
-    fs.setattr(d, &SetAttr { gid: Some(50), mode: Some(0o2775), ..Default::default() }).unwrap();
+    fs.setattr(d, &SetAttr { gid: Some(50), mode: Some(0o2775), ..Default::default() }, 0).unwrap();
     let sub = fs.create_node(USER, d, Some(n("sub")), 0o755, NewKind::Dir, false).unwrap();
     assert_eq!(sub.attr.gid, 50);
     assert_eq!(sub.attr.mode, libc::S_IFDIR | 0o2755);
@@ -95,14 +95,14 @@ fn setgid_directories_pass_on_their_group() {
 fn setattr_truncate_and_times() {
     let fs = small(16);
     let f = file(&fs, ROOT, "f");
-    fs.write(f, 0, &[5u8; 10000], false).unwrap();
+    fs.write(f, 0, &[5u8; 10000], None).unwrap();
     assert_eq!(fs.getattr(f).unwrap().blocks, 3 * 8);
     let before = fs.getattr(f).unwrap();
-    let a = fs.setattr(f, &SetAttr { size: Some(100), ..Default::default() }).unwrap();
+    let a = fs.setattr(f, &SetAttr { size: Some(100), ..Default::default() }, 0).unwrap();
     assert_eq!((a.size, a.blocks), (100, 8));
     assert!(a.mtime >= before.mtime && a.ctime >= before.ctime);
     assert_eq!(fs.statfs().bfree, 15);
-    let a = fs.setattr(f, &SetAttr { size: Some(5000), ..Default::default() }).unwrap();
+    let a = fs.setattr(f, &SetAttr { size: Some(5000), ..Default::default() }, 0).unwrap();
     assert_eq!(a.blocks, 8);
     let data = read_all(&fs, f);
     assert_eq!(data.len(), 5000);
@@ -110,15 +110,19 @@ fn setattr_truncate_and_times() {
 
     let t = Timespec::new(1_000_000, 5);
     let a = fs
-        .setattr(f, &SetAttr { atime: Some(TimeOrNow::Specific(t)), mtime: Some(TimeOrNow::Now), ..Default::default() })
+        .setattr(
+            f,
+            &SetAttr { atime: Some(TimeOrNow::Specific(t)), mtime: Some(TimeOrNow::Now), ..Default::default() },
+            0,
+        )
         .unwrap();
     assert_eq!(a.atime, t);
     assert!(a.mtime > t);
-    let a = fs.setattr(f, &SetAttr { mode: Some(0o4711), ..Default::default() }).unwrap();
+    let a = fs.setattr(f, &SetAttr { mode: Some(0o4711), ..Default::default() }, 0).unwrap();
     assert_eq!(a.mode, libc::S_IFREG | 0o4711);
-    let a = fs.setattr(f, &SetAttr { kill_suidgid: true, ..Default::default() }).unwrap();
+    let a = fs.setattr(f, &SetAttr { kill_suidgid: true, ..Default::default() }, 0).unwrap();
     assert_eq!(a.mode, libc::S_IFREG | 0o711);
-    assert_eq!(fs.setattr(ROOT, &SetAttr { size: Some(0), ..Default::default() }).unwrap_err(), Errno::EISDIR);
+    assert_eq!(fs.setattr(ROOT, &SetAttr { size: Some(0), ..Default::default() }, 0).unwrap_err(), Errno::EISDIR);
 }
 
 #[test]
@@ -126,14 +130,14 @@ fn pool_accounting_and_enospc() {
     let fs = small(4);
     assert_eq!(fs.statfs().blocks, 4);
     let f = file(&fs, ROOT, "f");
-    let fh = fs.open(f, libc::O_RDWR, false, false).unwrap();
+    let fh = fs.open(f, libc::O_RDWR, false, None).unwrap();
     // Sparse: one block at 1 GiB.
-    fs.write(f, 1 << 30, b"x", false).unwrap();
+    fs.write(f, 1 << 30, b"x", None).unwrap();
     assert_eq!(fs.getattr(f).unwrap().size, (1 << 30) + 1);
     assert_eq!(fs.statfs().bfree, 3);
     // Three blocks left: a 5-block write is short, ending where space ran out.
-    assert_eq!(fs.write(f, 0, &[1u8; 5 * 4096], false).unwrap(), 3 * 4096);
-    assert_eq!(fs.write(f, 3 * 4096, b"y", false).unwrap_err(), Errno::ENOSPC);
+    assert_eq!(fs.write(f, 0, &[1u8; 5 * 4096], None).unwrap(), 3 * 4096);
+    assert_eq!(fs.write(f, 3 * 4096, b"y", None).unwrap_err(), Errno::ENOSPC);
     assert_eq!(fs.fallocate(f, 3 * 4096, 1, 0).unwrap_err(), Errno::ENOSPC);
     assert_eq!(fs.statfs().bfree, 0);
     // Unlinked but open: the blocks stay until the last handle goes.
@@ -153,13 +157,13 @@ fn pool_accounting_and_enospc() {
 fn open_trunc_and_fallocate() {
     let fs = small(8);
     let f = file(&fs, ROOT, "f");
-    fs.write(f, 0, &[1u8; 8192], false).unwrap();
+    fs.write(f, 0, &[1u8; 8192], None).unwrap();
     // Linux truncates on O_TRUNC even with O_RDONLY (the kernel checked
     // write permission before asking).
-    fs.open(f, libc::O_RDONLY | libc::O_TRUNC, false, false).unwrap();
+    fs.open(f, libc::O_RDONLY | libc::O_TRUNC, false, None).unwrap();
     assert_eq!(fs.getattr(f).unwrap().size, 0);
-    fs.write(f, 0, &[1u8; 8192], false).unwrap();
-    fs.open(f, libc::O_WRONLY | libc::O_TRUNC, false, false).unwrap();
+    fs.write(f, 0, &[1u8; 8192], None).unwrap();
+    fs.open(f, libc::O_WRONLY | libc::O_TRUNC, false, None).unwrap();
     assert_eq!(fs.getattr(f).unwrap().size, 0);
     assert_eq!(fs.statfs().bfree, 8);
     fs.fallocate(f, 0, 3 * 4096, libc::FALLOC_FL_KEEP_SIZE).unwrap();
@@ -369,7 +373,7 @@ fn access_checks() {
     assert!(fs.access(other, f, libc::F_OK).is_ok());
     assert!(fs.access(root, f, libc::R_OK | libc::W_OK).is_ok());
     assert_eq!(fs.access(root, f, libc::X_OK).unwrap_err(), Errno::EACCES);
-    fs.setattr(f, &SetAttr { mode: Some(0o701), ..Default::default() }).unwrap();
+    fs.setattr(f, &SetAttr { mode: Some(0o701), ..Default::default() }, 0).unwrap();
     assert!(fs.access(root, f, libc::X_OK).is_ok());
     assert!(fs.access(other, f, libc::X_OK).is_ok());
     assert_eq!(fs.access(group, f, libc::X_OK).unwrap_err(), Errno::EACCES);
@@ -382,8 +386,8 @@ fn copy_file_range_keeps_holes() {
     let fs = small(16);
     let a = file(&fs, ROOT, "a");
     let b = file(&fs, ROOT, "b");
-    fs.write(a, 0, &[1u8; 4096], false).unwrap();
-    fs.write(a, 3 * 4096, &[2u8; 100], false).unwrap();
+    fs.write(a, 0, &[1u8; 4096], None).unwrap();
+    fs.write(a, 3 * 4096, &[2u8; 100], None).unwrap();
     let free = fs.statfs().bfree;
     assert_eq!(fs.copy_file_range(a, 0, b, 0, 1 << 20, 0).unwrap(), 3 * 4096 + 100);
     assert_eq!(read_all(&fs, a), read_all(&fs, b));

@@ -114,7 +114,9 @@ impl NodeIo {
             None => {
                 let granted = passthrough.is_some_and(|p| p.usable());
                 let p = PathPolicy { passthrough_granted: policy.passthrough_granted && granted, ..*policy };
-                match p.choose(&s.io, size, true, app_direct) {
+                let flags =
+                    if writable { libc::O_RDWR } else { libc::O_RDONLY } | if app_direct { libc::O_DIRECT } else { 0 };
+                match p.choose_open(&s.io, size, true, flags) {
                     DataPath::Passthrough => match passthrough.and_then(|p| p.open(file)) {
                         Some(id) => {
                             s.backing = Some(id);

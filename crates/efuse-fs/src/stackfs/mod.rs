@@ -202,6 +202,9 @@ struct Accel {
     paths: PathPolicy,
     /// Registers backing files, when the kernel granted passthrough.
     passthrough: Option<Passthrough>,
+    /// Opens carry FOPEN_NOFLUSH: FLUSH would do nothing (locks live in the
+    /// kernel and the backing file system does nothing on close).
+    noflush: bool,
 }
 
 /// Before INIT (never reached by the kernel): cache nothing.
@@ -210,6 +213,7 @@ static BEFORE_INIT: Accel = Accel {
     watcher: None,
     paths: PathPolicy { mode: PassthroughMode::Off, passthrough_granted: false, adaptive: false },
     passthrough: None,
+    noflush: false,
 };
 
 /// File systems whose close(2) does work (flushing, reporting write errors):
@@ -237,6 +241,19 @@ struct Opened {
     fh: u64,
     flags: u32,
     backing: Option<BackingId>,
+}
+
+/// Clears suid and sgid as the VFS does when a caller of group `caller_gid`
+/// without CAP_FSETID writes or truncates (HANDLE_KILLPRIV_V2;
+/// [`efuse::kills_sgid`]).
+fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, caller_gid: u32) -> Result<(), Errno> {
+    let st = sys::statx(fd)?;
+    let mode = st.stx_mode as u32;
+    let kill = efuse::kills_sgid(mode, st.stx_gid, caller_gid);
+    if kill == 0 {
+        return Ok(());
+    }
+    sys::chmod_fd(fd, mode & 0o7777 & !kill)
 }
 
 impl StackFs {
@@ -344,7 +361,8 @@ impl StackFs {
             passthrough_granted: passthrough.is_some(),
             adaptive: !self.plain,
         };
-        Accel { cache, watcher, paths, passthrough }
+        let noflush = info.flags & efuse::abi::consts::init::POSIX_LOCKS == 0 && !self.flush_backing;
+        Accel { cache, watcher, paths, passthrough, noflush }
     }
 
     fn entry(&self, nodeid: u64, st: &libc::statx) -> Entry {
@@ -461,12 +479,15 @@ impl StackFs {
         Ok(FileAttr::from_statx(&st))
     }
 
-    fn do_setattr(&self, ino: u64, attr: &SetAttr) -> Result<FileAttr, Errno> {
+    fn do_setattr(&self, ino: u64, attr: &SetAttr, caller_gid: u32) -> Result<FileAttr, Errno> {
         let ifd = self.inodes.fd(ino)?;
         let file = match attr.fh {
             Some(fh) => Some(self.io_fd(ino, fh, attr.size.is_some())?),
             None => None,
         };
+        if attr.kill_suidgid && attr.mode.is_none() {
+            kill_suidgid(ifd.as_fd(), caller_gid)?;
+        }
         if let Some(mode) = attr.mode {
             let mode = mode & 0o7777;
             match &file {
@@ -538,13 +559,16 @@ impl StackFs {
         } else {
             (None, true)
         };
-        let (flags, backing) = match io.as_ref().map(|(_, p)| *p) {
+        let (mut flags, backing) = match io.as_ref().map(|(_, p)| *p) {
             Some(OpenPath::Passthrough(id)) => (0, Some(id)),
             Some(OpenPath::Direct) => (fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES, None),
             // Pages stay across opens only when every change reaches us.
             Some(OpenPath::Cached) | None if keep && self.cache().keep_cache => (fopen::KEEP_CACHE, None),
             Some(OpenPath::Cached) | None => (0, None),
         };
+        if self.accel().noflush {
+            flags |= fopen::NOFLUSH;
+        }
         let fh = self.fhs.next();
         self.files.insert(fh, OpenFile { fd, io });
         self.inodes.opened(ino, ifd);
@@ -646,8 +670,13 @@ impl StackFs {
         })
     }
 
-    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill: Option<u32>) -> Result<u32, Errno> {
         let file = self.io_fd(ino, fh, true)?;
+        if let Some(caller_gid) = kill {
+            // The daemon writes with CAP_FSETID, so the backing file system
+            // would keep suid/sgid: clear them as the caller's write would.
+            kill_suidgid(file.fd(), caller_gid)?;
+        }
         if let IoFd::Open(f) = &file {
             if let Some((io, _)) = &f.io {
                 io.observe_write();
@@ -823,7 +852,10 @@ impl Filesystem for StackFs {
             atomic_o_trunc: true,
             export_support: false,
             readdirplus: true,
-            handle_killpriv_v2: false,
+            // suid/sgid are cleared here on write, truncate and open(O_TRUNC)
+            // when the kernel asks; the backing file system drops file
+            // capabilities itself on every write.
+            handle_killpriv_v2: true,
             passthrough: true,
             // A symlink's target never changes in place: a new target is a new inode.
             cache_symlinks: true,
@@ -896,8 +928,8 @@ impl Filesystem for StackFs {
         }
     }
 
-    fn setattr(&self, _ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
-        match self.do_setattr(ino, attr) {
+    fn setattr(&self, ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
+        match self.do_setattr(ino, attr, ctx.gid) {
             Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
@@ -981,7 +1013,12 @@ impl Filesystem for StackFs {
         reply_entry(reply, r)
     }
 
-    fn open(&self, _ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&self, ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if ctx.kill_suidgid {
+            if let Err(e) = self.inodes.fd(ino).and_then(|fd| kill_suidgid(fd.as_fd(), ctx.gid)) {
+                return reply.error(e);
+            }
+        }
         match self.open_file(ino, flags) {
             Ok(Opened { fh, flags, backing: Some(id) }) => reply.opened_passthrough(fh, flags, id),
             Ok(Opened { fh, flags, backing: None }) => reply.opened(fh, flags),
@@ -995,15 +1032,16 @@ impl Filesystem for StackFs {
 
     fn write(
         &self,
-        _ctx: &RequestContext<'_>,
+        ctx: &RequestContext<'_>,
         ino: u64,
         fh: u64,
         offset: u64,
         data: &[u8],
-        _write_flags: u32,
+        write_flags: u32,
         reply: ReplyWrite,
     ) {
-        match self.do_write(ino, fh, offset, data) {
+        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then_some(ctx.gid);
+        match self.do_write(ino, fh, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
