@@ -17,6 +17,13 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# FUSE-over-io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING) is off until the
+# fuse module parameter says so; the uring transport and its tests need it.
+uring_param=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring_param" ]; then
+    echo Y > "$uring_param" || echo "setup: could not enable FUSE-over-io_uring" >&2
+fi
+
 # The Rust toolchain comes with the machine (rustup); make sure it is on PATH.
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"

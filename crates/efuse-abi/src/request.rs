@@ -147,19 +147,24 @@ pub fn parse_header(buf: &[u8]) -> Result<InHeader, DecodeError> {
 
 struct Cursor<'a> {
     op: Opcode,
+    /// Split requests (ring entries): the per-opcode argument area, read by
+    /// `arg`. `None` for a contiguous request, where it precedes `rest`.
+    op_in: Option<&'a [u8]>,
     rest: &'a [u8],
 }
 
 impl<'a> Cursor<'a> {
     fn arg<T: FromBytes>(&mut self) -> Result<T, DecodeError> {
-        match T::read_from_prefix(self.rest) {
+        let src = self.op_in.unwrap_or(self.rest);
+        match T::read_from_prefix(src) {
             Ok((v, rest)) => {
-                self.rest = rest;
+                match &mut self.op_in {
+                    Some(op_in) => *op_in = rest,
+                    None => self.rest = rest,
+                }
                 Ok(v)
             }
-            Err(_) => {
-                Err(DecodeError::ShortArgument { op: self.op, need: std::mem::size_of::<T>(), have: self.rest.len() })
-            }
+            Err(_) => Err(DecodeError::ShortArgument { op: self.op, need: std::mem::size_of::<T>(), have: src.len() }),
         }
     }
 
@@ -187,15 +192,42 @@ impl<'a> Request<'a> {
         if header.len as usize != buf.len() {
             return Err(DecodeError::LengthMismatch { header: header.len, actual: buf.len() });
         }
+        Self::parse_body(header, None, &buf[std::mem::size_of::<InHeader>()..], opts)
+    }
+
+    /// Decodes one request as a FUSE-over-io_uring entry carries it, split in
+    /// three: `header` holds the `fuse_in_header`, `op_in` the per-opcode
+    /// argument (`in_args[0]`, e.g. `fuse_write_in`; empty or zero-filled for
+    /// opcodes without one), and `payload` everything after it (names, write
+    /// data, extensions). Nothing is copied but the fixed-size arguments:
+    /// names and data borrow from `payload`.
+    ///
+    /// `header.len` is not checked against the parts: the ring transmits the
+    /// payload size separately and `op_in` is a fixed-size area.
+    pub fn parse_split(
+        header: &[u8],
+        op_in: &'a [u8],
+        payload: &'a [u8],
+        opts: ProtocolOptions,
+    ) -> Result<Request<'a>, DecodeError> {
+        let header = parse_header(header)?;
+        Self::parse_body(header, Some(op_in), payload, opts)
+    }
+
+    fn parse_body(
+        header: InHeader,
+        op_in: Option<&'a [u8]>,
+        body: &'a [u8],
+        opts: ProtocolOptions,
+    ) -> Result<Request<'a>, DecodeError> {
         let op = Opcode::from_u32(header.opcode).ok_or(DecodeError::UnknownOpcode(header.opcode))?;
-        let body = &buf[std::mem::size_of::<InHeader>()..];
         // Extensions (security context, supplementary groups) trail the body.
         let extlen = header.total_extlen as usize * 8;
         if extlen > body.len() {
             return Err(DecodeError::BadExtension { op, extlen });
         }
         let body = &body[..body.len() - extlen];
-        let mut c = Cursor { op, rest: body };
+        let mut c = Cursor { op, op_in, rest: body };
         use Operation as O;
         let op = match op {
             Opcode::Lookup => O::Lookup { name: c.name()? },
@@ -257,12 +289,13 @@ impl<'a> Request<'a> {
             Opcode::Init => {
                 // Kernels before 7.36 send only major, minor, max_readahead, flags.
                 let mut arg = InitIn::default();
-                let n = c.rest.len().min(std::mem::size_of::<InitIn>());
+                let src = c.op_in.unwrap_or(c.rest);
+                let n = src.len().min(std::mem::size_of::<InitIn>());
                 if n < 16 {
                     return Err(DecodeError::ShortArgument { op, need: 16, have: n });
                 }
                 let dst = zerocopy::IntoBytes::as_mut_bytes(&mut arg);
-                dst[..n].copy_from_slice(&c.rest[..n]);
+                dst[..n].copy_from_slice(&src[..n]);
                 O::Init { arg }
             }
             Opcode::Opendir => O::Opendir { arg: c.arg()? },
@@ -459,6 +492,139 @@ mod tests {
         let mut buf = build(Opcode::Statfs, &[]);
         buf[4] = 7; // opcode 7 was never assigned
         assert_eq!(Request::parse(&buf, ProtocolOptions::default()).unwrap_err(), DecodeError::UnknownOpcode(7));
+    }
+
+    /// Builds a ring entry's three parts: header, 128-byte op area, payload.
+    fn split(opcode: Opcode, op: &[u8], payload: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let h = InHeader {
+            len: (40 + op.len() + payload.len()) as u32,
+            opcode: opcode as u32,
+            unique: 9,
+            nodeid: 3,
+            ..Default::default()
+        };
+        let mut op_in = op.to_vec();
+        op_in.resize(128, 0);
+        (h.as_bytes().to_vec(), op_in, payload.to_vec())
+    }
+
+    #[test]
+    fn split_lookup_and_write() {
+        let (h, op, p) = split(Opcode::Lookup, &[], b"name\0");
+        let r = Request::parse_split(&h, &op, &p, ProtocolOptions::default()).unwrap();
+        assert_eq!((r.header.unique, r.header.nodeid), (9, 3));
+        assert!(matches!(r.op, Operation::Lookup { name } if name == "name"));
+
+        let arg = WriteIn { fh: 4, offset: 8192, size: 5, ..Default::default() };
+        let (h, op, p) = split(Opcode::Write, arg.as_bytes(), b"hello");
+        match Request::parse_split(&h, &op, &p, ProtocolOptions::default()).unwrap().op {
+            Operation::Write { arg: a, data } => {
+                assert_eq!((a.fh, a.offset, data), (4, 8192, &b"hello"[..]));
+                // The data is the payload buffer itself, not a copy.
+                assert_eq!(data.as_ptr(), p.as_ptr());
+            }
+            other => panic!("{other:?}"),
+        }
+        // The op area is fixed-size: a short payload is what is checked.
+        let (h, op, p) = split(Opcode::Write, arg.as_bytes(), b"hel");
+        assert!(matches!(
+            Request::parse_split(&h, &op, &p, ProtocolOptions::default()),
+            Err(DecodeError::ShortArgument { op: Opcode::Write, need: 5, have: 3 })
+        ));
+    }
+
+    #[test]
+    fn split_rename_setxattr_and_extensions() {
+        let (h, op, p) = split(Opcode::Rename, RenameIn { newdir: 7 }.as_bytes(), b"a\0b\0");
+        match Request::parse_split(&h, &op, &p, ProtocolOptions::default()).unwrap().op {
+            Operation::Rename { newdir, name, newname } => {
+                assert_eq!((newdir, name, newname), (7, OsStr::new("a"), OsStr::new("b")))
+            }
+            other => panic!("{other:?}"),
+        }
+        let arg = SetxattrIn { size: 2, flags: 1, setxattr_flags: 0, padding: 0 };
+        let (h, op, p) = split(Opcode::Setxattr, arg.as_bytes(), b"user.x\0vv");
+        match Request::parse_split(&h, &op, &p, ProtocolOptions { setxattr_ext: true }).unwrap().op {
+            Operation::Setxattr { name, value, .. } => {
+                assert_eq!((name.as_bytes(), value), (&b"user.x"[..], &b"vv"[..]))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Extensions trail the payload and are stripped from it.
+        let mut payload = b"dir\0\0\0\0\0".to_vec();
+        payload.extend_from_slice(ExtHeader { size: 8, typ: 32 }.as_bytes());
+        let (mut h, op, p) = split(Opcode::Mkdir, MkdirIn { mode: 0o755, umask: 0 }.as_bytes(), &payload);
+        h[36] = 1;
+        assert!(matches!(
+            Request::parse_split(&h, &op, &p, ProtocolOptions::default()).unwrap().op,
+            Operation::Mkdir { name, arg } if name == "dir" && arg.mode == 0o755
+        ));
+        h[36] = 9;
+        assert!(matches!(
+            Request::parse_split(&h, &op, &p, ProtocolOptions::default()),
+            Err(DecodeError::BadExtension { .. })
+        ));
+    }
+
+    /// For every opcode, the split form decodes as the contiguous one does.
+    #[test]
+    fn split_and_contiguous_agree() {
+        let sizes: &[(Opcode, usize)] = &[
+            (Opcode::Getattr, 16),
+            (Opcode::Setattr, 88),
+            (Opcode::Read, 40),
+            (Opcode::Open, 8),
+            (Opcode::Fsync, 16),
+            (Opcode::Setlkw, 48),
+            (Opcode::Fallocate, 32),
+            (Opcode::CopyFileRange, 56),
+            (Opcode::Statx, 24),
+            (Opcode::Create, 16),
+            (Opcode::Mknod, 16),
+            (Opcode::Link, 8),
+            (Opcode::Getxattr, 8),
+            (Opcode::Lseek, 24),
+        ];
+        for &(opcode, size) in sizes {
+            let arg: Vec<u8> = (0..size as u8).map(|i| i.wrapping_mul(7) | 1).collect();
+            let rest = b"file\0";
+            let (h, op, p) = split(opcode, &arg, rest);
+            let mut whole = h.clone();
+            whole.extend_from_slice(&arg);
+            whole.extend_from_slice(rest);
+            let a = Request::parse(&whole, ProtocolOptions::default()).map(|r| format!("{:?}", r.op));
+            let b = Request::parse_split(&h, &op, &p, ProtocolOptions::default()).map(|r| format!("{:?}", r.op));
+            assert_eq!(a, b, "{opcode:?}");
+        }
+    }
+
+    /// Truncated and random parts: decode or err, never panic.
+    #[test]
+    fn split_truncated_and_random_never_panic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (h, op, p) = split(Opcode::Write, WriteIn { size: 100, ..Default::default() }.as_bytes(), &[1; 100]);
+        for hc in 0..=h.len() {
+            for oc in [0, 1, 8, 39, 40, 128] {
+                for pc in [0, 1, 50, 99, 100] {
+                    let _ = Request::parse_split(&h[..hc], &op[..oc], &p[..pc], ProtocolOptions::default());
+                }
+            }
+        }
+        for _ in 0..100_000 {
+            let mut hdr: Vec<u8> = (0..(next() % 48) as usize).map(|_| next() as u8).collect();
+            if hdr.len() >= 8 {
+                hdr[4..8].copy_from_slice(&((next() % 56) as u32).to_ne_bytes());
+            }
+            let op_in: Vec<u8> = (0..(next() % 130) as usize).map(|_| next() as u8).collect();
+            let payload: Vec<u8> = (0..(next() % 300) as usize).map(|_| next() as u8).collect();
+            let _ = Request::parse_split(&hdr, &op_in, &payload, ProtocolOptions { setxattr_ext: next() % 2 == 0 });
+        }
     }
 
     /// Every truncation of every valid request decodes or errs, never panics.

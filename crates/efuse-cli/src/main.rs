@@ -17,7 +17,7 @@ use efuse::mount::{self, MountOptions};
 use efuse::policy::{PassthroughMode, PathPolicy};
 use efuse::session::SessionConfig;
 use efuse::stats::StatsReport;
-use efuse::transport::TransportConfig;
+use efuse::transport::{TransportConfig, TransportKind};
 use efuse::{CacheMode, CachePolicy, Features};
 use efuse_fs::memfs::{MemFs, MemFsConfig};
 use efuse_fs::stackfs::{StackFs, StackFsConfig};
@@ -123,12 +123,24 @@ struct CommonMount {
     /// Worker threads, each with its own /dev/fuse descriptor (default: CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// How requests reach the daemon: auto (io_uring when the kernel offers
+    /// it; the default, but dev with --profile plain), dev (/dev/fuse
+    /// workers), uring (FUSE-over-io_uring, or fail).
+    #[arg(long, value_name = "KIND", value_parser = parse_transport)]
+    transport: Option<TransportKind>,
+    /// Ring entries per CPU queue (uring transport).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_depth: Option<u16>,
     /// Mount options: allow_other, default_permissions, ro, debug, fsname=NAME.
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(short = 'f', long)]
     foreground: bool,
+}
+
+fn parse_transport(s: &str) -> Result<TransportKind, String> {
+    s.parse()
 }
 
 fn parse_cache(s: &str) -> Result<CacheMode, String> {
@@ -289,10 +301,17 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
             let _ = f.write_all(msg.as_bytes());
         }
     };
-    let transport = match common.threads {
-        Some(n) => TransportConfig { threads: n as usize },
-        None => TransportConfig::default(),
-    };
+    let kind = common.transport.unwrap_or(match common.profile {
+        Profile::Plain => TransportKind::Dev,
+        Profile::Default => TransportKind::Auto,
+    });
+    let mut transport = TransportConfig { kind, ..TransportConfig::default() };
+    if let Some(n) = common.threads {
+        transport.threads = n as usize;
+    }
+    if let Some(d) = common.queue_depth {
+        transport.queue_depth = d as usize;
+    }
     let session = SessionConfig { debug, fs_name: String::new(), features: features(common), ..Default::default() };
     let opts = |name: &str| ServeOptions {
         mount: mount_opts.clone(),
@@ -514,6 +533,8 @@ mod tests {
             no_open: false,
             locks: None,
             threads: None,
+            transport: None,
+            queue_depth: None,
             options: vec!["allow_other".into()],
             foreground: true,
         };

@@ -32,6 +32,8 @@ pub enum ServeError {
     Path(std::io::Error),
     #[error("starting the session: {0}")]
     Init(#[from] crate::session::InitError),
+    #[error("{0}")]
+    Transport(String),
 }
 
 fn termination_signals() -> libc::sigset_t {
@@ -69,6 +71,13 @@ pub fn serve<F: Filesystem>(
             return Err(ServeError::Path(e));
         }
     };
+    if opts.transport.kind == transport::TransportKind::Uring {
+        if let Err(why) = transport::uring_available() {
+            let msg = format!("--transport uring: {why}");
+            ready(Err(msg.clone()));
+            return Err(ServeError::Transport(msg));
+        }
+    }
     let mounted = match mount::mount(&mp, &opts.mount) {
         Ok(m) => m,
         Err(e) => {
@@ -78,7 +87,9 @@ pub fn serve<F: Filesystem>(
     };
     let connection = mount::find_mount(&mp).and_then(|m| m.connection());
     let privileged = mounted.privileged;
-    let session = Arc::new(Session::new(fs, opts.session.clone()));
+    let session_config =
+        SessionConfig { over_io_uring: transport::wants_uring(&opts.transport), ..opts.session.clone() };
+    let session = Arc::new(Session::new(fs, session_config));
     let running = match transport::run(session.clone(), mounted.fd, opts.transport) {
         Ok(r) => r,
         Err(e) => {
@@ -90,12 +101,13 @@ pub fn serve<F: Filesystem>(
     let control = {
         let shared = session.shared().clone();
         let threads = running.threads;
+        let transport_name = running.transport;
         let fs_name = opts.session.fs_name.clone();
         let mp_s = mp.display().to_string();
         ControlServer::start(&mp, move || {
             let snap = shared.counters.snapshot();
             let report = StatsReport {
-                transport: "dev".into(),
+                transport: transport_name.into(),
                 threads,
                 fs: fs_name.clone(),
                 mountpoint: mp_s.clone(),

@@ -136,11 +136,20 @@ pub struct SessionConfig {
     pub fs_name: String,
     /// Kernel features to ask for.
     pub features: Features,
+    /// Ask for FUSE_OVER_IO_URING at INIT: set by the transport when it will
+    /// register ring queues after INIT (the kernel then waits for them).
+    pub over_io_uring: bool,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { debug: false, max_write: MAX_WRITE, fs_name: "efuse".into(), features: Features::DEFAULT }
+        SessionConfig {
+            debug: false,
+            max_write: MAX_WRITE,
+            fs_name: "efuse".into(),
+            features: Features::DEFAULT,
+            over_io_uring: false,
+        }
     }
 }
 
@@ -278,6 +287,7 @@ impl<F: Filesystem> Session<F> {
             && !(caps.writeback_cache && feat.writeback_cache)
             && !(caps.stateless_open && feat.no_open);
         want(passthrough, init::PASSTHROUGH);
+        want(self.config.over_io_uring, init::OVER_IO_URING);
         f
     }
 
@@ -372,10 +382,24 @@ impl<F: Filesystem> Session<F> {
     /// unknown opcode), or dropped when it expects no answer.
     pub fn dispatch(&self, buf: &[u8], sink: &Arc<dyn ReplySink>) {
         let opts = ProtocolOptions { setxattr_ext: self.shared.setxattr_ext.load(Ordering::Relaxed) };
-        let req = match Request::parse(buf, opts) {
-            Ok(r) => r,
-            Err(e) => return self.reject(buf, e, sink),
-        };
+        match Request::parse(buf, opts) {
+            Ok(req) => self.handle(req, sink),
+            Err(e) => self.reject(buf, e, sink),
+        }
+    }
+
+    /// [`Session::dispatch`] for a request split as a FUSE-over-io_uring
+    /// entry carries it (see [`Request::parse_split`]): names and write data
+    /// borrow from `payload`, nothing is copied.
+    pub fn dispatch_split(&self, header: &[u8], op_in: &[u8], payload: &[u8], sink: &Arc<dyn ReplySink>) {
+        let opts = ProtocolOptions { setxattr_ext: self.shared.setxattr_ext.load(Ordering::Relaxed) };
+        match Request::parse_split(header, op_in, payload, opts) {
+            Ok(req) => self.handle(req, sink),
+            Err(e) => self.reject(header, e, sink),
+        }
+    }
+
+    fn handle(&self, req: Request<'_>, sink: &Arc<dyn ReplySink>) {
         let h = req.header;
         let opcode = match Opcode::from_u32(h.opcode) {
             Some(o) => o,

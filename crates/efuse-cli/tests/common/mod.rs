@@ -50,14 +50,40 @@ pub fn skip(test: &str, why: &str) -> bool {
     false
 }
 
-/// True when we can mount FUSE file systems: root and /dev/fuse.
+/// True when we can mount FUSE file systems: root and /dev/fuse (and, when
+/// the tests run with the uring transport, FUSE-over-io_uring).
 pub fn require_fuse(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    if root && Path::new("/dev/fuse").exists() {
-        true
-    } else {
-        skip(test, "needs root and /dev/fuse (run as root, e.g. in CI)")
+    if !(root && Path::new("/dev/fuse").exists()) {
+        return skip(test, "needs root and /dev/fuse (run as root, e.g. in CI)");
+    }
+    if test_transport().as_deref() == Some("uring") {
+        return require_uring(test);
+    }
+    true
+}
+
+/// The transport every mount of this test binary uses (unless a test names
+/// one): `EFUSE_TEST_TRANSPORT` (auto, dev, uring) if set, else uring for the
+/// `uring` test binary and dev for the others, so both stay covered where
+/// `auto` would pick uring.
+pub fn test_transport() -> Option<String> {
+    match std::env::var("EFUSE_TEST_TRANSPORT") {
+        Ok(t) if !t.is_empty() => Some(t),
+        _ if env!("CARGO_CRATE_NAME") == "uring" => Some("uring".into()),
+        _ => Some("dev".into()),
+    }
+}
+
+/// True when the kernel can serve FUSE over io_uring (Linux 6.14+ with
+/// CONFIG_FUSE_IO_URING and `enable_uring=Y`; scripts/setup.sh turns it on).
+pub fn require_uring(test: &str) -> bool {
+    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+    match fs::read_to_string(PARAM) {
+        Ok(v) if v.trim() == "Y" => true,
+        Ok(_) => skip(test, &format!("needs FUSE-over-io_uring: {PARAM} is N (scripts/setup.sh sets it as root)")),
+        Err(_) => skip(test, "needs FUSE-over-io_uring: the kernel lacks it (Linux 6.14+, CONFIG_FUSE_IO_URING)"),
     }
 }
 
@@ -78,11 +104,18 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// A name part unique within this process: the counter, plus the counter's
+/// address, since a test binary may compile this module more than once
+/// (tests/uring.rs includes other suites, each with its own copy).
+fn unique_suffix() -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{:x}-{n}", std::process::id(), &UNIQUE as *const AtomicU64 as usize & 0xffff_ffff)
+}
+
 /// A fresh, empty directory under the system temp dir (/tmp, ext4 here).
 pub fn unique_dir(tag: &str) -> PathBuf {
-    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
     let tag: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    let dir = std::env::temp_dir().join(format!("efuse-{tag}-{}-{n}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("efuse-{tag}-{}", unique_suffix()));
     if dir.exists() {
         let _ = fs::remove_dir_all(&dir);
     }
@@ -225,8 +258,7 @@ impl Cmd {
     /// Runs the command; Err on spawn failure or timeout (the group is killed).
     pub fn try_run(&self) -> Result<Output, String> {
         let what = self.describe();
-        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-        let base = std::env::temp_dir().join(format!("efuse-out-{}-{n}", std::process::id()));
+        let base = std::env::temp_dir().join(format!("efuse-out-{}", unique_suffix()));
         let out_path = base.with_extension("stdout");
         let err_path = base.with_extension("stderr");
         let out_file = fs::File::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
@@ -448,6 +480,11 @@ impl Mounted {
         }
         cmd.push(m.mnt.display().to_string());
         cmd.extend(spec.args.iter().cloned());
+        if let Some(t) = test_transport() {
+            if !spec.args.iter().any(|a| a == "--transport" || a.starts_with("--transport=")) {
+                cmd.extend(["--transport".to_string(), t]);
+            }
+        }
         let out = Cmd::new(&cmd[0]).args(&cmd[1..]).timeout(MOUNT_TIMEOUT).run();
         if !out.ok() {
             panic!(

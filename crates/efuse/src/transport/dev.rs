@@ -13,7 +13,7 @@ use zerocopy::IntoBytes;
 
 use crate::filesystem::Filesystem;
 use crate::reply::ReplySink;
-use crate::session::{InitOutcome, Negotiated, Session, SessionShared, REQUEST_BUFFER_SIZE};
+use crate::session::{InitError, InitOutcome, Negotiated, Session, SessionShared, REQUEST_BUFFER_SIZE};
 use crate::stats::Counters;
 
 /// Where replies of one worker go: its /dev/fuse descriptor.
@@ -75,34 +75,6 @@ impl ReplySink for DevChannel {
     }
 }
 
-/// How many workers to run.
-#[derive(Debug, Clone, Copy)]
-pub struct TransportConfig {
-    pub threads: usize,
-}
-
-impl Default for TransportConfig {
-    fn default() -> Self {
-        TransportConfig { threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
-    }
-}
-
-/// A session whose INIT is done and whose workers are running.
-pub struct Running {
-    pub negotiated: Negotiated,
-    pub threads: usize,
-    workers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Running {
-    /// Waits until every worker has stopped (unmount or abort).
-    pub fn join(self) {
-        for w in self.workers {
-            let _ = w.join();
-        }
-    }
-}
-
 fn clone_fd(session_fd: &OwnedFd) -> io::Result<OwnedFd> {
     let path = c"/dev/fuse";
     // SAFETY: open(2) on a static NUL-terminated path.
@@ -120,30 +92,46 @@ fn clone_fd(session_fd: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Answers INIT on `fd`, then starts `config.threads` workers, each on its
-/// own cloned descriptor (sharing the session's if cloning is refused).
-pub fn run<F: Filesystem>(
-    session: Arc<Session<F>>,
+/// Reads and answers INIT (and a retried INIT) on the session descriptor.
+/// Returns the channel of that descriptor, what was negotiated, and the
+/// request buffer, to be reused by the first worker.
+pub(crate) fn handshake<F: Filesystem>(
+    session: &Arc<Session<F>>,
     fd: OwnedFd,
-    config: TransportConfig,
-) -> Result<Running, crate::session::InitError> {
+) -> Result<(Arc<DevChannel>, Negotiated, Vec<u8>), InitError> {
     let shared = session.shared().clone();
-    let main = Arc::new(DevChannel::new(fd, shared.clone()));
+    let main = Arc::new(DevChannel::new(fd, shared));
     let mut buf = vec![0u8; REQUEST_BUFFER_SIZE];
-    let negotiated = loop {
+    loop {
         let n = match main.read(&mut buf) {
             Ok(Some(n)) => n,
-            Ok(None) => return Err(crate::session::InitError::NotInit("end of connection".into())),
-            Err(e) => return Err(crate::session::InitError::NotInit(format!("read error: {e}"))),
+            Ok(None) => return Err(InitError::NotInit("end of connection".into())),
+            Err(e) => return Err(InitError::NotInit(format!("read error: {e}"))),
         };
         let sink: Arc<dyn ReplySink> = main.clone();
         let connection = crate::connection::Connection::new(main.fd.clone());
         match session.handle_init(&buf[..n], &sink, Some(connection))? {
-            InitOutcome::Done(n) => break n,
+            InitOutcome::Done(negotiated) => return Ok((main, negotiated, buf)),
             InitOutcome::Retry => continue,
         }
-    };
-    let threads = config.threads.max(1);
+    }
+}
+
+/// The session descriptor, for transports that issue commands on it.
+pub(crate) fn session_fd(chan: &DevChannel) -> &Arc<OwnedFd> {
+    &chan.fd
+}
+
+/// Starts `threads` workers, each on its own cloned descriptor (sharing the
+/// session's if cloning is refused); the first reuses `buf`.
+pub(crate) fn start_workers<F: Filesystem>(
+    session: &Arc<Session<F>>,
+    main: &Arc<DevChannel>,
+    threads: usize,
+    mut buf: Vec<u8>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, InitError> {
+    let shared = session.shared().clone();
+    let threads = threads.max(1);
     let mut workers = Vec::with_capacity(threads);
     let mut clone_failed = false;
     for i in 0..threads {
@@ -166,11 +154,10 @@ pub fn run<F: Filesystem>(
         let handle = std::thread::Builder::new()
             .name(format!("efuse-dev-{i}"))
             .spawn(move || worker(session, chan, &mut wbuf))
-            .map_err(|e| crate::session::InitError::NotInit(format!("cannot start worker: {e}")))?;
+            .map_err(|e| InitError::NotInit(format!("cannot start worker: {e}")))?;
         workers.push(handle);
     }
-    tracing::info!(threads, "transport dev: {threads} worker(s), one /dev/fuse descriptor each");
-    Ok(Running { negotiated, threads, workers })
+    Ok(workers)
 }
 
 fn worker<F: Filesystem>(session: Arc<Session<F>>, chan: Arc<DevChannel>, buf: &mut [u8]) {
