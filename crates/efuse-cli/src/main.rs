@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+mod top;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use efuse::daemon::{serve, ServeOptions};
@@ -49,6 +51,18 @@ enum Cmd {
         /// The mount point.
         mountpoint: PathBuf,
         /// Print JSON (`transport`, `threads`, `requests_total`, `opcodes`, `paths`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kernel-side view (eBPF): per-opcode requests/s, errors, p50/p99 latency,
+    /// beside the daemon's counters; refreshed every second (q quits).
+    Top {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// Print one snapshot and exit.
+        #[arg(long)]
+        once: bool,
+        /// With --once: print JSON (`source`, `requests_total`, `opcodes`, `context_switches`).
         #[arg(long)]
         json: bool,
     },
@@ -137,6 +151,16 @@ struct CommonMount {
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(short = 'f', long)]
     foreground: bool,
+    /// eBPF kernel-side counters for `efuse top`: auto (load when root), off.
+    #[arg(long, value_name = "MODE", value_parser = parse_bpf, default_value = "auto")]
+    bpf: efuse::observe::BpfMode,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (binds only that address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_bpf(s: &str) -> Result<efuse::observe::BpfMode, String> {
+    s.parse()
 }
 
 fn parse_transport(s: &str) -> Result<TransportKind, String> {
@@ -226,6 +250,7 @@ fn main() -> ExitCode {
         Cmd::Mount(m) => cmd_mount(m),
         Cmd::Umount { mountpoint } => cmd_umount(&mountpoint),
         Cmd::Stats { mountpoint, json } => cmd_stats(&mountpoint, json),
+        Cmd::Top { mountpoint, once, json } => top::run(&mountpoint, once, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -313,10 +338,12 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
         transport.queue_depth = d as usize;
     }
     let session = SessionConfig { debug, fs_name: String::new(), features: features(common), ..Default::default() };
+    let observe = efuse::observe::ObserveOptions { bpf: common.bpf, metrics: common.metrics };
     let opts = |name: &str| ServeOptions {
         mount: mount_opts.clone(),
         session: SessionConfig { fs_name: name.into(), ..session.clone() },
         transport,
+        observe: observe.clone(),
     };
     match m {
         MountCmd::Memfs { size, ref common, .. } => {
@@ -537,6 +564,8 @@ mod tests {
             queue_depth: None,
             options: vec!["allow_other".into()],
             foreground: true,
+            bpf: efuse::observe::BpfMode::Auto,
+            metrics: None,
         };
         let (o, debug) = mount_options(&common, "x").unwrap();
         assert!(o.allow_other && o.default_permissions && !debug);

@@ -78,6 +78,7 @@ fn main() {
         mount: MountOptions { fsname: "hello".into(), subtype: "efuse".into(), ..Default::default() },
         session: SessionConfig { fs_name: "hello".into(), ..Default::default() },
         transport: TransportConfig::default(),
+        observe: Default::default(),
     };
     let ready = |r: Result<(), String>| match r {
         Ok(()) => eprintln!("mounted; Ctrl-C to unmount"),

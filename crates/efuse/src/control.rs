@@ -1,7 +1,7 @@
 //! The control socket: a Unix socket per mount through which `efuse stats`
-//! (and later `efuse top`) read the daemon's counters.
+//! and `efuse top` read the daemon's counters.
 //!
-//! Protocol: the client sends one line (`stats` or `pid`), the daemon answers
+//! Protocol: the client sends one line (`stats`, `top` or `pid`), the daemon answers
 //! with one JSON document or line and closes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -65,6 +65,16 @@ impl ControlServer {
     where
         S: Fn() -> String + Send + 'static,
     {
+        Self::start_with(mountpoint, stats, |_| None)
+    }
+
+    /// As [`ControlServer::start`], and `other` answers the commands besides
+    /// `stats` and `pid` (None: unknown command), e.g. `top`.
+    pub fn start_with<S, O>(mountpoint: &Path, stats: S, other: O) -> io::Result<ControlServer>
+    where
+        S: Fn() -> String + Send + 'static,
+        O: Fn(&str) -> Option<String> + Send + 'static,
+    {
         ensure_runtime_dir()?;
         let path = socket_path(mountpoint);
         // A socket left by a daemon that died: nobody answers on it.
@@ -90,7 +100,7 @@ impl ControlServer {
                 let answer = match line.trim() {
                     "stats" => stats(),
                     "pid" => std::process::id().to_string(),
-                    other => format!("{{\"error\": \"unknown command {other:?}\"}}"),
+                    cmd => other(cmd).unwrap_or_else(|| format!("{{\"error\": \"unknown command {cmd:?}\"}}")),
                 };
                 let _ = conn.write_all(answer.as_bytes());
             }

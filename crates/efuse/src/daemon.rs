@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub mount: MountOptions,
     pub session: SessionConfig,
     pub transport: TransportConfig,
+    /// eBPF counters and the Prometheus endpoint.
+    pub observe: crate::observe::ObserveOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,8 @@ pub fn serve<F: Filesystem>(
             return Err(ServeError::Transport(msg));
         }
     }
+    // Before mount(2), so the kernel-side counters see INIT too.
+    let kernel_view = crate::observe::KernelView::load(opts.observe.bpf);
     let mounted = match mount::mount(&mp, &opts.mount) {
         Ok(m) => m,
         Err(e) => {
@@ -86,6 +90,7 @@ pub fn serve<F: Filesystem>(
         }
     };
     let connection = mount::find_mount(&mp).and_then(|m| m.connection());
+    kernel_view.set_connection(connection);
     let privileged = mounted.privileged;
     let session_config =
         SessionConfig { over_io_uring: transport::wants_uring(&opts.transport), ..opts.session.clone() };
@@ -98,13 +103,19 @@ pub fn serve<F: Filesystem>(
             return Err(e.into());
         }
     };
+    let observability = Arc::new(crate::observe::Observability::new(session.shared().clone(), kernel_view));
     let control = {
         let shared = session.shared().clone();
+        let obs = observability.clone();
         let threads = running.threads;
         let transport_name = running.transport;
         let fs_name = opts.session.fs_name.clone();
         let mp_s = mp.display().to_string();
-        ControlServer::start(&mp, move || {
+        let top = move |cmd: &str| {
+            (cmd == "top")
+                .then(|| serde_json::to_string(&obs.top()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")))
+        };
+        let stats = move || {
             let snap = shared.counters.snapshot();
             let report = StatsReport {
                 transport: transport_name.into(),
@@ -119,7 +130,8 @@ pub fn serve<F: Filesystem>(
                 paths: snap.paths,
             };
             serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-        })
+        };
+        ControlServer::start_with(&mp, stats, top)
     };
     let control = match control {
         Ok(c) => Some(c),
@@ -128,6 +140,11 @@ pub fn serve<F: Filesystem>(
             None
         }
     };
+    let metrics = opts.observe.metrics.and_then(|addr| {
+        crate::metrics::MetricsServer::start(addr, observability.clone())
+            .map_err(|e| tracing::warn!("--metrics {addr}: cannot serve metrics: {e}"))
+            .ok()
+    });
     tracing::info!(mountpoint = %mp.display(), privileged, "mounted");
     ready(Ok(()));
 
@@ -151,6 +168,8 @@ pub fn serve<F: Filesystem>(
     // Workers may also stop on an error while the mount is still there.
     cleanup(&mp, connection);
     drop(control);
+    drop(metrics);
+    observability.kernel.unload(); // detaches the BPF programs
     tracing::info!("session ended");
     Ok(())
 }
