@@ -54,6 +54,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark suite: efuse beside ext4 and libfuse on the same disk, one run.
+    Bench(efuse_bench::BenchArgs),
     /// Kernel-side view (eBPF): per-opcode requests/s, errors, p50/p99 latency,
     /// beside the daemon's counters; refreshed every second (q quits).
     Top {
@@ -251,6 +253,7 @@ fn main() -> ExitCode {
         Cmd::Umount { mountpoint } => cmd_umount(&mountpoint),
         Cmd::Stats { mountpoint, json } => cmd_stats(&mountpoint, json),
         Cmd::Top { mountpoint, once, json } => top::run(&mountpoint, once, json),
+        Cmd::Bench(args) => std::env::current_exe().map_err(Into::into).and_then(|exe| efuse_bench::run(args, &exe)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -571,4 +574,3 @@ mod tests {
         assert!(o.allow_other && o.default_permissions && !debug);
     }
 }
-// MOUNT_READY: the mount path is implemented (marker read by the development helpers; removed before release).

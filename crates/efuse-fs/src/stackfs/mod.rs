@@ -740,6 +740,15 @@ impl StackFs {
         if let Err(e) = s.seek(&dir.fd, offset) {
             return reply.error(e);
         }
+        // Attributes are sent only for inodes stackfs already holds: opening
+        // and statting every entry of a cold directory would cost more than
+        // the LOOKUPs it might save (`find` needs no attributes at all).
+        // Unknown entries go out with node id 0, which the kernel lists
+        // without instantiating.
+        let dir_dev = match sys::statx(dir.fd.as_fd()) {
+            Ok(st) => sys::statx_key(&st).0,
+            Err(e) => return reply.error(e),
+        };
         let mut added = 0;
         loop {
             let e = match s.peek(&dir.fd) {
@@ -753,7 +762,8 @@ impl StackFs {
                 break;
             }
             let name_os = OsStr::from_bytes(name);
-            if name == b"." || name == b".." {
+            let known = self.inodes.node_by_key((dir_dev, e.ino)).is_some();
+            if name == b"." || name == b".." || !known {
                 // The kernel takes neither attributes nor a lookup for these.
                 let attr = FileAttr { ino: e.ino, mode: e.kind(), ..Default::default() };
                 let entry =

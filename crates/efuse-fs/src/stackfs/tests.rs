@@ -156,24 +156,32 @@ fn write_files(dir: &Path, n: usize) {
 fn readdirplus_counts_lookups_and_forget_releases_them() {
     let h = Harness::new("rdp", Some(16));
     write_files(&h.backing(), 500);
+    // A cold directory: no entry is known, so none is instantiated (node id
+    // 0) and nothing is opened or counted.
     let fh = h.opendir(ROOT_ID);
     let listed = h.readdirplus(ROOT_ID, fh);
     assert_eq!(listed.len(), 502);
     let mut names: Vec<_> = listed.iter().map(|(n, _)| n.clone()).collect();
     names.sort();
     assert_eq!(&names[..3], &[".", "..", "f0000"]);
+    assert!(listed.iter().all(|(_, id)| *id == 0), "cold entries carry no node");
+    assert_eq!(h.counts().nodes, 1);
+    // Entries the kernel already looked up come with attributes and a lookup.
+    let f7 = h.lookup(ROOT_ID, "f0007").unwrap().nodeid;
+    let f9 = h.lookup(ROOT_ID, "f0009").unwrap().nodeid;
+    let fh2 = h.opendir(ROOT_ID);
+    let listed = h.readdirplus(ROOT_ID, fh2);
+    assert_eq!(listed.len(), 502);
     for (name, id) in &listed {
-        if name == "." || name == ".." {
-            assert_eq!(*id, 0);
-        } else {
-            assert_ne!(*id, ROOT_ID);
+        match name.as_str() {
+            "f0007" => assert_eq!(*id, f7),
+            "f0009" => assert_eq!(*id, f9),
+            _ => assert_eq!(*id, 0, "{name}"),
         }
     }
     let c = h.counts();
-    assert_eq!(c.nodes, 501);
+    assert_eq!(c.nodes, 3);
     assert!(c.cached <= 16, "{c:?}");
-    // Looking a listed name up again gives the same node.
-    let f7 = listed.iter().find(|(n, _)| n == "f0007").unwrap().1;
     let e = h.lookup(ROOT_ID, "f0007").unwrap();
     assert_eq!(e.nodeid, f7);
     assert_eq!(
@@ -185,15 +193,15 @@ fn readdirplus_counts_lookups_and_forget_releases_them() {
             })
             .unwrap()
     );
-    // Every entry counted one lookup; f0007 two.
-    for (name, id) in &listed {
-        if name != "." && name != ".." {
-            h.forget(*id, 1);
-        }
-    }
+    // f0007: three lookups (LOOKUP, READDIRPLUS, LOOKUP); f0009: two.
+    h.forget(f9, 2);
+    assert_eq!(h.counts().nodes, 2);
+    h.forget(f7, 2);
     assert_eq!(h.counts().nodes, 2);
     h.forget(f7, 1);
     assert_eq!(h.counts().nodes, 1);
+    let rel = abi::ReleaseIn { fh: fh2, ..Default::default() };
+    assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
     let rel = abi::ReleaseIn { fh, ..Default::default() };
     assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
 }

@@ -1,0 +1,530 @@
+//! `efuse bench`: the benchmark suite. Puts efuse (plain and default
+//! profiles, stackfs and memfs) beside ext4 and libfuse's passthrough_ll on
+//! the same disk in one run, and writes tables, raw numbers and charts.
+//!
+//! What it is for: honest side-by-side numbers, each with its ratio to ext4
+//! and, for efuse, the FUSE requests each workload cost. What it is not for:
+//! asserting behaviour (that is what the tests are for).
+//!
+//! Method (see bench/README.md): datasets are made once in a backing
+//! directory on the disk under test; for each workload, each system is
+//! mounted over (or, for memfs, filled from) that directory, measured for N
+//! repetitions (median reported) and unmounted. Every external command has a
+//! time limit; whatever fails is reported with the step that failed, and
+//! nothing is left mounted.
+
+mod charts;
+mod datasets;
+mod exec;
+mod rate;
+mod report;
+mod scale;
+mod systems;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use report::{Meta, Requests, Results, StatsSnapshot, SystemRun, WorkloadResult};
+use scale::Scale;
+use systems::{MountPlan, Mounts, System};
+use workloads::{RepEnv, Workload};
+
+/// `efuse bench` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Smaller datasets, one repetition, short fio runs (a few minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where results.md, results.json and the charts are written.
+    #[arg(long, value_name = "DIR", default_value = "bench/results")]
+    pub out: PathBuf,
+    /// Work directory for datasets and mount points, on the disk to measure
+    /// (default: /tmp/efuse-bench).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Run only the workloads whose name contains one of these
+    /// (comma-separated, e.g. `fio-w1,find`).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Systems to run, comma-separated (default: all): ext4, libfuse,
+    /// libfuse-cache, efuse-plain, efuse, memfs. ext4 is always included.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub systems: Vec<String>,
+    /// Repetitions per workload (default: 3, or 1 with --quick).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub reps: Option<u32>,
+    /// Seconds per fio run (default: 10, or 2 with --quick).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub fio_runtime: Option<u32>,
+    /// Delete the work directory (datasets) afterwards instead of keeping it
+    /// for the next run.
+    #[arg(long)]
+    pub clean: bool,
+}
+
+static INTERRUPTED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Whether Ctrl-C (or SIGTERM) arrived; long loops check it.
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.get().is_some_and(|f| f.load(Ordering::Relaxed))
+}
+
+fn install_signal_flag() {
+    let flag = INTERRUPTED.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        let _ = signal_hook::flag::register(sig, Arc::clone(flag));
+    }
+}
+
+/// Runs the suite; `efuse_exe` is the efuse binary used to mount.
+pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("efuse bench needs root (mount(2), /proc/sys/vm/drop_caches)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: this kernel cannot run FUSE");
+    }
+    install_signal_flag();
+    let started = Instant::now();
+    let load_start = loadavg();
+    let mut scale = if args.quick { Scale::quick() } else { Scale::full() };
+    if let Some(r) = args.reps {
+        scale.reps = r;
+    }
+    if let Some(t) = args.fio_runtime {
+        scale.fio_runtime_s = t;
+    }
+    let systems = select_systems(&args.systems)?;
+    let workloads: Vec<Workload> = Workload::all(&scale)
+        .into_iter()
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
+        .collect();
+    if workloads.is_empty() {
+        bail!("--only {} matches no workload", args.only.join(","));
+    }
+
+    let work = args.dir.clone().unwrap_or_else(|| PathBuf::from("/tmp/efuse-bench"));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating work dir {}", work.display()))?;
+    let work = std::fs::canonicalize(&work)?;
+    let (backing, mnt_root, logs) = (work.join("backing"), work.join("mnt"), work.join("logs"));
+    for d in [&backing, &mnt_root, &logs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    exec::set_scratch_dir(&logs);
+    for m in systems::clear_stale(&mnt_root) {
+        eprintln!("efuse bench: detached {} (left mounted by an earlier, killed run)", m.display());
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating output dir {}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out)?;
+
+    let say = |s: String| eprintln!("efuse bench: {s}");
+    let installed = systems::ensure_prerequisites(&mut |s| say(s))?;
+    let libfuse_exe = if systems.iter().any(|s| matches!(s, System::Libfuse | System::LibfuseCache)) {
+        say("building libfuse's passthrough_ll from Debian's example sources".into());
+        systems::build_libfuse(&work.join("build")).map_err(|e| format!("{e:#}"))
+    } else {
+        Err("not selected".into())
+    };
+    if let Err(e) = &libfuse_exe {
+        if systems.contains(&System::Libfuse) {
+            say(format!("libfuse build failed; its runs will be reported as failed: {e}"));
+        }
+    }
+    let plan = MountPlan {
+        efuse_exe: efuse_exe.to_path_buf(),
+        libfuse_exe,
+        backing: backing.clone(),
+        mnt_root,
+        logs: logs.clone(),
+        memfs_size: scale.memfs_size.to_string(),
+    };
+
+    // Datasets, once, before anything is mounted.
+    let mut wanted: Vec<&str> = workloads.iter().flat_map(|w| w.datasets().iter().copied()).collect();
+    if workloads.iter().any(|w| w.kind == workloads::Kind::UntarRm) {
+        wanted.push("tarball");
+    }
+    wanted.dedup();
+    let tarball = work.join("untar.tar");
+    let t = Instant::now();
+    datasets::prepare(&scale, &backing, &work, &tarball, &wanted, &mut |s| say(s)).context("preparing datasets")?;
+    say(format!("datasets ready in {:.0} s", t.elapsed().as_secs_f64()));
+
+    let mut mounts = Mounts::new(efuse_exe);
+    let total = (workloads.len() * systems.len()) as u64;
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {wide_msg}")
+            .map_err(|e| anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    let mut results = Vec::new();
+    for w in &workloads {
+        let mut runs = Vec::new();
+        for &s in &systems {
+            if interrupted() {
+                break;
+            }
+            pb.set_message(format!("{} on {}", w.name, s.name()));
+            let run = run_one(w, s, &scale, &plan, &mut mounts, &tarball, &logs, &pb);
+            let line = match &run.error {
+                Some(e) => format!("FAILED {} on {}: {e}", w.name, s.name()),
+                None => format!("{:<18} {:<14} {} ({:.0} s)", w.name, s.name(), headline(w, &run), run.elapsed_s),
+            };
+            // A hidden bar (no terminal) swallows println: log plainly then.
+            if pb.is_hidden() {
+                eprintln!("efuse bench: {line}");
+            } else {
+                pb.println(line);
+            }
+            runs.push(run);
+            pb.inc(1);
+        }
+        results.push(WorkloadResult { workload: w.clone(), runs });
+        if interrupted() {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let cleanup_errors = mounts.unmount_all();
+
+    // The transports' request rate (memfs, --cache none), beside the workloads.
+    let rate_wanted = args.only.is_empty() || args.only.iter().any(|o| "transport-rate".contains(o.as_str()));
+    let rate = if rate_wanted && !interrupted() {
+        say("transport-rate: stat and 4 KiB O_DIRECT read storms, dev vs uring, 1 and 2 threads".into());
+        match rate::run(efuse_exe, &work, args.quick, &mut |s| say(s)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                say(format!("FAILED transport-rate: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let mut notes = vec![
+        "ext4 is the backing directory itself; libfuse and efuse stackfs mount that same directory; memfs gets a \
+         copy of each workload's dataset (copied in, untimed, after mounting)."
+            .to_string(),
+        "Workloads run one after another; for each, every system is mounted fresh, measured, and unmounted."
+            .to_string(),
+    ];
+    let direct_failed = |sys: &str| {
+        results.iter().any(|w: &WorkloadResult| {
+            matches!(w.workload.kind, workloads::Kind::Fio { direct: true, .. })
+                && w.run(sys).is_some_and(|r| r.error.as_deref().is_some_and(|e| e.contains("Invalid argument")))
+        })
+    };
+    if direct_failed("libfuse") || direct_failed("libfuse-cache") {
+        notes.push(
+            "libfuse's passthrough_ll opens the backing file with the caller's flags, O_DIRECT included, and writes \
+             from its unaligned request buffer, so with fio `direct=1` its writes fail with EINVAL: its direct=1 runs \
+             are reported as failed. No passthrough_ll option changes that."
+                .into(),
+        );
+    }
+    if systems.iter().any(|s| matches!(s, System::Libfuse | System::LibfuseCache)) {
+        notes.push(format!(
+            "passthrough_ll keeps one O_PATH descriptor per inode the kernel holds, so the bench starts it with \
+             RLIMIT_NOFILE raised to {} (fs.nr_open), or to the hard limit ({}) where it may not raise that \
+             (no CAP_SYS_RESOURCE); on a tree with more inodes than that, its calls fail with EMFILE (\"Too many open \
+             files\"). efuse daemons keep the bench's own limit (stackfs bounds its descriptors itself).",
+            systems::nofile_limit(),
+            systems::nofile_hard()
+        ));
+    }
+    if systems.iter().any(|s| matches!(s, System::EfusePlain | System::Efuse | System::EfuseDev)) {
+        notes.push(
+            "Read direct=1 figures with care: efuse stackfs drops O_DIRECT when it opens the backing file (the kernel \
+             gives the application direct-I/O semantics on the mount), so on `efuse-plain` (no passthrough) a direct=1 \
+             run reaches the backing file's page cache, not the disk, while ext4 and passthrough opens on `efuse` do \
+             real direct I/O. The `opens` column of the requests table shows which path each open took."
+                .into(),
+        );
+    }
+    let load_end = loadavg();
+    notes.push(format!(
+        "Load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_end}. The bench itself keeps \
+         about 1-2 CPUs busy; more than that means other work shared the machine and the numbers carry its noise."
+    ));
+    if interrupted() {
+        notes.push("**The run was interrupted; the results are partial.**".into());
+    }
+    for e in &cleanup_errors {
+        notes.push(format!("Cleanup problem: {e}"));
+    }
+    let meta = collect_meta(&args, &scale, &plan, &systems, &work, installed, started.elapsed().as_secs_f64(), notes);
+    let mut res = Results { meta, results };
+    let json_path = out.join("results.json");
+    let chart_result = charts::draw_all(&res, &out);
+    let charts = match chart_result {
+        Ok(c) => c,
+        Err(e) => {
+            res.meta.notes.push(format!("No charts: {e:#}"));
+            Vec::new()
+        }
+    };
+    res.meta.duration_s = started.elapsed().as_secs_f64();
+    std::fs::write(&json_path, serde_json::to_string_pretty(&res)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let md_path = out.join("results.md");
+    let mut md = report::markdown(&res, &charts);
+    if let Some(r) = &rate {
+        md.push_str("\n## Transports: request rate with the kernel caches out of the way\n\n");
+        md.push_str(
+            "memfs mounted with `--cache none` once per transport; in-process clients for 4 s (1 s with --quick), \
+             median of the repetitions by ops/s; `stat` of names not stat'ed before in the run (each one LOOKUP), \
+             `read4k` 4 KiB O_DIRECT preads at random offsets of a 64 MiB file (each one READ). p50/p99 are per \
+             operation, measured by the client.\n\n",
+        );
+        md.push_str(&rate::markdown(r));
+        let (_, json) = rate::out_paths(&out);
+        std::fs::write(&json, serde_json::to_string_pretty(r)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+    }
+    std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    if args.clean {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let failed: Vec<String> = res
+        .results
+        .iter()
+        .flat_map(|w| w.runs.iter().filter(|r| !r.ok).map(move |r| format!("{} on {}", w.workload.name, r.system)))
+        .collect();
+    say(format!(
+        "done in {:.0} s; wrote {}, {}{}",
+        res.meta.duration_s,
+        md_path.display(),
+        json_path.display(),
+        if charts.is_empty() { String::new() } else { format!(" and {} chart(s)", charts.len()) }
+    ));
+    if !failed.is_empty() {
+        say(format!("{} run(s) failed (see results.md): {}", failed.len(), failed.join(", ")));
+    }
+    if interrupted() {
+        bail!("interrupted; partial results written");
+    }
+    if !cleanup_errors.is_empty() {
+        bail!("cleanup: {}", cleanup_errors.join("; "));
+    }
+    Ok(())
+}
+
+fn select_systems(list: &[String]) -> Result<Vec<System>> {
+    if list.is_empty() {
+        return Ok(System::ALL.to_vec());
+    }
+    let mut v = vec![System::Ext4];
+    for name in list {
+        let s = System::parse(name.trim()).ok_or_else(|| {
+            anyhow!(
+                "unknown system '{name}' (choose from {})",
+                System::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        if !v.contains(&s) {
+            v.push(s);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn headline(w: &Workload, run: &SystemRun) -> String {
+    w.metrics
+        .iter()
+        .filter(|m| m.chart.is_some())
+        .filter_map(|m| run.median.get(m.key).map(|v| format!("{} {}", report::fmt_num(*v), m.label)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn read_stats(efuse_exe: &Path, mp: &Path) -> Result<StatsSnapshot> {
+    let out = exec::run(Command::new(efuse_exe).arg("stats").arg(mp).arg("--json"), Duration::from_secs(15))?;
+    StatsSnapshot::parse(&out.stdout).with_context(|| format!("parsing `efuse stats --json`: {}", out.stdout.trim()))
+}
+
+/// Copies a workload's datasets from the backing directory into memfs.
+fn populate(backing: &Path, root: &Path, sets: &[&str]) -> Result<()> {
+    for set in sets {
+        let dst = root.join(set);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
+        }
+        let mut cp = Command::new("cp");
+        cp.arg("-a").arg(backing.join(set)).arg(&dst);
+        exec::run(&mut cp, Duration::from_secs(1800))?;
+    }
+    Ok(())
+}
+
+/// One workload on one system: mount, (fill), repetitions, unmount. Never
+/// returns with the system still mounted; a failure names its step.
+fn run_one(
+    w: &Workload,
+    s: System,
+    scale: &Scale,
+    plan: &MountPlan,
+    mounts: &mut Mounts,
+    tarball: &Path,
+    logs: &Path,
+    pb: &ProgressBar,
+) -> SystemRun {
+    let mut reps = Vec::new();
+    let mut deltas = Vec::new();
+    let mut commands = Vec::new();
+    let mut step = "mount";
+    let t0 = Instant::now();
+    let result: Result<()> = (|| {
+        let root = mounts.mount(plan, s)?;
+        if !s.shows_backing() {
+            step = "copying the dataset into memfs";
+            populate(&plan.backing, &root, w.datasets())?;
+        }
+        if w.warm_up() {
+            step = "warm-up run";
+            let mut scratch_cmds = Vec::new();
+            let mut env = RepEnv { root: &root, scale, tarball, scratch: logs, commands: &mut scratch_cmds };
+            exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))?;
+        }
+        for rep in 0..scale.reps {
+            if interrupted() {
+                bail!("interrupted");
+            }
+            pb.set_message(format!("{} on {} (rep {}/{})", w.name, s.name(), rep + 1, scale.reps));
+            if w.remount_each_rep() && s.is_fuse() && s.shows_backing() {
+                step = "remount";
+                mounts.unmount(s)?;
+                workloads::drop_caches()?;
+                mounts.mount(plan, s)?;
+            } else if w.drop_caches_first() {
+                step = "drop caches";
+                workloads::drop_caches()?;
+            }
+            step = "efuse stats (before)";
+            let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
+            step = "workload";
+            let mut cmds = Vec::new();
+            let mut env = RepEnv { root: &root, scale, tarball, scratch: logs, commands: &mut cmds };
+            let figures = exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
+                .with_context(|| format!("repetition {}", rep + 1))?;
+            if commands.is_empty() {
+                commands = cmds;
+            }
+            reps.push(figures);
+            step = "efuse stats (after)";
+            if let Some(b) = before {
+                deltas.push(read_stats(&plan.efuse_exe, &root)?.since(&b));
+            }
+        }
+        Ok(())
+    })();
+    let mut error = result.err().map(|e| format!("{step}: {e:#}"));
+    if let Err(e) = mounts.unmount(s) {
+        let e = format!("unmount: {e:#}");
+        error = Some(match error {
+            Some(prev) => format!("{prev}; {e}"),
+            None => e,
+        });
+    }
+    let mut run = SystemRun::finish(s.name(), reps, error, Requests::from_deltas(&deltas), commands);
+    run.elapsed_s = t0.elapsed().as_secs_f64();
+    run
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn cmd_stdout(prog: &str, args: &[&str]) -> String {
+    exec::run(Command::new(prog).args(args), Duration::from_secs(15))
+        .map(|o| o.stdout.trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn collect_meta(
+    args: &BenchArgs,
+    scale: &Scale,
+    plan: &MountPlan,
+    systems: &[System],
+    work: &Path,
+    installed: Vec<String>,
+    duration_s: f64,
+    notes: Vec<String>,
+) -> Meta {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".into(), |(_, v)| v.trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or_else(|| "unknown".into(), |k| format!("{:.1} GiB", k / 1048576.0));
+    let disk = cmd_stdout("findmnt", &["-no", "SOURCE,FSTYPE,OPTIONS", "--target", &work.display().to_string()]);
+    let mut command_line = String::from("efuse bench");
+    if args.quick {
+        command_line.push_str(" --quick");
+    }
+    command_line.push_str(&format!(" --out {}", args.out.display()));
+    if let Some(d) = &args.dir {
+        command_line.push_str(&format!(" --dir {}", d.display()));
+    }
+    if !args.only.is_empty() {
+        command_line.push_str(&format!(" --only {}", args.only.join(",")));
+    }
+    if !args.systems.is_empty() {
+        command_line.push_str(&format!(" --systems {}", args.systems.join(",")));
+    }
+    if let Some(r) = args.reps {
+        command_line.push_str(&format!(" --reps {r}"));
+    }
+    if let Some(t) = args.fio_runtime {
+        command_line.push_str(&format!(" --fio-runtime {t}"));
+    }
+    let systems = systems
+        .iter()
+        .map(|&s| {
+            let how = match plan.mount_command(s) {
+                None => format!("(the work directory itself: {})", plan.backing.display()),
+                Some(c) => exec::display(&c),
+            };
+            (s.name().to_string(), how)
+        })
+        .collect();
+    Meta {
+        date_utc: cmd_stdout("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        host: cmd_stdout("hostname", &[]),
+        kernel: cmd_stdout("uname", &["-srvm"]),
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory,
+        disk,
+        work_dir: work.display().to_string(),
+        efuse: cmd_stdout(&plan.efuse_exe.display().to_string(), &["--version"]),
+        fio: cmd_stdout("fio", &["--version"]),
+        libfuse: format!("{} (passthrough_ll example, built with gcc -O2)", systems::libfuse_version()),
+        command_line,
+        installed,
+        duration_s,
+        scale: scale.clone(),
+        scale_text: scale.describe(),
+        systems,
+        notes,
+    }
+}

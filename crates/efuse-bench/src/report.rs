@@ -1,0 +1,410 @@
+//! What a run found, and writing it out: `results.json` (raw numbers) and
+//! `results.md` (tables with ratios to ext4, FUSE requests per workload).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::scale::Scale;
+use crate::workloads::{Figures, Metric, Workload};
+
+/// Counters read from `efuse stats --json`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatsSnapshot {
+    pub requests_total: u64,
+    /// Opcode -> (count, errors).
+    pub opcodes: BTreeMap<String, (u64, u64)>,
+    /// passthrough / cached / direct opens.
+    pub paths: BTreeMap<String, u64>,
+}
+
+impl StatsSnapshot {
+    pub fn parse(text: &str) -> anyhow::Result<StatsSnapshot> {
+        let v: serde_json::Value = serde_json::from_str(text.trim())?;
+        let num = |x: Option<&serde_json::Value>| x.and_then(|n| n.as_u64()).unwrap_or(0);
+        let mut s = StatsSnapshot { requests_total: num(v.get("requests_total")), ..Default::default() };
+        if let Some(ops) = v.get("opcodes").and_then(|o| o.as_object()) {
+            for (k, c) in ops {
+                s.opcodes.insert(k.clone(), (num(c.get("count")), num(c.get("errors"))));
+            }
+        }
+        if let Some(p) = v.get("paths").and_then(|o| o.as_object()) {
+            for (k, c) in p {
+                s.paths.insert(k.clone(), c.as_u64().unwrap_or(0));
+            }
+        }
+        Ok(s)
+    }
+
+    /// `self - before`, counter by counter.
+    pub fn since(&self, before: &StatsSnapshot) -> StatsSnapshot {
+        let mut d = StatsSnapshot {
+            requests_total: self.requests_total.saturating_sub(before.requests_total),
+            ..Default::default()
+        };
+        for (k, (c, e)) in &self.opcodes {
+            let (bc, be) = before.opcodes.get(k).copied().unwrap_or((0, 0));
+            let (dc, de) = (c.saturating_sub(bc), e.saturating_sub(be));
+            if dc > 0 || de > 0 {
+                d.opcodes.insert(k.clone(), (dc, de));
+            }
+        }
+        for (k, v) in &self.paths {
+            d.paths.insert(k.clone(), v.saturating_sub(before.paths.get(k).copied().unwrap_or(0)));
+        }
+        d
+    }
+}
+
+/// FUSE requests per repetition (mean over the repetitions measured).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Requests {
+    pub reps: u32,
+    pub total_per_rep: f64,
+    pub errors_per_rep: f64,
+    pub opcodes_per_rep: BTreeMap<String, f64>,
+    pub paths_per_rep: BTreeMap<String, f64>,
+}
+
+impl Requests {
+    pub fn from_deltas(deltas: &[StatsSnapshot]) -> Option<Requests> {
+        if deltas.is_empty() {
+            return None;
+        }
+        let n = deltas.len() as f64;
+        let mut r = Requests { reps: deltas.len() as u32, ..Default::default() };
+        for d in deltas {
+            r.total_per_rep += d.requests_total as f64 / n;
+            for (k, (c, e)) in &d.opcodes {
+                *r.opcodes_per_rep.entry(k.clone()).or_default() += *c as f64 / n;
+                r.errors_per_rep += *e as f64 / n;
+            }
+            for (k, v) in &d.paths {
+                *r.paths_per_rep.entry(k.clone()).or_default() += *v as f64 / n;
+            }
+        }
+        Some(r)
+    }
+}
+
+/// One workload on one system.
+#[derive(Clone, Debug, Serialize)]
+pub struct SystemRun {
+    pub system: String,
+    pub ok: bool,
+    /// Which step failed, and why.
+    pub error: Option<String>,
+    pub reps: Vec<Figures>,
+    pub median: Figures,
+    pub requests: Option<Requests>,
+    pub commands: Vec<String>,
+    /// Wall time of the whole step: mount, fill, repetitions, unmount.
+    pub elapsed_s: f64,
+}
+
+impl SystemRun {
+    pub fn finish(
+        system: &str,
+        reps: Vec<Figures>,
+        error: Option<String>,
+        requests: Option<Requests>,
+        commands: Vec<String>,
+    ) -> SystemRun {
+        let mut median = Figures::new();
+        if let Some(first) = reps.first() {
+            for k in first.keys() {
+                let mut v: Vec<f64> = reps.iter().filter_map(|r| r.get(k).copied()).collect();
+                v.sort_by(f64::total_cmp);
+                median.insert(k.clone(), median_sorted(&v));
+            }
+        }
+        SystemRun {
+            system: system.to_string(),
+            ok: error.is_none() && !reps.is_empty(),
+            error,
+            reps,
+            median,
+            requests,
+            commands,
+            elapsed_s: 0.0,
+        }
+    }
+}
+
+fn median_sorted(v: &[f64]) -> f64 {
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadResult {
+    pub workload: Workload,
+    pub runs: Vec<SystemRun>,
+}
+
+impl WorkloadResult {
+    pub fn run(&self, system: &str) -> Option<&SystemRun> {
+        self.runs.iter().find(|r| r.system == system)
+    }
+
+    /// `metric` on `system` relative to ext4 (rates: higher is better).
+    pub fn ratio(&self, system: &str, metric: &str) -> Option<f64> {
+        let base = self.run("ext4").filter(|r| r.ok)?.median.get(metric).copied()?;
+        let v = self.run(system).filter(|r| r.ok)?.median.get(metric).copied()?;
+        (base > 0.0 && v.is_finite()).then_some(v / base)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Meta {
+    pub date_utc: String,
+    pub host: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory: String,
+    pub disk: String,
+    pub work_dir: String,
+    pub efuse: String,
+    pub fio: String,
+    pub libfuse: String,
+    pub command_line: String,
+    pub installed: Vec<String>,
+    pub duration_s: f64,
+    pub scale: Scale,
+    pub scale_text: String,
+    pub systems: Vec<(String, String)>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub results: Vec<WorkloadResult>,
+}
+
+/// A number with sensible precision for a table.
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v.abs() >= 100_000.0 {
+        let s = format!("{:.0}", v);
+        // Thousands separators.
+        let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if v.abs() >= 100.0 {
+        format!("{:.0}", v)
+    } else if v.abs() >= 10.0 {
+        format!("{:.1}", v)
+    } else {
+        format!("{:.2}", v)
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// results.md.
+pub fn markdown(res: &Results, charts: &[String]) -> String {
+    let m = &res.meta;
+    let mut o = String::new();
+    let _ = writeln!(o, "# efuse bench results\n");
+    let _ = writeln!(o, "Generated by `{}` on {} (took {:.0} s).\n", m.command_line, m.date_utc, m.duration_s);
+    let _ = writeln!(o, "## Machine\n");
+    let _ = writeln!(o, "| | |\n|---|---|");
+    for (k, v) in [
+        ("host", &m.host),
+        ("kernel", &m.kernel),
+        ("cpu", &format!("{} ({} CPUs)", m.cpu, m.cpus)),
+        ("memory", &m.memory),
+        ("disk (work dir)", &m.disk),
+        ("work dir", &m.work_dir),
+        ("efuse", &m.efuse),
+        ("fio", &m.fio),
+        ("libfuse", &m.libfuse),
+    ] {
+        let _ = writeln!(o, "| {k} | {} |", md_escape(v));
+    }
+    if !m.installed.is_empty() {
+        let _ = writeln!(o, "| installed by the bench | {} |", m.installed.join(", "));
+    }
+    let _ = writeln!(o, "\n## Scale\n\n{}\n", m.scale_text);
+    let _ = writeln!(o, "## Systems\n");
+    let _ = writeln!(o, "| system | mounted with |\n|---|---|");
+    for (name, cmd) in &m.systems {
+        let _ = writeln!(o, "| {name} | `{}` |", md_escape(cmd));
+    }
+    for n in &m.notes {
+        let _ = writeln!(o, "\n{n}");
+    }
+
+    let systems: Vec<&str> = m.systems.iter().map(|(s, _)| s.as_str()).collect();
+    let _ = writeln!(o, "\n## Summary: speed relative to ext4 (median; higher is better)\n");
+    let _ = write!(o, "| workload | metric |");
+    for s in &systems {
+        let _ = write!(o, " {s} |");
+    }
+    let _ = write!(o, "\n|---|---|");
+    for _ in &systems {
+        let _ = write!(o, "---:|");
+    }
+    let _ = writeln!(o);
+    for w in &res.results {
+        for met in w.workload.metrics.iter().filter(|x| x.chart.is_some()) {
+            let _ = write!(o, "| {} | {} |", w.workload.name, met.label);
+            for s in &systems {
+                let cell = match w.run(s) {
+                    None => "not run".to_string(),
+                    Some(r) if !r.ok => "**failed**".to_string(),
+                    Some(_) => fmt_ratio(w.ratio(s, met.key)),
+                };
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
+        }
+    }
+    if !charts.is_empty() {
+        let _ = writeln!(o, "\n## Charts (ratio to ext4, log scale)\n");
+        for c in charts {
+            let _ = writeln!(o, "![{c}]({c})\n");
+        }
+    }
+
+    let _ = writeln!(o, "\n## Workloads\n");
+    for w in &res.results {
+        workload_section(&mut o, w, &systems);
+    }
+    o
+}
+
+fn workload_section(o: &mut String, w: &WorkloadResult, systems: &[&str]) {
+    let wl = &w.workload;
+    let _ = writeln!(o, "### {}\n\n{}.\n", wl.name, wl.description);
+    let charted: Vec<&Metric> = wl.metrics.iter().filter(|m| m.chart.is_some()).collect();
+    let _ = write!(o, "| system |");
+    for met in &wl.metrics {
+        let _ = write!(o, " {} |", met.label);
+    }
+    for met in &charted {
+        let _ = write!(o, " {} vs ext4 |", met.label);
+    }
+    let _ = write!(o, " reps |\n|---|");
+    for _ in 0..wl.metrics.len() + charted.len() {
+        let _ = write!(o, "---:|");
+    }
+    let _ = writeln!(o, "---:|");
+    for s in systems {
+        let Some(r) = w.run(s) else { continue };
+        let _ = write!(o, "| {s} |");
+        if !r.ok {
+            let err = r.error.as_deref().unwrap_or("no repetition finished");
+            let _ = write!(o, " **failed**: {} |", md_escape(err));
+            for _ in 1..wl.metrics.len() + charted.len() {
+                let _ = write!(o, " |");
+            }
+            let _ = writeln!(o, " {} |", r.reps.len());
+            continue;
+        }
+        for met in &wl.metrics {
+            let _ = write!(o, " {} |", r.median.get(met.key).map_or("-".into(), |v| fmt_num(*v)));
+        }
+        for met in &charted {
+            let _ = write!(o, " {} |", fmt_ratio(w.ratio(s, met.key)));
+        }
+        let _ = writeln!(o, " {} |", r.reps.len());
+    }
+    let with_requests: Vec<&SystemRun> = w.runs.iter().filter(|r| r.requests.is_some()).collect();
+    if !with_requests.is_empty() {
+        let plain = w.run("efuse-plain").and_then(|r| r.requests.as_ref()).map(|q| q.total_per_rep);
+        let _ = writeln!(o, "\nFUSE requests per repetition (daemon counters, `efuse stats --json` deltas):\n");
+        let _ = writeln!(
+            o,
+            "| system | requests | efuse vs efuse-plain | errors | top opcodes | opens: passthrough / cached / direct |\n|---|---:|---:|---:|---|---|"
+        );
+        for r in with_requests {
+            let Some(q) = &r.requests else { continue };
+            let mut ops: Vec<(&String, &f64)> = q.opcodes_per_rep.iter().collect();
+            ops.sort_by(|a, b| b.1.total_cmp(a.1));
+            let top: Vec<String> = ops.iter().take(5).map(|(k, v)| format!("{k} {}", fmt_num(**v))).collect();
+            let path = |k: &str| fmt_num(q.paths_per_rep.get(k).copied().unwrap_or(0.0));
+            let vs = match plain {
+                Some(p) if p > 0.0 && r.system.starts_with("efuse") && r.system != "efuse-plain" => {
+                    format!("{:.3}x", q.total_per_rep / p)
+                }
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {vs} | {} | {} | {} / {} / {} |",
+                r.system,
+                fmt_num(q.total_per_rep),
+                fmt_num(q.errors_per_rep),
+                top.join(", "),
+                path("passthrough"),
+                path("cached"),
+                path("direct")
+            );
+        }
+    }
+    if let Some(r) = w.runs.iter().find(|r| !r.commands.is_empty()) {
+        let _ =
+            writeln!(o, "\nCommands (as run on {}; other systems run the same in their own directory):\n", r.system);
+        let _ = writeln!(o, "```");
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &r.commands {
+            if seen.insert(c) {
+                let _ = writeln!(o, "{c}");
+            }
+        }
+        let _ = writeln!(o, "```");
+    }
+    let _ = writeln!(o);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_delta() {
+        let a = StatsSnapshot::parse(r#"{"requests_total":10,"opcodes":{"LOOKUP":{"count":4,"errors":1}},"paths":{"passthrough":1,"cached":0,"direct":2}}"#).unwrap();
+        let b = StatsSnapshot::parse(r#"{"requests_total":25,"opcodes":{"LOOKUP":{"count":9,"errors":1},"READ":{"count":3,"errors":0}},"paths":{"passthrough":4,"cached":0,"direct":2}}"#).unwrap();
+        let d = b.since(&a);
+        assert_eq!(d.requests_total, 15);
+        assert_eq!(d.opcodes["LOOKUP"], (5, 0));
+        assert_eq!(d.opcodes["READ"], (3, 0));
+        assert_eq!(d.paths["passthrough"], 3);
+        let r = Requests::from_deltas(&[d.clone(), d]).unwrap();
+        assert_eq!(r.total_per_rep, 15.0);
+    }
+
+    #[test]
+    fn medians() {
+        let reps = vec![
+            Figures::from([("x".to_string(), 3.0)]),
+            Figures::from([("x".to_string(), 1.0)]),
+            Figures::from([("x".to_string(), 2.0)]),
+        ];
+        let r = SystemRun::finish("ext4", reps, None, None, vec![]);
+        assert_eq!(r.median["x"], 2.0);
+        assert!(r.ok);
+        assert_eq!(fmt_num(1234567.0), "1,234,567");
+        assert_eq!(fmt_num(0.123), "0.12");
+    }
+}
