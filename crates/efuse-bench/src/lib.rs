@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use report::{Meta, Requests, Results, StatsSnapshot, SystemRun, WorkloadResult};
+use report::{Meta, Requests, Results, StatsSnapshot, SystemRun, TopSnapshot, WorkloadResult};
 use scale::Scale;
 use systems::{MountPlan, Mounts, System};
 use workloads::{RepEnv, Workload};
@@ -348,6 +348,13 @@ fn headline(w: &Workload, run: &SystemRun) -> String {
         .join(", ")
 }
 
+/// `efuse top --once --json`: the kernel-side view (eBPF), cumulative since mount.
+fn read_top(efuse_exe: &Path, mp: &Path) -> Result<TopSnapshot> {
+    let out =
+        exec::run(Command::new(efuse_exe).arg("top").arg(mp).arg("--once").arg("--json"), Duration::from_secs(15))?;
+    TopSnapshot::parse(&out.stdout).with_context(|| format!("parsing `efuse top --once --json`: {}", out.stdout.trim()))
+}
+
 fn read_stats(efuse_exe: &Path, mp: &Path) -> Result<StatsSnapshot> {
     let out = exec::run(Command::new(efuse_exe).arg("stats").arg(mp).arg("--json"), Duration::from_secs(15))?;
     StatsSnapshot::parse(&out.stdout).with_context(|| format!("parsing `efuse stats --json`: {}", out.stdout.trim()))
@@ -381,6 +388,8 @@ fn run_one(
 ) -> SystemRun {
     let mut reps = Vec::new();
     let mut deltas = Vec::new();
+    let mut switches: Vec<f64> = Vec::new();
+    let mut top_last: Option<TopSnapshot> = None;
     let mut commands = Vec::new();
     let mut step = "mount";
     let t0 = Instant::now();
@@ -412,6 +421,7 @@ fn run_one(
             }
             step = "efuse stats (before)";
             let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
+            let top_before = if s.is_efuse() { read_top(&plan.efuse_exe, &root).ok() } else { None };
             step = "workload";
             let mut cmds = Vec::new();
             let mut env = RepEnv { root: &root, scale, tarball, scratch: logs, commands: &mut cmds };
@@ -425,6 +435,10 @@ fn run_one(
             if let Some(b) = before {
                 deltas.push(read_stats(&plan.efuse_exe, &root)?.since(&b));
             }
+            if let (Some(b), Ok(a)) = (top_before, read_top(&plan.efuse_exe, &root)) {
+                switches.push(a.context_switches.saturating_sub(b.context_switches) as f64);
+                top_last = Some(a);
+            }
         }
         Ok(())
     })();
@@ -436,7 +450,20 @@ fn run_one(
             None => e,
         });
     }
-    let mut run = SystemRun::finish(s.name(), reps, error, Requests::from_deltas(&deltas), commands);
+    let mut requests = Requests::from_deltas(&deltas);
+    if let Some(q) = requests.as_mut() {
+        if !switches.is_empty() {
+            q.context_switches_per_rep = Some(switches.iter().sum::<f64>() / switches.len() as f64);
+        }
+        if let Some(t) = &top_last {
+            q.kernel_source = Some(t.source.clone());
+            let mut ops: Vec<_> =
+                t.opcodes.iter().filter_map(|(k, (n, p50, p99))| Some((k, *n, (*p50)?, (*p99)?))).collect();
+            ops.sort_by_key(|o| std::cmp::Reverse(o.1));
+            q.kernel_latency = ops.into_iter().take(3).map(|(k, _, p50, p99)| (k.clone(), p50, p99)).collect();
+        }
+    }
+    let mut run = SystemRun::finish(s.name(), reps, error, requests, commands);
     run.elapsed_s = t0.elapsed().as_secs_f64();
     run
 }

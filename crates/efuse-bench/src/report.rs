@@ -57,6 +57,35 @@ impl StatsSnapshot {
     }
 }
 
+/// The kernel-side view from `efuse top --once --json` (eBPF when loaded).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TopSnapshot {
+    /// "ebpf" or "daemon".
+    pub source: String,
+    pub context_switches: u64,
+    /// Opcode -> (requests, p50 µs, p99 µs), cumulative since mount.
+    pub opcodes: BTreeMap<String, (u64, Option<f64>, Option<f64>)>,
+}
+
+impl TopSnapshot {
+    pub fn parse(text: &str) -> anyhow::Result<TopSnapshot> {
+        let v: serde_json::Value = serde_json::from_str(text.trim())?;
+        let mut t = TopSnapshot {
+            source: v.get("source").and_then(|s| s.as_str()).unwrap_or("?").to_string(),
+            context_switches: v.get("context_switches").and_then(|n| n.as_u64()).unwrap_or(0),
+            ..Default::default()
+        };
+        if let Some(ops) = v.get("opcodes").and_then(|o| o.as_object()) {
+            for (k, o) in ops {
+                let n = o.get("requests").and_then(|n| n.as_u64()).unwrap_or(0);
+                let p = |f: &str| o.get(f).and_then(|x| x.as_f64());
+                t.opcodes.insert(k.clone(), (n, p("p50_us"), p("p99_us")));
+            }
+        }
+        Ok(t)
+    }
+}
+
 /// FUSE requests per repetition (mean over the repetitions measured).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Requests {
@@ -65,6 +94,13 @@ pub struct Requests {
     pub errors_per_rep: f64,
     pub opcodes_per_rep: BTreeMap<String, f64>,
     pub paths_per_rep: BTreeMap<String, f64>,
+    /// Daemon context switches per repetition (eBPF sched_switch, or /proc).
+    pub context_switches_per_rep: Option<f64>,
+    /// Kernel-side latency of the busiest opcodes over the whole workload
+    /// (send to reply, from the eBPF histograms): (opcode, p50 µs, p99 µs).
+    pub kernel_latency: Vec<(String, f64, f64)>,
+    /// Where the kernel-side figures came from ("ebpf" or "daemon").
+    pub kernel_source: Option<String>,
 }
 
 impl Requests {
@@ -335,7 +371,7 @@ fn workload_section(o: &mut String, w: &WorkloadResult, systems: &[&str]) {
         let _ = writeln!(o, "\nFUSE requests per repetition (daemon counters, `efuse stats --json` deltas):\n");
         let _ = writeln!(
             o,
-            "| system | requests | efuse vs efuse-plain | errors | top opcodes | opens: passthrough / cached / direct |\n|---|---:|---:|---:|---|---|"
+            "| system | requests | efuse vs efuse-plain | errors | top opcodes | opens: passthrough / cached / direct | daemon context switches | kernel-side p50/p99 µs (eBPF) |\n|---|---:|---:|---:|---|---|---:|---|"
         );
         for r in with_requests {
             let Some(q) = &r.requests else { continue };
@@ -349,9 +385,13 @@ fn workload_section(o: &mut String, w: &WorkloadResult, systems: &[&str]) {
                 }
                 _ => "-".into(),
             };
+            let cs = q.context_switches_per_rep.map_or("-".into(), fmt_num);
+            let lat: Vec<String> =
+                q.kernel_latency.iter().map(|(op, p50, p99)| format!("{op} {p50:.0}/{p99:.0}")).collect();
+            let lat = if lat.is_empty() { "-".to_string() } else { lat.join(", ") };
             let _ = writeln!(
                 o,
-                "| {} | {} | {vs} | {} | {} | {} / {} / {} |",
+                "| {} | {} | {vs} | {} | {} | {} / {} / {} | {cs} | {lat} |",
                 r.system,
                 fmt_num(q.total_per_rep),
                 fmt_num(q.errors_per_rep),
