@@ -76,6 +76,23 @@ pub fn test_transport() -> Option<String> {
     }
 }
 
+/// Extra mount arguments for every mount of this test binary: the suites are
+/// compiled again under other names to run in other profiles
+/// (tests/profile_plain.rs, tests/passthrough_off.rs); `EFUSE_TEST_MOUNT_ARGS`
+/// (space-separated) adds more to any binary.
+pub fn test_mount_args() -> Vec<String> {
+    let mut args: Vec<String> = match env!("CARGO_CRATE_NAME") {
+        "profile_plain" => vec!["--profile".into(), "plain".into()],
+        "passthrough_off" => vec!["--passthrough".into(), "off".into()],
+        "writeback" => vec!["--writeback-cache".into()],
+        _ => Vec::new(),
+    };
+    if let Ok(extra) = std::env::var("EFUSE_TEST_MOUNT_ARGS") {
+        args.extend(extra.split_whitespace().map(String::from));
+    }
+    args
+}
+
 /// True when the kernel can serve FUSE over io_uring (Linux 6.14+ with
 /// CONFIG_FUSE_IO_URING and `enable_uring=Y`; scripts/setup.sh turns it on).
 pub fn require_uring(test: &str) -> bool {
@@ -480,6 +497,14 @@ impl Mounted {
         }
         cmd.push(m.mnt.display().to_string());
         cmd.extend(spec.args.iter().cloned());
+        for a in test_mount_args() {
+            // A scenario's own choice (e.g. --profile) wins over the binary's.
+            let flag = a.starts_with("--");
+            if flag && spec.args.iter().any(|s| s == &a) {
+                continue;
+            }
+            cmd.push(a);
+        }
         if let Some(t) = test_transport() {
             if !spec.args.iter().any(|a| a == "--transport" || a.starts_with("--transport=")) {
                 cmd.extend(["--transport".to_string(), t]);

@@ -103,6 +103,9 @@ impl Filesystem for MemFs {
             handle_killpriv_v2: true,
             // READ and WRITE name the inode, not the open: no per-open state.
             stateless_open: true,
+            // Writes may come from the kernel's writeback cache with any fh;
+            // memfs ignores fh and takes size and times as the kernel sets them.
+            writeback_cache: true,
             ..Default::default()
         }
     }
