@@ -242,7 +242,7 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
             systems::nofile_hard()
         ));
     }
-    if systems.iter().any(|s| matches!(s, System::EfusePlain | System::Efuse | System::EfuseDev)) {
+    if systems.iter().any(|s| s.is_efuse() && *s != System::Memfs) {
         notes.push(
             "Read direct=1 figures with care: efuse stackfs drops O_DIRECT when it opens the backing file (the kernel \
              gives the application direct-I/O semantics on the mount), so on `efuse-plain` (no passthrough) a direct=1 \
@@ -328,7 +328,7 @@ fn select_systems(list: &[String]) -> Result<Vec<System>> {
         let s = System::parse(name.trim()).ok_or_else(|| {
             anyhow!(
                 "unknown system '{name}' (choose from {})",
-                System::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+                System::ALL.iter().chain(&System::ON_REQUEST).map(|s| s.name()).collect::<Vec<_>>().join(", ")
             )
         })?;
         if !v.contains(&s) {

@@ -33,6 +33,11 @@ pub enum System {
     /// `efuse mount stackfs --transport dev`: the default profile on
     /// /dev/fuse workers, to set the transports side by side.
     EfuseDev,
+    /// `efuse mount stackfs --passthrough off` (on request, `--systems`):
+    /// the adaptive cached/direct choice without passthrough.
+    EfuseNoPassthrough,
+    /// `efuse mount stackfs --no-open` (on request): stateless opens.
+    EfuseNoOpen,
     /// `efuse mount memfs`: in memory (datasets are copied in).
     Memfs,
 }
@@ -56,12 +61,17 @@ impl System {
             System::EfusePlain => "efuse-plain",
             System::Efuse => "efuse",
             System::EfuseDev => "efuse-dev",
+            System::EfuseNoPassthrough => "efuse-nopt",
+            System::EfuseNoOpen => "efuse-noopen",
             System::Memfs => "memfs",
         }
     }
 
+    /// Systems run only when named with `--systems`.
+    pub const ON_REQUEST: [System; 2] = [System::EfuseNoPassthrough, System::EfuseNoOpen];
+
     pub fn parse(s: &str) -> Option<System> {
-        System::ALL.into_iter().find(|x| x.name() == s)
+        System::ALL.into_iter().chain(System::ON_REQUEST).find(|x| x.name() == s)
     }
 
     pub fn is_fuse(self) -> bool {
@@ -70,7 +80,15 @@ impl System {
 
     /// Whether `efuse stats` can be read from it.
     pub fn is_efuse(self) -> bool {
-        matches!(self, System::EfusePlain | System::Efuse | System::EfuseDev | System::Memfs)
+        matches!(
+            self,
+            System::EfusePlain
+                | System::Efuse
+                | System::EfuseDev
+                | System::EfuseNoPassthrough
+                | System::EfuseNoOpen
+                | System::Memfs
+        )
     }
 
     /// Whether it shows the shared backing directory (memfs does not).
@@ -113,7 +131,11 @@ impl MountPlan {
                 c.arg(&mp);
                 Some(c)
             }
-            System::EfusePlain | System::Efuse | System::EfuseDev => {
+            System::EfusePlain
+            | System::Efuse
+            | System::EfuseDev
+            | System::EfuseNoPassthrough
+            | System::EfuseNoOpen => {
                 let mut c = Command::new(&self.efuse_exe);
                 c.arg("mount").arg("stackfs").arg(&self.backing).arg(&mp);
                 if s == System::EfusePlain {
@@ -121,6 +143,12 @@ impl MountPlan {
                 }
                 if s == System::EfuseDev {
                     c.arg("--transport").arg("dev");
+                }
+                if s == System::EfuseNoPassthrough {
+                    c.arg("--passthrough").arg("off");
+                }
+                if s == System::EfuseNoOpen {
+                    c.arg("--no-open");
                 }
                 Some(c)
             }
