@@ -513,7 +513,7 @@ impl<F: Filesystem> Session<F> {
             Operation::Flush { arg } => fs.flush(&ctx, ino, arg.fh, arg.lock_owner, ReplyEmpty::new(r())),
             Operation::Init { .. } => {
                 // A second INIT on a live session is a kernel bug; refuse it.
-                Responder::new(h.unique, opcode, sink.clone()).error_raw(libc::EPROTO)
+                r().error_raw(libc::EPROTO)
             }
             Operation::Opendir { .. } if self.shared.no_opendir.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
             Operation::Opendir { arg } => fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
