@@ -283,18 +283,62 @@ pub struct SetAttr {
     pub kill_suidgid: bool,
 }
 
-/// The mode bits a write or truncate by a caller of group `caller_gid`
-/// (without CAP_FSETID) clears from a file of `mode` and group `file_gid`, as
-/// Linux's VFS does: suid always; sgid when the file is group-executable or
-/// the caller is not in its group. FUSE sends only the caller's primary
-/// group, so a caller in the group through a supplementary group is treated
-/// as a non-member.
-pub fn kills_sgid(mode: u32, file_gid: u32, caller_gid: u32) -> u32 {
+/// The mode bits a write, truncate or chown by `caller` clears from a file
+/// of `mode` and group `file_gid`, as Linux's VFS does when the kernel leaves
+/// it to the file system (`HANDLE_KILLPRIV_V2`): suid always; sgid when the
+/// file is group-executable, or when the caller is neither in the file's
+/// group (primary or supplementary) nor privileged. The kernel asks only on
+/// writes and truncates by callers without CAP_FSETID, and on every chown.
+pub fn kills_sgid(mode: u32, file_gid: u32, caller: &Caller) -> u32 {
     let mut kill = libc::S_ISUID;
-    if mode & libc::S_IXGRP != 0 || caller_gid != file_gid {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group_or_capable(file_gid)) {
         kill |= libc::S_ISGID;
     }
     mode & kill
+}
+
+/// Who sent a request, for the permission decisions the kernel leaves to
+/// the file system. FUSE sends the caller's fsuid, fsgid and thread id, not
+/// its supplementary groups: those are read from `/proc/PID/status` when a
+/// decision needs them (rarely: group membership of a suid/sgid file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Thread id of the caller in the daemon's pid namespace; 0 when unknown
+    /// (a caller in another pid namespace, or a request of the kernel's own).
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is a member of group `gid`: its fsgid, or one of its
+    /// supplementary groups. A caller whose groups cannot be read (it is
+    /// gone, or `pid` is 0) counts as a member of its fsgid only.
+    pub fn in_group(&self, gid: u32) -> bool {
+        gid == self.gid || self.supplementary_groups().is_some_and(|g| g.contains(&gid))
+    }
+
+    /// [`in_group`](Self::in_group), or privileged: fsuid 0 stands for
+    /// CAP_FSETID, as FUSE sends no capabilities.
+    pub fn in_group_or_capable(&self, gid: u32) -> bool {
+        self.uid == 0 || self.in_group(gid)
+    }
+
+    /// The caller's supplementary groups, from `/proc/PID/status`; None when
+    /// they cannot be read.
+    pub fn supplementary_groups(&self) -> Option<Vec<u32>> {
+        if self.pid == 0 {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        parse_groups(&status)
+    }
+}
+
+/// The `Groups:` line of a `/proc/PID/status` text.
+fn parse_groups(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    line.split_whitespace().map(|g| g.parse().ok()).collect()
 }
 
 /// File system statistics, as `statvfs(3)` reports them.
@@ -371,6 +415,11 @@ pub struct RequestContext<'a> {
 }
 
 impl RequestContext<'_> {
+    /// The caller, for permission decisions (see [`Caller`]).
+    pub fn caller(&self) -> Caller {
+        Caller { uid: self.uid, gid: self.gid, pid: self.pid }
+    }
+
     /// The kernel asked to interrupt this request (the caller got a signal).
     /// Long-running operations should check it and answer EINTR.
     pub fn is_interrupted(&self) -> bool {
@@ -421,6 +470,40 @@ mod tests {
         assert_eq!(Errno::from_raw(0), Errno::EIO);
         assert_eq!(Errno::from_raw(-5), Errno::EIO);
         assert_eq!(Errno::from_raw(libc::ENOENT), Errno::ENOENT);
+    }
+
+    #[test]
+    fn groups_line() {
+        let status = "Name:\tx\nGid:\t5\t5\t5\t5\nGroups:\t4002 65534 \nNStgid:\t1\n";
+        assert_eq!(parse_groups(status), Some(vec![4002, 65534]));
+        assert_eq!(parse_groups("Groups:\t\n"), Some(vec![]));
+        assert_eq!(parse_groups("Groups:\tx\n"), None);
+        // Our own process: the answer must match getgroups(2).
+        let me = Caller { uid: 1, gid: u32::MAX, pid: std::process::id() };
+        let mut buf = [0 as libc::gid_t; 256];
+        // SAFETY: getgroups writes at most buf.len() ids into buf.
+        let n = unsafe { libc::getgroups(buf.len() as i32, buf.as_mut_ptr()) };
+        assert!(n >= 0);
+        let mut want: Vec<u32> = buf[..n as usize].to_vec();
+        let mut got = me.supplementary_groups().unwrap();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn sgid_kill_rule() {
+        let member = Caller { uid: 7, gid: 100, pid: 0 };
+        let other = Caller { uid: 7, gid: 200, pid: 0 };
+        let root = Caller { uid: 0, gid: 200, pid: 0 };
+        let suid_sgid = libc::S_ISUID | libc::S_ISGID | 0o644;
+        // suid always; sgid of a non-group-executable file only for non-members.
+        assert_eq!(kills_sgid(suid_sgid, 100, &member), libc::S_ISUID);
+        assert_eq!(kills_sgid(suid_sgid, 100, &other), libc::S_ISUID | libc::S_ISGID);
+        assert_eq!(kills_sgid(suid_sgid, 100, &root), libc::S_ISUID);
+        // Group-executable: sgid goes for everyone.
+        assert_eq!(kills_sgid(libc::S_ISGID | 0o754, 100, &member), libc::S_ISGID);
+        assert_eq!(kills_sgid(0o755, 100, &other), 0);
     }
 
     #[test]

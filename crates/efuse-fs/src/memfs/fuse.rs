@@ -17,7 +17,7 @@ use efuse::{
 use super::{with_out_buffer, Caller, MemFs, NewKind};
 
 fn caller(ctx: &RequestContext<'_>) -> Caller {
-    Caller { uid: ctx.uid, gid: ctx.gid }
+    ctx.caller()
 }
 
 fn empty(r: Result<(), Errno>, reply: ReplyEmpty) {
@@ -146,7 +146,7 @@ impl Filesystem for MemFs {
     }
 
     fn setattr(&self, ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
-        match MemFs::setattr(self, ino, attr, ctx.gid) {
+        match MemFs::setattr(self, ino, attr, &ctx.caller()) {
             Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
@@ -198,7 +198,7 @@ impl Filesystem for MemFs {
     }
 
     fn open(&self, ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        match MemFs::open(self, ino, flags, false, ctx.kill_suidgid.then_some(ctx.gid)) {
+        match MemFs::open(self, ino, flags, false, ctx.kill_suidgid.then(|| ctx.caller())) {
             Ok(fh) => {
                 let (fh, open_flags) = self.choose_path(ino, fh, flags);
                 reply.opened(fh, open_flags)
@@ -232,7 +232,7 @@ impl Filesystem for MemFs {
         if let Some(io) = self.io_shard(ino).get_mut(&ino) {
             io.observe_write();
         }
-        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then_some(ctx.gid);
+        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then(|| ctx.caller());
         match MemFs::write(self, ino, offset, data, kill) {
             // A WRITE is at most max_write (1 MiB) long.
             Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),

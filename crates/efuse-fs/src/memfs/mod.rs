@@ -78,11 +78,7 @@ const MAX_COPY: u64 = 16 << 20;
 const SHARDS: usize = 64;
 
 /// Who asks: the parts of the request context memfs looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Caller {
-    pub(crate) uid: u32,
-    pub(crate) gid: u32,
-}
+pub(crate) use efuse::Caller;
 
 /// What a new inode is.
 pub(crate) enum NewKind<'a> {
@@ -137,9 +133,9 @@ pub(crate) fn with_out_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 }
 
 /// Clears suid and sgid as the VFS does when an unprivileged caller writes
-/// or truncates ([`efuse::kills_sgid`]).
-pub(crate) fn kill_suidgid(i: &mut Inode, caller_gid: u32) {
-    i.mode &= !efuse::kills_sgid(i.mode, i.gid, caller_gid);
+/// or truncates, or anyone changes the owner ([`efuse::kills_sgid`]).
+pub(crate) fn kill_suidgid(i: &mut Inode, caller: &Caller) {
+    i.mode &= !efuse::kills_sgid(i.mode, i.gid, caller);
 }
 
 /// Drops `security.capability`, as Linux does on write, truncate and chown.
@@ -475,15 +471,9 @@ impl MemFs {
         } else {
             caller.gid
         };
-        // As Linux: a non-member may not leave a setgid file in someone else's group.
-        if typ != libc::S_IFDIR
-            && perm & libc::S_ISGID != 0
-            && perm & libc::S_IXGRP != 0
-            && gid != caller.gid
-            && caller.uid != 0
-        {
-            perm &= !libc::S_ISGID;
-        }
+        // A non-member's setgid bit on a new file in a setgid directory was
+        // already dropped by the kernel (vfs_prepare_mode), judged with the
+        // caller's full credentials: `mode` is final.
         let content = match kind {
             NewKind::Dir => Content::Dir(Directory::default()),
             NewKind::Symlink(t) => Content::Symlink(t.into()),
@@ -806,8 +796,8 @@ impl MemFs {
         Ok(self.attr_of(&n, &g))
     }
 
-    /// `caller_gid` decides whether a kill of privileges clears sgid.
-    pub(crate) fn setattr(&self, ino: u64, set: &SetAttr, caller_gid: u32) -> Result<FileAttr, Errno> {
+    /// `caller` decides whether a kill of privileges clears sgid.
+    pub(crate) fn setattr(&self, ino: u64, set: &SetAttr, caller: &Caller) -> Result<FileAttr, Errno> {
         let n = self.node(ino)?;
         let now = Timespec::now();
         let mut g = n.write();
@@ -820,6 +810,10 @@ impl MemFs {
             g.file_mut()?.truncate(size)?;
             g.touch_modified(now);
         }
+        // Judged on the file as it was, before a new group (as the VFS does).
+        if set.kill_suidgid && set.mode.is_none() {
+            kill_suidgid(&mut g, caller);
+        }
         if let Some(mode) = set.mode {
             g.mode = (g.mode & libc::S_IFMT) | (mode & 0o7777);
         }
@@ -828,9 +822,6 @@ impl MemFs {
         }
         if let Some(gid) = set.gid {
             g.gid = gid;
-        }
-        if set.kill_suidgid {
-            kill_suidgid(&mut g, caller_gid);
         }
         let at = |t: TimeOrNow| match t {
             TimeOrNow::Now => now,
@@ -862,7 +853,7 @@ impl MemFs {
         }
         let bits = if caller.uid == g.uid {
             (g.mode >> 6) & 7
-        } else if caller.gid == g.gid {
+        } else if caller.in_group(g.gid) {
             (g.mode >> 3) & 7
         } else {
             g.mode & 7
@@ -891,7 +882,7 @@ impl MemFs {
 
     // ---- open files ----
 
-    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill: Option<u32>) -> Result<u64, Errno> {
+    pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill: Option<Caller>) -> Result<u64, Errno> {
         let n = self.node(ino)?;
         if want_dir && n.kind != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
@@ -913,8 +904,8 @@ impl MemFs {
             }
             g.touch_modified(Timespec::now());
             drop_capabilities(&mut g);
-            if let Some(caller_gid) = kill {
-                kill_suidgid(&mut g, caller_gid);
+            if let Some(caller) = kill {
+                kill_suidgid(&mut g, &caller);
             }
         }
         Ok(self.next_handle())
@@ -960,17 +951,17 @@ impl MemFs {
         Ok(())
     }
 
-    /// Writes `data`; `kill` (the caller's gid) when the kernel asks to clear
+    /// Writes `data`; `kill` (the caller) when the kernel asks to clear
     /// suid/sgid (HANDLE_KILLPRIV_V2). Like any write on Linux, it drops file
     /// capabilities.
-    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill: Option<u32>) -> Result<usize, Errno> {
+    pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill: Option<Caller>) -> Result<usize, Errno> {
         let n = self.node(ino)?;
         let mut g = n.write();
         let written = g.file_mut()?.write(offset, data)?;
         g.touch_modified(Timespec::now());
         drop_capabilities(&mut g);
-        if let Some(caller_gid) = kill {
-            kill_suidgid(&mut g, caller_gid);
+        if let Some(caller) = kill {
+            kill_suidgid(&mut g, &caller);
         }
         Ok(written)
     }

@@ -23,13 +23,20 @@
 //! with `-o allow_other`):
 //!
 //! - **Creating operations** (create, tmpfile, mknod, mkdir, symlink) run with the
-//!   thread's file-system uid and gid switched to the caller's
-//!   (setfsuid/setfsgid, per thread, restored before the reply, even on
-//!   error). New files are owned by the caller, a setgid parent directory
-//!   passes its group on as usual, and the backing file system applies its own
-//!   permission checks to the creation with the caller's uid and primary gid
-//!   (supplementary groups are the daemon's, as FUSE does not send the
-//!   caller's). Device nodes can then only be made by root callers.
+//!   thread's file-system uid and gid and its supplementary groups switched
+//!   to the caller's (setfsuid/setfsgid and a per-thread setgroups; the groups
+//!   come from /proc, since FUSE sends only fsuid and fsgid), restored before
+//!   the reply, even on error ([`creds`]). New files are owned by the caller,
+//!   a setgid parent directory passes its group (and, to directories, its
+//!   setgid bit) on as usual, and the backing file system applies its own
+//!   permission checks to the creation exactly as for the caller. Device
+//!   nodes can then only be made by root callers.
+//! - **Modes**: the kernel applies the caller's umask before it sends the
+//!   request, so creating threads run with a private umask of 0: a new
+//!   file's mode is what the caller's umask and requested mode give on a
+//!   local file system, whatever the daemon's own umask (with or without
+//!   `default_permissions`; not with a default ACL on the backing directory,
+//!   which the kernel's umask has already been applied against).
 //! - **link** creates no inode, so it runs with the daemon's credentials
 //!   (linkat with `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH, which a switched
 //!   fsuid drops).
@@ -39,7 +46,11 @@
 //!   attributes stackfs reports, which are the backing ones.
 //!
 //! When the daemon is not root, every operation runs as the daemon's user and
-//! new files belong to it.
+//! new files belong to it (their modes are still exact).
+//!
+//! suid and sgid are cleared on write, truncate and chown as the VFS clears
+//! them (`HANDLE_KILLPRIV_V2`), with the caller's supplementary groups
+//! deciding membership ([`efuse::kills_sgid`]).
 //!
 //! Locks (POSIX record locks and flock) are kept by stackfs in
 //! [`efuse::locks::LockTable`]s, per node, and are not taken on the backing
@@ -90,9 +101,9 @@ use efuse::abi::consts::fopen;
 use efuse::locks::LockTable;
 use efuse::policy::{PassthroughMode, PathPolicy};
 use efuse::{
-    name_to_cstr, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, RequestContext, SetAttr, Statfs, TimeOrNow,
+    name_to_cstr, Caller, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, RequestContext, SetAttr, Statfs, TimeOrNow,
 };
 use efuse::{BackingId, CacheMode, CachePolicy, InitInfo};
 
@@ -243,13 +254,16 @@ struct Opened {
     backing: Option<BackingId>,
 }
 
-/// Clears suid and sgid as the VFS does when a caller of group `caller_gid`
-/// without CAP_FSETID writes or truncates (HANDLE_KILLPRIV_V2;
+/// Clears suid and sgid as the VFS does when `caller` without CAP_FSETID
+/// writes or truncates, or anyone changes the owner (HANDLE_KILLPRIV_V2;
 /// [`efuse::kills_sgid`]).
-fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, caller_gid: u32) -> Result<(), Errno> {
+fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, caller: &Caller) -> Result<(), Errno> {
     let st = sys::statx(fd)?;
     let mode = st.stx_mode as u32;
-    let kill = efuse::kills_sgid(mode, st.stx_gid, caller_gid);
+    if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+        return Ok(());
+    }
+    let kill = efuse::kills_sgid(mode, st.stx_gid, caller);
     if kill == 0 {
         return Ok(());
     }
@@ -459,16 +473,23 @@ impl StackFs {
         op: impl FnOnce(&OwnedFd, &CStr) -> Result<(), Errno>,
     ) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
-        let name = name_to_cstr(name, &mut buf)?;
-        if matches!(name.to_bytes(), b"." | b"..") {
-            return Err(Errno::EEXIST);
-        }
+        let name = new_name(name, &mut buf)?;
         let dir = self.inodes.fd(parent)?;
         {
-            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller);
+            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             op(&dir, name)?;
         }
         self.lookup_in(parent, &dir, name)
+    }
+
+    /// Records one lookup of the inode of `file`, a descriptor this request
+    /// opened (CREATE, O_TMPFILE): the node is that file, whatever its name
+    /// leads to by now.
+    fn remember_opened(&self, file: &OwnedFd) -> Result<(u64, libc::statx), Errno> {
+        let path_fd = sys::reopen(file.as_fd(), libc::O_PATH)?;
+        let st = sys::statx(path_fd.as_fd())?;
+        let id = self.inodes.remember(path_fd, &st)?;
+        Ok((id, st))
     }
 
     fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<FileAttr, Errno> {
@@ -479,14 +500,14 @@ impl StackFs {
         Ok(FileAttr::from_statx(&st))
     }
 
-    fn do_setattr(&self, ino: u64, attr: &SetAttr, caller_gid: u32) -> Result<FileAttr, Errno> {
+    fn do_setattr(&self, ino: u64, attr: &SetAttr, caller: &Caller) -> Result<FileAttr, Errno> {
         let ifd = self.inodes.fd(ino)?;
         let file = match attr.fh {
             Some(fh) => Some(self.io_fd(ino, fh, attr.size.is_some())?),
             None => None,
         };
         if attr.kill_suidgid && attr.mode.is_none() {
-            kill_suidgid(ifd.as_fd(), caller_gid)?;
+            kill_suidgid(ifd.as_fd(), caller)?;
         }
         if let Some(mode) = attr.mode {
             let mode = mode & 0o7777;
@@ -597,23 +618,17 @@ impl StackFs {
         mode: u32,
         flags: i32,
     ) -> Result<(Entry, Opened), Errno> {
-        let mut opened = None;
         let app_direct = flags & libc::O_DIRECT != 0;
         let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT);
-        let entry = self.create_node(ctx, parent, name, |dir, name| {
-            opened = Some(sys::openat(dir.as_fd(), name, flags, mode)?);
-            Ok(())
-        })?;
-        let fd = opened.ok_or(Errno::EIO)?;
-        let registered =
-            self.inodes.fd(entry.nodeid).and_then(|ifd| self.register_file(entry.nodeid, &ifd, fd, flags, app_direct));
-        match registered {
-            Ok(opened) => Ok((entry, opened)),
-            Err(e) => {
-                self.forget_nodes(&[(entry.nodeid, 1)]);
-                Err(e)
-            }
-        }
+        let mut buf = [0u8; 256];
+        let name = new_name(name, &mut buf)?;
+        let dir = self.inodes.fd(parent)?;
+        let fd = {
+            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
+            sys::openat(dir.as_fd(), name, flags, mode)?
+        };
+        let (id, st) = self.remember_opened(&fd)?;
+        self.opened_node(id, &st, fd, flags, app_direct)
     }
 
     fn do_tmpfile(
@@ -627,14 +642,25 @@ impl StackFs {
         let dir = self.inodes.fd(parent)?;
         let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_TMPFILE;
         let fd = {
-            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller);
+            let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             sys::openat(dir.as_fd(), c".", flags, mode & 0o7777)?
         };
-        let path_fd = sys::reopen(fd.as_fd(), libc::O_PATH)?;
-        let st = sys::statx(path_fd.as_fd())?;
-        let id = self.inodes.remember(path_fd, &st)?;
+        let (id, st) = self.remember_opened(&fd)?;
+        self.opened_node(id, &st, fd, flags, app_direct)
+    }
+
+    /// Files the open `fd` of the new node `id` (one lookup taken) and
+    /// answers with its entry; gives the lookup back if that fails.
+    fn opened_node(
+        &self,
+        id: u64,
+        st: &libc::statx,
+        fd: OwnedFd,
+        flags: i32,
+        app_direct: bool,
+    ) -> Result<(Entry, Opened), Errno> {
         match self.inodes.fd(id).and_then(|ifd| self.register_file(id, &ifd, fd, flags, app_direct)) {
-            Ok(opened) => Ok((self.entry(id, &st), opened)),
+            Ok(opened) => Ok((self.entry(id, st), opened)),
             Err(e) => {
                 self.forget_nodes(&[(id, 1)]);
                 Err(e)
@@ -670,12 +696,12 @@ impl StackFs {
         })
     }
 
-    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill: Option<u32>) -> Result<u32, Errno> {
+    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill: Option<Caller>) -> Result<u32, Errno> {
         let file = self.io_fd(ino, fh, true)?;
-        if let Some(caller_gid) = kill {
+        if let Some(caller) = &kill {
             // The daemon writes with CAP_FSETID, so the backing file system
             // would keep suid/sgid: clear them as the caller's write would.
-            kill_suidgid(file.fd(), caller_gid)?;
+            kill_suidgid(file.fd(), caller)?;
         }
         if let IoFd::Open(f) = &file {
             if let Some((io, _)) = &f.io {
@@ -826,6 +852,15 @@ impl StackFs {
     }
 }
 
+/// A name for a new directory entry: a single component, not "." or "..".
+fn new_name<'b>(name: &OsStr, buf: &'b mut [u8; 256]) -> Result<&'b CStr, Errno> {
+    let name = name_to_cstr(name, buf)?;
+    if matches!(name.to_bytes(), b"." | b"..") {
+        return Err(Errno::EEXIST);
+    }
+    Ok(name)
+}
+
 /// An xattr name as a C string: up to 255 bytes, any byte but NUL.
 fn xattr_name<'b>(name: &OsStr, buf: &'b mut [u8; 256]) -> Result<&'b CStr, Errno> {
     let b = name.as_bytes();
@@ -939,7 +974,7 @@ impl Filesystem for StackFs {
     }
 
     fn setattr(&self, ctx: &RequestContext<'_>, ino: u64, attr: &SetAttr, reply: ReplyAttr) {
-        match self.do_setattr(ino, attr, ctx.gid) {
+        match self.do_setattr(ino, attr, &ctx.caller()) {
             Ok(a) => reply.attr(&a, self.cache().attr_ttl),
             Err(e) => reply.error(e),
         }
@@ -1025,7 +1060,7 @@ impl Filesystem for StackFs {
 
     fn open(&self, ctx: &RequestContext<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         if ctx.kill_suidgid {
-            if let Err(e) = self.inodes.fd(ino).and_then(|fd| kill_suidgid(fd.as_fd(), ctx.gid)) {
+            if let Err(e) = self.inodes.fd(ino).and_then(|fd| kill_suidgid(fd.as_fd(), &ctx.caller())) {
                 return reply.error(e);
             }
         }
@@ -1050,7 +1085,7 @@ impl Filesystem for StackFs {
         write_flags: u32,
         reply: ReplyWrite,
     ) {
-        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then_some(ctx.gid);
+        let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then(|| ctx.caller());
         match self.do_write(ino, fh, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),

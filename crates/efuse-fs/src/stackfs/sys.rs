@@ -471,6 +471,51 @@ pub(super) fn setfsgid(gid: u32) -> u32 {
     unsafe { libc::syscall(libc::SYS_setfsgid, gid) as u32 }
 }
 
+/// Sets this thread's supplementary groups. The raw syscall changes the
+/// calling thread only; glibc's setgroups(3) would change every thread of
+/// the process.
+pub(super) fn setgroups_thread(groups: &[u32]) -> Result<(), Errno> {
+    // SAFETY: passes a live slice of gid_t (u32) and its length.
+    let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// This thread's supplementary groups.
+pub(super) fn getgroups() -> Result<Vec<u32>, Errno> {
+    // SAFETY: a size of 0 asks only for the count.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    let mut groups = vec![0 as libc::gid_t; n as usize];
+    // SAFETY: getgroups writes at most `groups.len()` ids into the buffer.
+    let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    groups.truncate(n as usize);
+    Ok(groups)
+}
+
+/// Gives this thread its own root, working directory and umask (they are
+/// shared by the whole process otherwise).
+pub(super) fn unshare_fs() -> Result<(), Errno> {
+    // SAFETY: unshare with CLONE_FS only copies this task's fs_struct.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Sets the umask (of this thread, after [`unshare_fs`]); returns the old one.
+pub(super) fn umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail and touches no memory.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
 /// Longest key [`FileHandle::key`] produces.
 pub(super) const HANDLE_KEY_MAX: usize = 4 + MAX_HANDLE_SZ;
 

@@ -353,3 +353,25 @@ fn create_runs_as_the_caller() {
     h.session.dispatch(&buf, &h.sink);
     assert!(!h.backing().join("closed/x").exists());
 }
+
+/// The kernel applies the caller's umask before it sends MKDIR, MKNOD and
+/// CREATE; the daemon's own umask must not apply again.
+#[test]
+fn new_modes_ignore_the_daemons_umask() {
+    let h = Harness::new("umask", None);
+    // SAFETY: umask cannot fail. This thread is the "daemon" here.
+    let old = unsafe { libc::umask(0o077) };
+    let m = abi::MkdirIn { mode: 0o777, umask: 0 };
+    assert_eq!(h.call(Opcode::Mkdir, ROOT_ID, &[m.as_bytes(), b"d\0"]).0, 0);
+    let c = abi::CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o100666, umask: 0, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"f\0"]).0, 0);
+    let n = abi::MknodIn { mode: libc::S_IFIFO | 0o666, rdev: 0, umask: 0, padding: 0 };
+    assert_eq!(h.call(Opcode::Mknod, ROOT_ID, &[n.as_bytes(), b"p\0"]).0, 0);
+    // The thread's own umask is back once the requests are answered.
+    // SAFETY: as above.
+    let after = unsafe { libc::umask(old) };
+    assert_eq!(after, 0o077);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |name: &str| std::fs::symlink_metadata(h.backing().join(name)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!((mode("d"), mode("f"), mode("p")), (0o777, 0o666, 0o666));
+}
