@@ -375,3 +375,52 @@ fn new_modes_ignore_the_daemons_umask() {
     let mode = |name: &str| std::fs::symlink_metadata(h.backing().join(name)).unwrap().permissions().mode() & 0o7777;
     assert_eq!((mode("d"), mode("f"), mode("p")), (0o777, 0o666, 0o666));
 }
+
+/// CREATE answers with the node of the file it opened, even when another
+/// process renames a different file over the name at the same moment (a
+/// second lookup of the name would have answered with that other file,
+/// leaving the entry and the open handle on different inodes).
+#[test]
+fn create_answers_with_the_file_it_opened() {
+    let h = Harness::new("create-race", None);
+    let b = h.backing();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renamer = {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let src = b.join(format!("src{}", n % 2));
+                if std::fs::write(&src, b"other").is_ok() {
+                    let _ = std::fs::rename(&src, b.join("name"));
+                }
+                n += 1;
+            }
+        })
+    };
+    let mut mismatches = 0;
+    for _ in 0..3000 {
+        let _ = std::fs::remove_file(b.join("name"));
+        let c = abi::CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode: 0o100644, umask: 0, open_flags: 0 };
+        let (err, data) = h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"name\0"]);
+        if err != 0 {
+            continue;
+        }
+        let (e, rest) = abi::EntryOut::read_from_prefix(&data).unwrap();
+        let (o, _) = abi::OpenOut::read_from_prefix(rest).unwrap();
+        // Attributes through the handle: the file the handle has open.
+        let g = abi::GetattrIn { getattr_flags: efuse::abi::consts::GETATTR_FH, dummy: 0, fh: o.fh };
+        let (err, data) = h.call(Opcode::Getattr, e.nodeid, &[g.as_bytes()]);
+        assert_eq!(err, 0);
+        let (a, _) = abi::AttrOut::read_from_prefix(&data).unwrap();
+        if a.attr.ino != e.attr.ino {
+            mismatches += 1;
+        }
+        let rel = abi::ReleaseIn { fh: o.fh, ..Default::default() };
+        assert_eq!(h.call(Opcode::Release, e.nodeid, &[rel.as_bytes()]).0, 0);
+        h.forget(e.nodeid, 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    renamer.join().unwrap();
+    assert_eq!(mismatches, 0, "CREATE answered with an entry for another file than its handle");
+}
