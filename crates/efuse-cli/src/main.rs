@@ -144,8 +144,8 @@ struct CommonMount {
     /// workers), uring (FUSE-over-io_uring, or fail).
     #[arg(long, value_name = "KIND", value_parser = parse_transport)]
     transport: Option<TransportKind>,
-    /// Ring entries per CPU queue (uring transport).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// Threads, each with one ring entry, per online CPU's queue (uring transport; default 8).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: Option<u16>,
     /// Mount options: allow_other, default_permissions, ro, debug, fsname=NAME.
     #[arg(short = 'o', value_name = "OPTS")]

@@ -54,6 +54,36 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called once at unmount (DESTROY) or when the session ends.
     fn destroy(&self) {}
 
+    /// The kernel refused a reply (the request was gone: the connection was
+    /// aborted, or the request interrupted), so what the reply granted never
+    /// reached it. The default takes it back as the kernel would have:
+    /// FORGET for a lookup, RELEASE (RELEASEDIR) for an open handle, both for
+    /// CREATE. Override to learn of it; `ctx` belongs to no request.
+    fn refused(&self, ctx: &RequestContext<'_>, grant: &Refused) {
+        match grant {
+            Refused::Lookup { nodeid } => self.forget(*nodeid, 1),
+            Refused::Lookups(ids) => {
+                for chunk in ids.chunks(64) {
+                    let mut nodes = [(0u64, 0u64); 64];
+                    for (slot, &id) in nodes.iter_mut().zip(chunk) {
+                        *slot = (id, 1);
+                    }
+                    self.batch_forget(&nodes[..chunk.len()]);
+                }
+            }
+            Refused::Open { ino, fh, flags, dir: false } => {
+                self.release(ctx, *ino, *fh, *flags, None, ReplyEmpty::nowhere(efuse_abi::Opcode::Release))
+            }
+            Refused::Open { ino, fh, flags, dir: true } => {
+                self.releasedir(ctx, *ino, *fh, *flags, ReplyEmpty::nowhere(efuse_abi::Opcode::Releasedir))
+            }
+            Refused::Create { nodeid, fh, flags } => {
+                self.release(ctx, *nodeid, *fh, *flags, None, ReplyEmpty::nowhere(efuse_abi::Opcode::Release));
+                self.forget(*nodeid, 1);
+            }
+        }
+    }
+
     /// Looks up `name` in directory `parent`; the reply adds one to the lookup count.
     fn lookup(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         reply.error(Errno::ENOSYS)

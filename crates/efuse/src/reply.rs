@@ -14,18 +14,78 @@ use efuse_abi::Opcode;
 use zerocopy::IntoBytes;
 
 use crate::connection::BackingId;
-use crate::stats::Counters;
+use crate::session::SessionShared;
 use crate::types::{Entry, Errno, FileAttr, FileLock, Statfs};
+
+/// One reply, as a transport sends it.
+#[derive(Clone, Copy)]
+pub struct Reply<'a> {
+    pub opcode: Opcode,
+    pub unique: u64,
+    /// 0 or a negative errno.
+    pub error: i32,
+    /// What follows the out header.
+    pub payload: &'a [IoSlice<'a>],
+    /// What a successful reply hands the kernel (a lookup, an open handle),
+    /// to be taken back if the kernel refuses the reply.
+    pub grant: Grant<'a>,
+}
+
+/// What a reply hands the kernel that the file system must take back if
+/// the kernel refuses the reply (the request is gone: the connection was
+/// aborted, or the request was interrupted on a kernel that drops
+/// interrupted requests). libfuse does the same: a refused entry is
+/// forgotten, a refused open released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Grant<'a> {
+    #[default]
+    Nothing,
+    /// One lookup of `nodeid` (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK).
+    Lookup { nodeid: u64 },
+    /// An open handle (OPEN, OPENDIR when `dir`); `flags` are the open flags.
+    Open { ino: u64, fh: u64, flags: i32, dir: bool },
+    /// CREATE and TMPFILE: one lookup and an open handle.
+    Create { nodeid: u64, fh: u64, flags: i32 },
+    /// READDIRPLUS: one lookup of each node id.
+    Lookups(&'a [u64]),
+}
+
+/// A [`Grant`] whose reply the kernel refused: handed to
+/// [`Filesystem::refused`](crate::Filesystem::refused) to undo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    Lookup { nodeid: u64 },
+    Open { ino: u64, fh: u64, flags: i32, dir: bool },
+    Create { nodeid: u64, fh: u64, flags: i32 },
+    Lookups(Vec<u64>),
+}
+
+impl Grant<'_> {
+    /// The owned form, or None when nothing was granted.
+    pub fn to_refused(self) -> Option<Refused> {
+        match self {
+            Grant::Nothing | Grant::Lookup { nodeid: 0 } => None,
+            Grant::Lookup { nodeid } => Some(Refused::Lookup { nodeid }),
+            Grant::Open { ino, fh, flags, dir } => Some(Refused::Open { ino, fh, flags, dir }),
+            Grant::Create { nodeid, fh, flags } => Some(Refused::Create { nodeid, fh, flags }),
+            Grant::Lookups([]) => None,
+            Grant::Lookups(ids) => Some(Refused::Lookups(ids.to_vec())),
+        }
+    }
+}
 
 /// Where replies go: a /dev/fuse fd, a ring entry, or a test buffer.
 pub trait ReplySink: Send + Sync {
-    /// Sends one reply. `error` is 0 or a negative errno; `payload` follows the
-    /// out header. Failures are the sink's to log: the kernel forgets requests
-    /// that were interrupted or whose connection was aborted.
-    fn send(&self, opcode: Opcode, unique: u64, error: i32, payload: &[IoSlice<'_>]);
+    /// Sends one reply. Failures are the sink's to handle: the kernel forgets
+    /// requests whose connection was aborted; a sink that learns the kernel
+    /// refused a reply carrying a [`Grant`] hands it to
+    /// [`SessionShared::refused`] (now or, for a transport that learns it
+    /// later, then), so the file system takes it back.
+    fn send(&self, reply: &Reply<'_>);
 
-    /// The session's counters, where replies are counted.
-    fn counters(&self) -> Option<&Counters> {
+    /// The session whose requests this sink answers: replies are counted
+    /// there and end the request's tracking (interrupts).
+    fn session(&self) -> Option<&SessionShared> {
         None
     }
 }
@@ -42,14 +102,15 @@ impl Responder {
         Responder { unique, opcode, sink: Some(sink) }
     }
 
-    fn send(mut self, error: i32, payload: &[IoSlice<'_>]) {
+    /// A responder whose answer goes nowhere: for calls the session makes on
+    /// its own account (undoing a refused reply), which no kernel waits for.
+    pub(crate) fn nowhere(opcode: Opcode) -> Responder {
+        Responder { unique: 0, opcode, sink: None }
+    }
+
+    fn send(mut self, error: i32, payload: &[IoSlice<'_>], grant: Grant<'_>) {
         if let Some(sink) = self.sink.take() {
-            if error != 0 {
-                if let Some(c) = sink.counters() {
-                    c.error(self.opcode);
-                }
-            }
-            sink.send(self.opcode, self.unique, error, payload);
+            deliver(&*sink, &Reply { opcode: self.opcode, unique: self.unique, error, payload, grant });
         }
     }
 
@@ -57,21 +118,39 @@ impl Responder {
         if self.opcode == Opcode::Opendir {
             return;
         }
-        if let Some(c) = self.sink.as_ref().and_then(|s| s.counters()) {
-            c.open_path(open_flags);
+        if let Some(c) = self.sink.as_ref().and_then(|s| s.session()) {
+            c.counters.open_path(open_flags);
         }
     }
 
     pub(crate) fn error_raw(self, errno: i32) {
-        self.send(-errno, &[])
+        self.send(-errno, &[], Grant::Nothing)
     }
 
     fn ok(self, payload: &[IoSlice<'_>]) {
-        self.send(0, payload)
+        self.send(0, payload, Grant::Nothing)
+    }
+
+    fn granting(self, payload: &[IoSlice<'_>], grant: Grant<'_>) {
+        self.send(0, payload, grant)
     }
 
     fn error(self, e: Errno) {
-        self.send(-e.raw(), &[])
+        self.send(-e.raw(), &[], Grant::Nothing)
+    }
+}
+
+/// Counts an error reply, sends it, and ends the request's tracking.
+fn deliver(sink: &dyn ReplySink, reply: &Reply<'_>) {
+    let session = sink.session();
+    if reply.error != 0 {
+        if let Some(s) = session {
+            s.counters.error(reply.opcode);
+        }
+    }
+    sink.send(reply);
+    if let Some(s) = session {
+        s.interrupts.finished(reply.unique);
     }
 }
 
@@ -83,10 +162,14 @@ impl Drop for Responder {
                 unique = self.unique,
                 "request dropped without a reply; answering EIO"
             );
-            if let Some(c) = sink.counters() {
-                c.error(self.opcode);
-            }
-            sink.send(self.opcode, self.unique, -libc::EIO, &[]);
+            let reply = Reply {
+                opcode: self.opcode,
+                unique: self.unique,
+                error: -libc::EIO,
+                payload: &[],
+                grant: Grant::Nothing,
+            };
+            deliver(&*sink, &reply);
         }
     }
 }
@@ -114,9 +197,10 @@ reply_type!(
     ReplyEntry
 );
 impl ReplyEntry {
+    /// Answers with `e`; a non-zero node id adds one to its lookup count.
     pub fn entry(self, e: &Entry) {
         let out = e.to_abi();
-        self.0.ok(&[IoSlice::new(out.as_bytes())])
+        self.0.granting(&[IoSlice::new(out.as_bytes())], Grant::Lookup { nodeid: e.nodeid })
     }
 }
 
@@ -196,13 +280,32 @@ impl ReplyEmpty {
     pub fn ok(self) {
         self.0.ok(&[])
     }
+
+    /// A reply object whose answer goes nowhere, for calls into the file
+    /// system that no kernel request waits for.
+    pub(crate) fn nowhere(opcode: Opcode) -> ReplyEmpty {
+        ReplyEmpty(Responder::nowhere(opcode))
+    }
 }
 
-reply_type!(
-    /// Answer to OPEN and OPENDIR: a file handle and `FOPEN_*` flags.
-    ReplyOpen
-);
+/// Answer to OPEN and OPENDIR: a file handle and `FOPEN_*` flags.
+pub struct ReplyOpen {
+    r: Responder,
+    /// The node opened and the open flags, to release a refused handle.
+    ino: u64,
+    flags: i32,
+}
+
 impl ReplyOpen {
+    pub(crate) fn new(r: Responder, ino: u64, flags: i32) -> ReplyOpen {
+        ReplyOpen { r, ino, flags }
+    }
+
+    /// Answers with an error.
+    pub fn error(self, e: Errno) {
+        self.r.error(e)
+    }
+
     pub fn opened(self, fh: u64, open_flags: u32) {
         self.send(fh, open_flags, 0)
     }
@@ -215,16 +318,30 @@ impl ReplyOpen {
 
     fn send(self, fh: u64, open_flags: u32, backing_id: i32) {
         let out = abi::OpenOut { fh, open_flags, backing_id };
-        self.0.count_open_path(open_flags);
-        self.0.ok(&[IoSlice::new(out.as_bytes())])
+        self.r.count_open_path(open_flags);
+        let dir = self.r.opcode == Opcode::Opendir;
+        let grant = Grant::Open { ino: self.ino, fh, flags: self.flags, dir };
+        self.r.granting(&[IoSlice::new(out.as_bytes())], grant)
     }
 }
 
-reply_type!(
-    /// Answer to CREATE: the new entry and its open file handle.
-    ReplyCreate
-);
+/// Answer to CREATE: the new entry and its open file handle.
+pub struct ReplyCreate {
+    r: Responder,
+    /// The open flags, to release a refused handle.
+    flags: i32,
+}
+
 impl ReplyCreate {
+    pub(crate) fn new(r: Responder, flags: i32) -> ReplyCreate {
+        ReplyCreate { r, flags }
+    }
+
+    /// Answers with an error.
+    pub fn error(self, e: Errno) {
+        self.r.error(e)
+    }
+
     pub fn created(self, entry: &Entry, fh: u64, open_flags: u32) {
         self.send(entry, fh, open_flags, 0)
     }
@@ -237,8 +354,9 @@ impl ReplyCreate {
     fn send(self, entry: &Entry, fh: u64, open_flags: u32, backing_id: i32) {
         let e = entry.to_abi();
         let o = abi::OpenOut { fh, open_flags, backing_id };
-        self.0.count_open_path(open_flags);
-        self.0.ok(&[IoSlice::new(e.as_bytes()), IoSlice::new(o.as_bytes())])
+        self.r.count_open_path(open_flags);
+        let grant = Grant::Create { nodeid: entry.nodeid, fh, flags: self.flags };
+        self.r.granting(&[IoSlice::new(e.as_bytes()), IoSlice::new(o.as_bytes())], grant)
     }
 }
 
@@ -406,11 +524,19 @@ pub struct ReplyDirectoryPlus {
     r: Responder,
     buf: Vec<u8>,
     limit: usize,
+    /// Node ids whose lookup the reply carries, to give back if refused.
+    lookups: Vec<u64>,
+}
+
+thread_local! {
+    static LOOKUP_BUFFER: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl ReplyDirectoryPlus {
     pub(crate) fn new(r: Responder, limit: usize) -> ReplyDirectoryPlus {
-        ReplyDirectoryPlus { r, buf: take_dir_buffer(limit), limit }
+        let mut lookups = LOOKUP_BUFFER.with(|b| b.take());
+        lookups.clear();
+        ReplyDirectoryPlus { r, buf: take_dir_buffer(limit), limit, lookups }
     }
 
     /// Whether an entry with a name of `namelen` bytes still fits.
@@ -423,47 +549,75 @@ impl ReplyDirectoryPlus {
     pub fn add(&mut self, entry: &Entry, offset: u64, name: &std::ffi::OsStr) -> bool {
         use std::os::unix::ffi::OsStrExt;
         let e = entry.to_abi();
-        efuse_abi::encode::push_direntplus(
-            &mut self.buf,
-            self.limit,
-            &e,
-            offset,
-            entry.attr.mode >> 12,
-            name.as_bytes(),
-        )
+        let name = name.as_bytes();
+        let added =
+            efuse_abi::encode::push_direntplus(&mut self.buf, self.limit, &e, offset, entry.attr.mode >> 12, name);
+        if added && entry.nodeid != 0 && name != b"." && name != b".." {
+            self.lookups.push(entry.nodeid);
+        }
+        added
     }
 
     pub fn ok(self) {
-        let ReplyDirectoryPlus { r, buf, .. } = self;
-        r.ok(&[IoSlice::new(&buf)]);
+        let ReplyDirectoryPlus { r, buf, lookups, .. } = self;
+        r.granting(&[IoSlice::new(&buf)], Grant::Lookups(&lookups));
         return_dir_buffer(buf);
+        LOOKUP_BUFFER.with(|b| b.set(lookups));
     }
 
     pub fn error(self, e: Errno) {
-        let ReplyDirectoryPlus { r, buf, .. } = self;
+        let ReplyDirectoryPlus { r, buf, lookups, .. } = self;
         r.error(e);
         return_dir_buffer(buf);
+        LOOKUP_BUFFER.with(|b| b.set(lookups));
     }
 }
 
 /// A sink that keeps replies in memory: for unit tests of file systems and of
-/// the session, without a kernel.
+/// the session, without a kernel. [`Session::memory_sink`](crate::Session::memory_sink)
+/// makes one that belongs to a session (replies counted, requests tracked
+/// for interrupts); [`refuse`](Self::refuse) makes it act as a kernel that
+/// refuses replies.
 #[derive(Default)]
 pub struct MemorySink {
     pub replies: std::sync::Mutex<Vec<RecordedReply>>,
+    session: Option<Arc<SessionShared>>,
+    refusing: std::sync::atomic::AtomicBool,
 }
 
 /// One reply kept by [`MemorySink`]: opcode, unique, error, payload.
 pub type RecordedReply = (Opcode, u64, i32, Vec<u8>);
 
+impl MemorySink {
+    pub(crate) fn for_session(session: Arc<SessionShared>) -> MemorySink {
+        MemorySink { session: Some(session), ..Default::default() }
+    }
+
+    /// From now on (`on`) the sink refuses replies as the kernel does for a
+    /// request that is gone: they are not recorded, and what they granted is
+    /// handed back to the session to undo.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl ReplySink for MemorySink {
-    fn send(&self, opcode: Opcode, unique: u64, error: i32, payload: &[IoSlice<'_>]) {
+    fn send(&self, reply: &Reply<'_>) {
         let mut data = Vec::new();
-        for p in payload {
+        for p in reply.payload {
             data.extend_from_slice(p);
         }
-        if let Ok(mut r) = self.replies.lock() {
-            r.push((opcode, unique, error, data));
+        let refused = self.refusing.load(std::sync::atomic::Ordering::Relaxed);
+        if refused {
+            if let (Some(s), Some(g)) = (&self.session, reply.grant.to_refused()) {
+                s.refused(g);
+            }
+        } else if let Ok(mut r) = self.replies.lock() {
+            r.push((reply.opcode, reply.unique, reply.error, data));
         }
+    }
+
+    fn session(&self) -> Option<&SessionShared> {
+        self.session.as_deref()
     }
 }

@@ -5,7 +5,6 @@
 //! no lock on the request path. Counters are atomics; the interrupt set is
 //! consulted only when the kernel has sent an INTERRUPT.
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,45 +28,173 @@ pub const BUFFER_HEADER_SIZE: usize = 4096;
 /// Request buffer size a transport must provide.
 pub const REQUEST_BUFFER_SIZE: usize = MAX_WRITE as usize + BUFFER_HEADER_SIZE;
 
-/// Requests the kernel asked to interrupt. Bounded: a request that finished
-/// before its INTERRUPT arrived ages out.
-#[derive(Debug, Default)]
+/// Requests in flight, and the interrupts the kernel sent for them.
+///
+/// Every request that expects a reply is tracked from dispatch until its
+/// reply (`begin` / `finished`, sharded by `unique` so that threads rarely
+/// meet on a lock). An INTERRUPT marks its target and runs the waker the
+/// handler registered ([`RequestContext::on_interrupt`]). An INTERRUPT whose
+/// target is not in flight was either sent for a request already answered,
+/// or read by another thread a moment before its target was dispatched: it
+/// waits as an orphan for its target for [`ORPHAN_GRACE`], then is answered
+/// EAGAIN (the kernel sends it again if the request is still pending) and
+/// forgotten, so nothing about an answered request stays recorded.
 pub struct Interrupts {
-    any: AtomicBool,
-    recent: Mutex<VecDeque<u64>>,
+    shards: Box<[Mutex<Vec<Tracked>>]>,
+    orphans: Mutex<Vec<Orphan>>,
+    has_orphans: AtomicBool,
+}
+
+struct Tracked {
+    unique: u64,
+    interrupted: bool,
+    waker: Option<Box<dyn FnOnce() + Send>>,
+}
+
+struct Orphan {
+    target: u64,
+    /// The INTERRUPT request's own unique (target | FUSE_INT_REQ_BIT).
+    unique: u64,
+    sink: Arc<dyn ReplySink>,
+    since: Instant,
+}
+
+/// How long an INTERRUPT waits for a target that is not (yet) in flight.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+const INTERRUPT_SHARDS: usize = 32;
+
+impl Default for Interrupts {
+    fn default() -> Self {
+        Interrupts {
+            shards: (0..INTERRUPT_SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            orphans: Mutex::new(Vec::new()),
+            has_orphans: AtomicBool::new(false),
+        }
+    }
+}
+
+impl std::fmt::Debug for Interrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupts").field("in_flight", &self.in_flight()).finish_non_exhaustive()
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Interrupts {
-    const KEEP: usize = 256;
+    fn shard(&self, unique: u64) -> std::sync::MutexGuard<'_, Vec<Tracked>> {
+        // Uniques step by two (bit 0 marks interrupts): skip that bit.
+        lock_ignoring_poison(&self.shards[(unique >> 1) as usize % INTERRUPT_SHARDS])
+    }
 
-    pub(crate) fn insert(&self, unique: u64) {
-        if let Ok(mut r) = self.recent.lock() {
-            if r.len() == Self::KEEP {
-                r.pop_front();
-            }
-            r.push_back(unique);
-            self.any.store(true, Ordering::Release);
+    /// A request starts: track it until [`finished`](Self::finished).
+    pub(crate) fn begin(&self, unique: u64) {
+        self.shard(unique).push(Tracked { unique, interrupted: false, waker: None });
+        if self.has_orphans.load(Ordering::Acquire) {
+            self.adopt(unique);
+        }
+    }
+
+    /// The request's reply was sent.
+    pub(crate) fn finished(&self, unique: u64) {
+        let mut s = self.shard(unique);
+        if let Some(i) = s.iter().position(|t| t.unique == unique) {
+            s.swap_remove(i);
+        }
+    }
+
+    /// The kernel sent INTERRUPT `unique` for request `target`, on `sink`.
+    pub(crate) fn interrupt(&self, target: u64, unique: u64, sink: &Arc<dyn ReplySink>) {
+        if self.wake(target) {
+            return;
+        }
+        let mut o = lock_ignoring_poison(&self.orphans);
+        o.push(Orphan { target, unique, sink: sink.clone(), since: Instant::now() });
+        self.has_orphans.store(true, Ordering::Release);
+    }
+
+    /// Marks `target` interrupted and runs its waker; false if not in flight.
+    fn wake(&self, target: u64) -> bool {
+        let waker = {
+            let mut s = self.shard(target);
+            let Some(t) = s.iter_mut().find(|t| t.unique == target) else { return false };
+            t.interrupted = true;
+            t.waker.take()
+        };
+        if let Some(w) = waker {
+            w();
+        }
+        true
+    }
+
+    /// A request began while orphans wait: hands it its interrupt, if one
+    /// came early, and retires orphans past their grace.
+    fn adopt(&self, unique: u64) {
+        let now = Instant::now();
+        let (mine, expired) = {
+            let mut o = lock_ignoring_poison(&self.orphans);
+            let mut mine = false;
+            let mut expired = Vec::new();
+            o.retain(|x| {
+                if x.target == unique {
+                    mine = true;
+                    false
+                } else if now.duration_since(x.since) >= ORPHAN_GRACE {
+                    expired.push((x.unique, x.sink.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+            self.has_orphans.store(!o.is_empty(), Ordering::Release);
+            (mine, expired)
+        };
+        if mine {
+            self.wake(unique);
+        }
+        for (u, sink) in expired {
+            // The kernel queues the interrupt again if its request still
+            // waits; for an answered request it drops it.
+            let reply = Reply {
+                opcode: Opcode::Interrupt,
+                unique: u,
+                error: -libc::EAGAIN,
+                payload: &[],
+                grant: Grant::Nothing,
+            };
+            sink.send(&reply);
         }
     }
 
     pub(crate) fn contains(&self, unique: u64) -> bool {
-        if !self.any.load(Ordering::Acquire) {
-            return false;
-        }
-        self.recent.lock().map(|r| r.contains(&unique)).unwrap_or(false)
+        self.shard(unique).iter().any(|t| t.unique == unique && t.interrupted)
     }
 
-    /// Forgets a request once answered.
-    pub(crate) fn remove(&self, unique: u64) {
-        if !self.any.load(Ordering::Acquire) {
-            return;
-        }
-        if let Ok(mut r) = self.recent.lock() {
-            r.retain(|&u| u != unique);
-            if r.is_empty() {
-                self.any.store(false, Ordering::Release);
+    /// Registers `f` to run once when request `unique` is interrupted.
+    /// Err(f) when it already was (the caller acts on it at once); a request
+    /// that is not tracked never runs `f`.
+    pub(crate) fn on_interrupt<F: FnOnce() + Send + 'static>(&self, unique: u64, f: F) -> Result<(), F> {
+        let mut s = self.shard(unique);
+        match s.iter_mut().find(|t| t.unique == unique) {
+            Some(t) if t.interrupted => Err(f),
+            Some(t) => {
+                t.waker = Some(Box::new(f));
+                Ok(())
             }
+            None => Ok(()),
         }
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.shards.iter().map(|s| lock_ignoring_poison(s).len()).sum()
+    }
+
+    /// INTERRUPTs waiting for their target.
+    pub fn orphans(&self) -> usize {
+        lock_ignoring_poison(&self.orphans).len()
     }
 }
 
@@ -186,6 +313,19 @@ pub struct SessionShared {
     /// OPEN / OPENDIR are answered ENOSYS by the session (stateless opens).
     no_open: AtomicBool,
     no_opendir: AtomicBool,
+    /// Grants of replies the kernel refused, for the file system to undo.
+    refused: Mutex<Vec<Refused>>,
+    any_refused: AtomicBool,
+}
+
+impl SessionShared {
+    /// The kernel refused a reply that granted `g`: the session has the file
+    /// system undo it ([`Filesystem::refused`]) after the request in progress.
+    pub fn refused(&self, g: Refused) {
+        tracing::debug!(?g, "reply refused by the kernel; undoing what it granted");
+        lock_ignoring_poison(&self.refused).push(g);
+        self.any_refused.store(true, Ordering::Release);
+    }
 }
 
 impl Default for SessionShared {
@@ -199,6 +339,8 @@ impl Default for SessionShared {
             max_read: AtomicU32::new(MAX_WRITE),
             no_open: AtomicBool::new(false),
             no_opendir: AtomicBool::new(false),
+            refused: Mutex::new(Vec::new()),
+            any_refused: AtomicBool::new(false),
         }
     }
 }
@@ -309,7 +451,11 @@ impl<F: Filesystem> Session<F> {
         };
         let unique = req.header.unique;
         self.shared.counters.request(Opcode::Init);
-        let send = |error: i32, out: &[u8]| sink.send(Opcode::Init, unique, error, &[IoSlice::new(out)]);
+        let send = |error: i32, out: &[u8]| {
+            let payload = [IoSlice::new(out)];
+            let payload: &[IoSlice<'_>] = if out.is_empty() { &[] } else { &payload };
+            sink.send(&Reply { opcode: Opcode::Init, unique, error, payload, grant: Grant::Nothing })
+        };
         if arg.major > efuse_abi::KERNEL_VERSION {
             // Newer major: answer with ours and wait for the kernel to retry.
             let out = abi::InitOut {
@@ -386,6 +532,39 @@ impl<F: Filesystem> Session<F> {
             Ok(req) => self.handle(req, sink),
             Err(e) => self.reject(buf, e, sink),
         }
+        self.undo_refused();
+    }
+
+    /// A sink that keeps replies in memory and belongs to this session:
+    /// replies are counted and requests tracked as with a kernel transport.
+    pub fn memory_sink(&self) -> Arc<MemorySink> {
+        Arc::new(MemorySink::for_session(self.shared.clone()))
+    }
+
+    /// Has the file system take back what refused replies granted
+    /// ([`Filesystem::refused`]). Transports call it between requests; the
+    /// dispatch functions call it after each request.
+    pub fn undo_refused(&self) {
+        if !self.shared.any_refused.load(Ordering::Acquire) {
+            return;
+        }
+        let refused = {
+            let mut r = lock_ignoring_poison(&self.shared.refused);
+            self.shared.any_refused.store(false, Ordering::Release);
+            std::mem::take(&mut *r)
+        };
+        let ctx = RequestContext {
+            unique: 0,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            umask: 0,
+            kill_suidgid: false,
+            interrupts: &self.shared.interrupts,
+        };
+        for g in &refused {
+            self.fs.refused(&ctx, g);
+        }
     }
 
     /// [`Session::dispatch`] for a request split as a FUSE-over-io_uring
@@ -397,6 +576,7 @@ impl<F: Filesystem> Session<F> {
             Ok(req) => self.handle(req, sink),
             Err(e) => self.reject(header, e, sink),
         }
+        self.undo_refused();
     }
 
     fn handle(&self, req: Request<'_>, sink: &Arc<dyn ReplySink>) {
@@ -436,6 +616,12 @@ impl<F: Filesystem> Session<F> {
             kill_suidgid,
             interrupts: &self.shared.interrupts,
         };
+        let expects_reply =
+            !matches!(opcode, Opcode::Forget | Opcode::BatchForget | Opcode::Interrupt | Opcode::NotifyReply);
+        // Tracked for interrupts when the replies come back to this session.
+        if expects_reply && sink.session().is_some_and(|s| std::ptr::eq(s, &*self.shared)) {
+            self.shared.interrupts.begin(h.unique);
+        }
         let r = || Responder::new(h.unique, opcode, sink.clone());
         let ino = h.nodeid;
         let fs = &self.fs;
@@ -488,7 +674,7 @@ impl<F: Filesystem> Session<F> {
             Operation::Link { arg, name } => fs.link(&ctx, arg.oldnodeid, ino, name, ReplyEntry::new(r())),
             // Stateless opens: ENOSYS tells the kernel to stop sending OPEN and RELEASE.
             Operation::Open { .. } if self.shared.no_open.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
-            Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
+            Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32)),
             Operation::Read { arg } => {
                 let size = arg.size.min(self.shared.max_read.load(Ordering::Relaxed));
                 fs.read(&ctx, ino, arg.fh, arg.offset, size, ReplyData::new(r()))
@@ -516,7 +702,9 @@ impl<F: Filesystem> Session<F> {
                 r().error_raw(libc::EPROTO)
             }
             Operation::Opendir { .. } if self.shared.no_opendir.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
-            Operation::Opendir { arg } => fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r())),
+            Operation::Opendir { arg } => {
+                fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32))
+            }
             Operation::Readdir { arg } => {
                 let limit = (arg.size as usize).min(REQUEST_BUFFER_SIZE);
                 fs.readdir(&ctx, ino, arg.fh, arg.offset, ReplyDirectory::new(r(), limit))
@@ -539,12 +727,14 @@ impl<F: Filesystem> Session<F> {
             }
             Operation::Access { arg } => fs.access(&ctx, ino, arg.mask as i32, ReplyEmpty::new(r())),
             Operation::Create { arg, name } => {
-                fs.create(&ctx, ino, name, arg.mode, arg.flags as i32, ReplyCreate::new(r()))
+                fs.create(&ctx, ino, name, arg.mode, arg.flags as i32, ReplyCreate::new(r(), arg.flags as i32))
             }
-            Operation::Tmpfile { arg, .. } => fs.tmpfile(&ctx, ino, arg.mode, arg.flags as i32, ReplyCreate::new(r())),
+            Operation::Tmpfile { arg, .. } => {
+                fs.tmpfile(&ctx, ino, arg.mode, arg.flags as i32, ReplyCreate::new(r(), arg.flags as i32))
+            }
             Operation::Interrupt { arg } => {
                 tracing::debug!(target_unique = arg.unique, "INTERRUPT");
-                self.shared.interrupts.insert(arg.unique);
+                self.shared.interrupts.interrupt(arg.unique, h.unique, sink);
             }
             Operation::Bmap { arg } => fs.bmap(&ctx, ino, arg.blocksize, arg.block, ReplyBmap::new(r())),
             Operation::Destroy => {
@@ -602,7 +792,7 @@ impl<F: Filesystem> Session<F> {
             None => (Opcode::Init, libc::ENOSYS),
         };
         tracing::warn!(unique = h.unique, opcode = h.opcode, "answering {}: {e}", Errno::from_raw(errno));
-        sink.send(op, h.unique, -errno, &[]);
+        sink.send(&Reply { opcode: op, unique: h.unique, error: -errno, payload: &[], grant: Grant::Nothing });
     }
 }
 
@@ -734,5 +924,163 @@ mod tests {
         let init_in = abi::InitIn { major: 7, minor: 20, ..Default::default() };
         assert!(session.handle_init(&request(Opcode::Init, 1, 0, &init_in.as_bytes()[..16]), &sink, None).is_err());
         assert_eq!(mem.replies.lock().unwrap()[0].2, -libc::EPROTO);
+    }
+
+    /// A file system that grants what it is asked for and records what it
+    /// is asked to take back.
+    #[derive(Default)]
+    struct Granting {
+        forgets: Mutex<Vec<(u64, u64)>>,
+        releases: Mutex<Vec<u64>>,
+        releasedirs: Mutex<Vec<u64>>,
+    }
+
+    impl Granting {
+        fn entry(nodeid: u64) -> Entry {
+            let attr = FileAttr { ino: nodeid, mode: libc::S_IFREG | 0o644, nlink: 1, ..Default::default() };
+            let ttl = std::time::Duration::from_secs(1);
+            Entry { nodeid, generation: 0, attr, entry_ttl: ttl, attr_ttl: ttl }
+        }
+    }
+
+    impl Filesystem for Granting {
+        fn lookup(&self, _ctx: &RequestContext<'_>, _parent: u64, _name: &OsStr, reply: ReplyEntry) {
+            reply.entry(&Granting::entry(2))
+        }
+        fn forget(&self, ino: u64, n: u64) {
+            self.forgets.lock().unwrap().push((ino, n));
+        }
+        fn open(&self, _ctx: &RequestContext<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
+            reply.opened(7, 0)
+        }
+        fn opendir(&self, _ctx: &RequestContext<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
+            reply.opened(8, 0)
+        }
+        fn create(&self, _: &RequestContext<'_>, _: u64, _: &OsStr, _: u32, _: i32, reply: ReplyCreate) {
+            reply.created(&Granting::entry(3), 9, 0)
+        }
+        fn readdirplus(&self, _: &RequestContext<'_>, _: u64, _: u64, _: u64, mut reply: ReplyDirectoryPlus) {
+            assert!(reply.add(&Granting::entry(1), 1, OsStr::new(".")));
+            assert!(reply.add(&Granting::entry(4), 2, OsStr::new("a")));
+            assert!(reply.add(&Granting::negative(), 3, OsStr::new("b")));
+            assert!(reply.add(&Granting::entry(5), 4, OsStr::new("c")));
+            reply.ok()
+        }
+        fn release(&self, _: &RequestContext<'_>, _: u64, fh: u64, _: i32, _: Option<u64>, reply: ReplyEmpty) {
+            self.releases.lock().unwrap().push(fh);
+            reply.ok()
+        }
+        fn releasedir(&self, _: &RequestContext<'_>, _: u64, fh: u64, _: i32, reply: ReplyEmpty) {
+            self.releasedirs.lock().unwrap().push(fh);
+            reply.ok()
+        }
+        fn getattr(&self, ctx: &RequestContext<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+            match ino {
+                // Waits for an interrupt, as a blocked lock does.
+                10 => {
+                    if let Err(cancel) = ctx.on_interrupt(move || reply.error(Errno::EINTR)) {
+                        cancel()
+                    }
+                }
+                // Reports whether it was interrupted before it began.
+                11 => reply.error(if ctx.is_interrupted() { Errno::EINTR } else { Errno::ENOENT }),
+                _ => reply.attr(&Granting::entry(ino).attr, std::time::Duration::ZERO),
+            }
+        }
+    }
+
+    impl Granting {
+        fn negative() -> Entry {
+            Entry { nodeid: 0, ..Granting::entry(0) }
+        }
+    }
+
+    fn init(session: &Session<Granting>, sink: &Arc<dyn ReplySink>) {
+        let init_in = abi::InitIn { major: 7, minor: 45, flags: u32::MAX, ..Default::default() };
+        assert!(session.handle_init(&request(Opcode::Init, 1, 0, init_in.as_bytes()), sink, None).is_ok());
+    }
+
+    /// What a refused reply granted is taken back through the file system's
+    /// own forget/release; a delivered one keeps it.
+    #[test]
+    fn refused_replies_are_undone() {
+        let session = Session::new(Granting::default(), SessionConfig::default());
+        let mem = session.memory_sink();
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        init(&session, &sink);
+        let send_all = |base: u64| {
+            session.dispatch(&request(Opcode::Lookup, base, 1, b"x\0"), &sink);
+            let o = abi::OpenIn { flags: libc::O_RDWR as u32, open_flags: 0 };
+            session.dispatch(&request(Opcode::Open, base + 2, 2, o.as_bytes()), &sink);
+            session.dispatch(&request(Opcode::Opendir, base + 4, 1, o.as_bytes()), &sink);
+            let c = abi::CreateIn { flags: libc::O_RDWR as u32, mode: 0o644, ..Default::default() };
+            let mut body = c.as_bytes().to_vec();
+            body.extend_from_slice(b"new\0");
+            session.dispatch(&request(Opcode::Create, base + 6, 1, &body), &sink);
+            let r = abi::ReadIn { size: 4096, ..Default::default() };
+            session.dispatch(&request(Opcode::Readdirplus, base + 8, 1, r.as_bytes()), &sink);
+        };
+        send_all(100);
+        let fs = session.fs();
+        assert!(fs.forgets.lock().unwrap().is_empty(), "delivered replies keep what they granted");
+        mem.refuse(true);
+        send_all(200);
+        let mut forgets = fs.forgets.lock().unwrap().clone();
+        forgets.sort_unstable();
+        // LOOKUP's entry, CREATE's entry, READDIRPLUS's two real entries
+        // ("." and the negative entry carry no lookup).
+        assert_eq!(forgets, vec![(2, 1), (3, 1), (4, 1), (5, 1)]);
+        assert_eq!(*fs.releases.lock().unwrap(), vec![7, 9]);
+        assert_eq!(*fs.releasedirs.lock().unwrap(), vec![8]);
+        assert_eq!(session.shared().interrupts.in_flight(), 0);
+    }
+
+    fn interrupt(target: u64) -> Vec<u8> {
+        let i = abi::InterruptIn { unique: target };
+        request(Opcode::Interrupt, target | 1, 0, i.as_bytes())
+    }
+
+    /// An INTERRUPT for a request already answered is answered EAGAIN and
+    /// forgotten once its grace is over; nothing stays recorded.
+    #[test]
+    fn late_interrupt_is_not_kept() {
+        let session = Session::new(Granting::default(), SessionConfig::default());
+        let mem = session.memory_sink();
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        init(&session, &sink);
+        let g = abi::GetattrIn::default();
+        session.dispatch(&request(Opcode::Getattr, 20, 5, g.as_bytes()), &sink);
+        session.dispatch(&interrupt(20), &sink);
+        let ints = &session.shared().interrupts;
+        assert_eq!((ints.in_flight(), ints.orphans()), (0, 1));
+        std::thread::sleep(ORPHAN_GRACE + std::time::Duration::from_millis(20));
+        session.dispatch(&request(Opcode::Getattr, 22, 5, g.as_bytes()), &sink);
+        assert_eq!((ints.in_flight(), ints.orphans()), (0, 0));
+        assert!(!ints.has_orphans.load(Ordering::Acquire));
+        let replies = mem.replies.lock().unwrap();
+        assert!(replies.iter().any(|r| r.1 == 21 && r.2 == -libc::EAGAIN), "the stale INTERRUPT is answered EAGAIN");
+    }
+
+    /// An INTERRUPT wakes the request it names; one that arrives just before
+    /// its request is dispatched is handed to it.
+    #[test]
+    fn interrupts_reach_their_request() {
+        let session = Session::new(Granting::default(), SessionConfig::default());
+        let mem = session.memory_sink();
+        let sink: Arc<dyn ReplySink> = mem.clone();
+        init(&session, &sink);
+        let g = abi::GetattrIn::default();
+        session.dispatch(&request(Opcode::Getattr, 30, 10, g.as_bytes()), &sink);
+        let ints = &session.shared().interrupts;
+        assert_eq!(ints.in_flight(), 1);
+        session.dispatch(&interrupt(30), &sink);
+        assert_eq!((ints.in_flight(), ints.orphans()), (0, 0));
+        session.dispatch(&interrupt(32), &sink);
+        session.dispatch(&request(Opcode::Getattr, 32, 11, g.as_bytes()), &sink);
+        assert_eq!((ints.in_flight(), ints.orphans()), (0, 0));
+        let replies = mem.replies.lock().unwrap();
+        let err = |u: u64| replies.iter().find(|r| r.1 == u).map(|r| r.2);
+        assert_eq!(err(30), Some(-libc::EINTR));
+        assert_eq!(err(32), Some(-libc::EINTR));
     }
 }

@@ -426,6 +426,13 @@ impl RequestContext<'_> {
         self.interrupts.contains(self.unique)
     }
 
+    /// Runs `f` once, on the thread that receives the kernel's INTERRUPT,
+    /// when this request is interrupted (a waiting lock gives up that way).
+    /// Err(f) when it already is: act on it at once. `f` must not block.
+    pub fn on_interrupt<F: FnOnce() + Send + 'static>(&self, f: F) -> Result<(), F> {
+        self.interrupts.on_interrupt(self.unique, f)
+    }
+
     /// A handle to ask the same question later, from another thread.
     pub fn interrupt_token(&self) -> InterruptToken {
         InterruptToken { interrupts: self.interrupts.clone(), unique: self.unique }

@@ -322,8 +322,8 @@ impl StackFs {
             accel: OnceLock::new(),
             flush_backing,
             act_as_caller: sys::geteuid() == 0,
-            posix_locks: LockTable::default(),
-            flocks: LockTable::default(),
+            posix_locks: LockTable::posix(),
+            flocks: LockTable::flock(),
         })
     }
 

@@ -8,13 +8,11 @@ use std::sync::Arc;
 
 use efuse_abi::consts::ioctl::DEV_IOC_CLONE;
 use efuse_abi::structs::OutHeader;
-use efuse_abi::Opcode;
 use zerocopy::IntoBytes;
 
 use crate::filesystem::Filesystem;
-use crate::reply::ReplySink;
+use crate::reply::{Reply, ReplySink};
 use crate::session::{InitError, InitOutcome, Negotiated, Session, SessionShared, REQUEST_BUFFER_SIZE};
-use crate::stats::Counters;
 
 /// Where replies of one worker go: its /dev/fuse descriptor.
 pub struct DevChannel {
@@ -47,31 +45,70 @@ impl DevChannel {
     }
 }
 
-impl ReplySink for DevChannel {
-    fn send(&self, _opcode: Opcode, unique: u64, error: i32, payload: &[IoSlice<'_>]) {
-        let len = std::mem::size_of::<OutHeader>() + payload.iter().map(|p| p.len()).sum::<usize>();
-        let header = OutHeader { len: len as u32, error, unique };
-        let mut iov = [IoSlice::new(&[]); 8];
+/// Most iovecs one reply is written with; a reply in more parts is copied
+/// into one buffer first (the header's length must equal what is written,
+/// or the kernel rejects the reply and the request is never answered).
+const MAX_IOVECS: usize = 8;
+
+thread_local! {
+    /// Where replies of many parts are coalesced; reused per thread.
+    static COALESCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl DevChannel {
+    fn write_reply(&self, header: &OutHeader, payload: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         iov[0] = IoSlice::new(header.as_bytes());
-        let n = payload.len().min(iov.len() - 1);
-        iov[1..=n].copy_from_slice(&payload[..n]);
-        if payload.len() > n {
-            tracing::error!("reply with {} parts exceeds the transport's limit", payload.len());
-        }
-        // SAFETY: IoSlice is ABI-compatible with iovec; all slices are live.
-        let rc = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr().cast(), (n + 1) as libc::c_int) };
-        self.shared.interrupts.remove(unique);
+        let rc = if payload.len() < MAX_IOVECS {
+            iov[1..=payload.len()].copy_from_slice(payload);
+            // SAFETY: IoSlice is ABI-compatible with iovec; all slices are live.
+            unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr().cast(), (payload.len() + 1) as libc::c_int) }
+        } else {
+            COALESCE.with(|c| {
+                let mut owned = Vec::new();
+                let mut guard = c.try_borrow_mut();
+                let buf = match guard.as_deref_mut() {
+                    Ok(b) => b,
+                    Err(_) => &mut owned,
+                };
+                buf.clear();
+                for p in payload {
+                    buf.extend_from_slice(p);
+                }
+                let iov = [IoSlice::new(header.as_bytes()), IoSlice::new(buf)];
+                // SAFETY: as above.
+                unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr().cast(), 2) }
+            })
+        };
         if rc < 0 {
-            let e = io::Error::last_os_error();
-            // ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
-            if !matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) {
-                tracing::warn!(unique, "writing reply failed: {e}");
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl ReplySink for DevChannel {
+    fn send(&self, reply: &Reply<'_>) {
+        let len = std::mem::size_of::<OutHeader>() + reply.payload.iter().map(|p| p.len()).sum::<usize>();
+        let header = OutHeader { len: len as u32, error: reply.error, unique: reply.unique };
+        if let Err(e) = self.write_reply(&header, reply.payload) {
+            match e.raw_os_error() {
+                // The request is gone (aborted or interrupted): take back what
+                // the reply granted.
+                Some(libc::ENOENT) => {
+                    if let Some(g) = reply.grant.to_refused() {
+                        self.shared.refused(g);
+                    }
+                }
+                // Unmounted: nothing to take back, the session ends.
+                Some(libc::ENODEV) => {}
+                _ => tracing::warn!(unique = reply.unique, "writing reply failed: {e}"),
             }
         }
     }
 
-    fn counters(&self) -> Option<&Counters> {
-        Some(&self.shared.counters)
+    fn session(&self) -> Option<&SessionShared> {
+        Some(&self.shared)
     }
 }
 
@@ -174,5 +211,37 @@ fn worker<F: Filesystem>(session: Arc<Session<F>>, chan: Arc<DevChannel>, buf: &
         if session.shared().destroyed.load(Ordering::Acquire) {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::{ReplyData, Responder};
+    use efuse_abi::Opcode;
+    use std::io::Read;
+
+    /// A reply in more parts than one writev takes is coalesced: the header's
+    /// length is what is written, so the kernel accepts it.
+    #[test]
+    fn many_part_replies_are_written_whole() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fresh descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are ours.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let chan: Arc<dyn ReplySink> = Arc::new(DevChannel::new(wr, Arc::default()));
+        let parts: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1 + i as usize]).collect();
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        ReplyData::new(Responder::new(42, Opcode::Read, chan.clone())).data_vectored(&slices);
+        drop(chan);
+        let mut got = Vec::new();
+        std::fs::File::from(rd).read_to_end(&mut got).unwrap();
+        let want: Vec<u8> = parts.concat();
+        let hdr = std::mem::size_of::<OutHeader>();
+        assert_eq!(got.len(), hdr + want.len());
+        let len = u32::from_ne_bytes(got[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, got.len(), "header length must equal the bytes written");
+        assert_eq!(&got[hdr..], &want[..]);
     }
 }

@@ -3,9 +3,11 @@
 //! - `dev`: N worker threads, each reading its own /dev/fuse descriptor cloned
 //!   with FUSE_DEV_IOC_CLONE, so the kernel can hand requests to idle workers
 //!   without one descriptor's lock in the way.
-//! - `uring`: FUSE-over-io_uring (Linux 6.14+): one ring queue per CPU,
-//!   served by a thread pinned to that CPU; /dev/fuse keeps one worker for
-//!   what the kernel still sends there (INTERRUPT, FORGET).
+//! - `uring`: FUSE-over-io_uring (Linux 6.14+): ring queues per CPU, each
+//!   served by a crew of threads pinned to that CPU (one available entry
+//!   each, so a blocked handler holds back only its own request); /dev/fuse
+//!   keeps one worker for what the kernel still sends there (INTERRUPT,
+//!   FORGET).
 //!
 //! INIT always arrives on /dev/fuse and is answered there; which transport
 //! serves the rest is settled by what INIT negotiated ([`run`]).
@@ -52,7 +54,7 @@ pub struct TransportConfig {
     /// /dev/fuse workers (the dev transport; uring keeps one).
     pub threads: usize,
     pub kind: TransportKind,
-    /// Ring entries per CPU queue (uring).
+    /// Threads (each with one available ring entry) per online CPU's queue (uring).
     pub queue_depth: usize,
 }
 
@@ -142,7 +144,7 @@ pub fn run<F: Filesystem>(
                 tracing::info!(
                     queues = threads,
                     depth = config.queue_depth,
-                    "transport uring: {threads} queue(s) of {} entries, one pinned thread per CPU",
+                    "transport uring: {threads} queue(s), a crew of {} pinned threads per online CPU",
                     config.queue_depth
                 );
                 return Ok(Running { negotiated, threads, transport: "uring", workers, uring: Some(u) });
