@@ -18,6 +18,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -276,4 +277,80 @@ fn no_open_mounts_send_no_open() {
     look(&m, "printf 'stateless' > small3 && printf '!' >> small3");
     assert_eq!(fs::read_to_string(backing(&m).join("small3")).unwrap(), "stateless!");
     assert_eq!(look(&m, "cat small3"), "stateless!");
+}
+
+/// Restores a /proc/sys setting on drop.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Sends SIGCONT to a stopped daemon on drop, so a failing test never leaves it stopped.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        // SAFETY: plain syscall on the pid of the daemon this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+        Stopped(pid as i32)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Change events lost to a full inotify queue (here: the daemon stopped while
+/// more changes than the queue holds happen behind the mount) must not leave
+/// cached names or attributes stale: the watcher drops them all at once.
+#[test]
+fn lost_change_events_drop_every_cached_name() {
+    let test = "lost_change_events_drop_every_cached_name";
+    if !require_fuse(test) {
+        return;
+    }
+    let spec = MountSpec::default().wrapper(&["env", "EFUSE_STACKFS_WATCH=inotify"]);
+    let m = {
+        // A 16-event queue for the daemon's inotify instance (the setting
+        // applies to instances made while it holds).
+        let _small = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "16");
+        Mounted::with(Fs::Stackfs, test, spec, prepare)
+    };
+    let b = backing(&m).to_path_buf();
+    // What the kernel caches: a name, a miss, and attributes.
+    now(&m, "name", "cat moved", "moving");
+    now(&m, "miss", &stat_of("ghost"), "missing");
+    now(&m, "attributes", &stat_of("file"), "regular file 644 10 1");
+    let pid = common::daemon_pid(&m.mnt).expect("daemon pid");
+    {
+        let _stopped = Stopped::new(pid);
+        fs::create_dir(b.join("burst")).unwrap();
+        for i in 0..64 {
+            fs::write(b.join(format!("burst-{i}")), b"x").unwrap();
+        }
+        // These events find the queue full: only the overflow tells of them.
+        fs::rename(b.join("moved"), b.join("moved-away")).unwrap();
+        fs::write(b.join("ghost"), b"boo").unwrap();
+        fs::OpenOptions::new().append(true).open(b.join("file")).unwrap().write_all(b"++").unwrap();
+    }
+    eventually(&m, "renamed behind the mount", "cat moved 2>/dev/null || echo gone", "gone");
+    eventually(&m, "created behind the mount", "cat ghost", "boo");
+    eventually(&m, "appended behind the mount", &stat_of("file"), "regular file 644 12 1");
 }

@@ -12,7 +12,7 @@
 //! |----------------------------------------|--------------------------------------------------|
 //! | name created, removed, renamed in dir D | `inval_entry(D, name)` (positive or negative) and `inval_inode(D)` (attributes, cached listing) |
 //! | attributes or data of node N changed    | `inval_inode(N, 0, 0)`: attributes and page cache |
-//! | events lost (queue overflow)            | `inval_inode` of every node                      |
+//! | events lost (queue overflow)            | `inc_epoch` (every cached name, positive or negative, is stale) and `inval_inode` of every node |
 //!
 //! Two ways to watch, chosen at start:
 //!
@@ -29,6 +29,15 @@
 //!   told apart, so they cost an extra (harmless) invalidation. A file
 //!   changed through a hard link in a directory stackfs never looked up is
 //!   not seen.
+//!
+//! When events were lost (inotify's queue overflowed: `IN_Q_OVERFLOW`;
+//! fanotify's queue is unlimited, but `FAN_Q_OVERFLOW` is handled the same),
+//! the watcher resynchronises the kernel at once: `FUSE_NOTIFY_INC_EPOCH`
+//! (Linux 6.16+) makes every name the kernel cached so far stale, and
+//! `inval_inode` of every node drops cached attributes and pages; the caches
+//! stay exact from then on. Where the kernel has no `INC_EPOCH`, the watcher
+//! is degraded instead (below), and names cached before the loss may stay
+//! stale until their TTL ends.
 //!
 //! When a watch cannot be added (inotify's watch limit, a file system that
 //! refuses a mark), the watcher is *degraded*: from then on stackfs answers
@@ -302,11 +311,17 @@ impl Invalidations {
     fn send(&mut self, sh: &Shared) {
         if self.everything {
             self.everything = false;
-            tracing::warn!(
-                "stackfs: change events were lost; dropping every cached attribute and page \
-                 (cached names may stay stale for their TTL)"
-            );
             self.inodes = sh.inodes.all_ids();
+            match sh.conn.inc_epoch() {
+                Ok(true) => tracing::warn!(
+                    "stackfs: change events were lost; every cached name, attribute and page is \
+                     dropped (FUSE_NOTIFY_INC_EPOCH) and caching goes on exact"
+                ),
+                Ok(false) => sh.degrade(
+                    "change events were lost and the kernel has no FUSE_NOTIFY_INC_EPOCH to drop cached names",
+                ),
+                Err(e) => sh.degrade(&format!("change events were lost and FUSE_NOTIFY_INC_EPOCH failed: {e}")),
+            }
         }
         self.entries.sort_unstable();
         self.entries.dedup();
