@@ -50,6 +50,11 @@ struct Node {
     stamp: u64,
     /// I/O state of a regular file, made on first open.
     io: Option<Arc<NodeIo>>,
+    /// A directory found outside the backing tree: unreachable from now on.
+    detached: bool,
+    /// The value of `InodeTable::moves` when this directory was last found
+    /// inside the backing tree.
+    verified: u64,
 }
 
 struct Table {
@@ -85,6 +90,8 @@ pub(super) struct InodeTable {
     /// File handles work here (root with CAP_DAC_READ_SEARCH, export support).
     handles: bool,
     warned_pinned: std::sync::atomic::AtomicBool,
+    /// Directory moves seen behind the mount so far (see [`Self::dir_moved`]).
+    moves: std::sync::atomic::AtomicU64,
 }
 
 impl Table {
@@ -212,6 +219,8 @@ impl InodeTable {
             next: NIL,
             stamp: 0,
             io: None,
+            detached: false,
+            verified: 0,
         };
         let mut table = Table {
             nodes: HashMap::new(),
@@ -232,6 +241,7 @@ impl InodeTable {
             bound: bound.max(1),
             handles,
             warned_pinned: std::sync::atomic::AtomicBool::new(false),
+            moves: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -247,11 +257,15 @@ impl InodeTable {
         TableCounts { nodes: t.nodes.len(), cached: t.lru_len, pinned: t.pinned }
     }
 
-    /// The `O_PATH` descriptor of a node, reopened from its handle if evicted.
+    /// The `O_PATH` descriptor of a node, reopened from its handle if
+    /// evicted; ENOENT for a directory found outside the backing tree.
     pub(super) fn fd(&self, id: u64) -> Result<Arc<OwnedFd>, Errno> {
         let (handle, mount) = {
             let mut t = self.lock();
             let n = t.nodes.get(&id).ok_or(Errno::ESTALE)?;
+            if n.detached {
+                return Err(Errno::ENOENT);
+            }
             if let Some(fd) = &n.fd {
                 let fd = fd.clone();
                 t.touch(id, self.bound);
@@ -276,6 +290,44 @@ impl InodeTable {
         drop(t);
         drop(evicted);
         Ok(fresh)
+    }
+
+    /// A directory moved behind the mount: every directory node is checked
+    /// again ([`Self::still_inside`]) before names are resolved in it.
+    pub(super) fn dir_moved(&self) {
+        self.moves.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether directory node `id` (descriptor `fd`) is still inside the
+    /// backing tree. Checked when a directory move was seen since the last
+    /// check, or every time when `always` (no watcher tells of moves); a
+    /// directory found outside is detached for good: every later use of the
+    /// node answers ENOENT.
+    pub(super) fn still_inside(&self, id: u64, fd: &OwnedFd, always: bool) -> bool {
+        if id == ROOT_ID {
+            return true;
+        }
+        let moves = self.moves.load(std::sync::atomic::Ordering::Acquire);
+        if !always && self.lock().nodes.get(&id).is_some_and(|n| n.verified == moves) {
+            return true;
+        }
+        let root = match self.fd(ROOT_ID) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        let inside = sys::is_beneath(fd.as_fd(), root.as_fd());
+        let mut t = self.lock();
+        if let Some(n) = t.nodes.get_mut(&id) {
+            if inside {
+                n.verified = moves;
+            } else {
+                n.detached = true;
+            }
+        }
+        let dropped = if inside { None } else { t.take_fd(id) };
+        drop(t);
+        drop(dropped);
+        inside
     }
 
     /// Adds one lookup to a known node (the "." lookup).
@@ -353,6 +405,8 @@ impl InodeTable {
                 next: NIL,
                 stamp: 0,
                 io: None,
+                detached: false,
+                verified: 0,
             },
         );
         t.by_key.insert(key, id);

@@ -52,6 +52,25 @@
 //! them (`HANDLE_KILLPRIV_V2`), with the caller's supplementary groups
 //! deciding membership ([`efuse::kills_sgid`]).
 //!
+//! # The backing tree
+//!
+//! - **Several file systems**: the backing directory may contain mount
+//!   points; stackfs follows them. The mount has one `st_dev`, so `st_ino`
+//!   is made unique per mount ([`inomap`]): unchanged on the backing
+//!   directory's own file system, tagged with a per-file-system index above
+//!   bit 56 elsewhere, so hard-link detection (tar, du, cp -a) stays right.
+//! - **Directories moved out of the tree behind the mount** are no longer
+//!   reachable through it: resolving a name in such a directory, listing it
+//!   anew, or any operation on its node answers ENOENT, also for a process
+//!   whose working directory is inside it. With the watcher (`--cache auto`)
+//!   this holds as soon as the move is seen (the names the kernel cached
+//!   below it are dropped with `FUSE_NOTIFY_INC_EPOCH`); without one
+//!   (`--cache none`, `--profile plain`), each directory is checked every
+//!   time a name is resolved in it, and names the kernel cached below it may
+//!   serve for their TTL (plain: 1 s), as any change behind such a mount
+//!   does. Descriptors already open stay usable, as on any file system.
+//!   `--cache always` promises nothing changes behind the mount.
+//!
 //! Locks (POSIX record locks and flock) are kept by stackfs in
 //! [`efuse::locks::LockTable`]s, per node, and are not taken on the backing
 //! files.
@@ -86,6 +105,7 @@ mod creds;
 mod fileio;
 mod handles;
 mod inodes;
+mod inomap;
 mod sys;
 mod watch;
 
@@ -191,6 +211,8 @@ pub struct StackFs {
     backing_dir: OwnedFd,
     /// Device of the backing directory.
     root_dev: u64,
+    /// The inode numbers reported: unique across backing file systems.
+    inos: inomap::InoMap,
     cache_mode: CacheMode,
     passthrough_mode: PassthroughMode,
     plain: bool,
@@ -316,6 +338,7 @@ impl StackFs {
             fhs: FhCounter::default(),
             backing_dir,
             root_dev: sys::statx_key(&st).0,
+            inos: inomap::InoMap::new(sys::statx_key(&st).0),
             cache_mode: cfg.cache,
             passthrough_mode: cfg.passthrough,
             plain: cfg.plain,
@@ -379,15 +402,16 @@ impl StackFs {
         Accel { cache, watcher, paths, passthrough, noflush }
     }
 
+    /// The attributes reported for a backing inode ([`inomap`]: `st_ino`
+    /// unique across the backing file systems).
+    fn attr(&self, st: &libc::statx) -> FileAttr {
+        let (dev, ino) = sys::statx_key(st);
+        FileAttr { ino: self.inos.st_ino(dev, ino), ..FileAttr::from_statx(st) }
+    }
+
     fn entry(&self, nodeid: u64, st: &libc::statx) -> Entry {
         let cache = self.cache();
-        Entry {
-            nodeid,
-            generation: 0,
-            attr: FileAttr::from_statx(st),
-            entry_ttl: cache.entry_ttl,
-            attr_ttl: cache.attr_ttl,
-        }
+        Entry { nodeid, generation: 0, attr: self.attr(st), entry_ttl: cache.entry_ttl, attr_ttl: cache.attr_ttl }
     }
 
     /// A directory node is about to be shown: the watcher must see changes
@@ -412,6 +436,19 @@ impl StackFs {
             Some(w) => self.inodes.forget_many(nodes, |id| w.forgotten(id)),
             None => self.inodes.forget_many(nodes, |_| {}),
         }
+    }
+
+    /// The descriptor of directory node `id`, for resolving names in it:
+    /// ENOENT once the directory is found outside the backing tree (moved
+    /// away behind the mount). Checked after every directory move the
+    /// watcher reports, and on every use when no watcher reports them.
+    fn dir_fd(&self, id: u64) -> Result<Arc<OwnedFd>, Errno> {
+        let fd = self.inodes.fd(id)?;
+        let watched = self.accel().watcher.as_ref().is_some_and(|w| !w.degraded());
+        if !self.inodes.still_inside(id, &fd, !watched) {
+            return Err(Errno::ENOENT);
+        }
+        Ok(fd)
     }
 
     /// The descriptor for I/O on `fh`, or for `fh` 0 (stateless opens) the
@@ -460,7 +497,7 @@ impl StackFs {
     fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
         let name = name_to_cstr(name, &mut buf)?;
-        let dir = self.inodes.fd(parent)?;
+        let dir = self.dir_fd(parent)?;
         self.lookup_in(parent, &dir, name)
     }
 
@@ -474,7 +511,7 @@ impl StackFs {
     ) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
-        let dir = self.inodes.fd(parent)?;
+        let dir = self.dir_fd(parent)?;
         {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             op(&dir, name)?;
@@ -497,7 +534,7 @@ impl StackFs {
             Some(f) => sys::statx(f.fd.as_fd())?,
             None => sys::statx(self.inodes.fd(ino)?.as_fd())?,
         };
-        Ok(FileAttr::from_statx(&st))
+        Ok(self.attr(&st))
     }
 
     fn do_setattr(&self, ino: u64, attr: &SetAttr, caller: &Caller) -> Result<FileAttr, Errno> {
@@ -546,7 +583,7 @@ impl StackFs {
             Some(f) => sys::statx(f.fd())?,
             None => sys::statx(ifd.as_fd())?,
         };
-        Ok(FileAttr::from_statx(&st))
+        Ok(self.attr(&st))
     }
 
     /// Opens node `ino` for I/O with `flags`, registering a new `fh`.
@@ -622,7 +659,7 @@ impl StackFs {
         let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT);
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
-        let dir = self.inodes.fd(parent)?;
+        let dir = self.dir_fd(parent)?;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             sys::openat(dir.as_fd(), name, flags, mode)?
@@ -639,7 +676,7 @@ impl StackFs {
         flags: i32,
     ) -> Result<(Entry, Opened), Errno> {
         let app_direct = flags & libc::O_DIRECT != 0;
-        let dir = self.inodes.fd(parent)?;
+        let dir = self.dir_fd(parent)?;
         let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_TMPFILE;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
@@ -722,7 +759,7 @@ impl StackFs {
     }
 
     fn do_opendir(&self, ino: u64) -> Result<u64, Errno> {
-        let ifd = self.inodes.fd(ino)?;
+        let ifd = self.dir_fd(ino)?;
         let fd = sys::openat(ifd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         let fh = self.fhs.next();
         self.dirs.insert(fh, OpenDir { fd, stream: std::sync::Mutex::new(DirStream::default()) });
@@ -733,6 +770,10 @@ impl StackFs {
     fn do_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
         let dir = match self.dirs.get(fh) {
             Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let dir_dev = match sys::statx(dir.fd.as_fd()) {
+            Ok(st) => sys::statx_key(&st).0,
             Err(e) => return reply.error(e),
         };
         let mut s = dir.stream.lock().unwrap_or_else(|p| p.into_inner());
@@ -747,7 +788,8 @@ impl StackFs {
                 Err(err) if added == 0 => return reply.error(err),
                 Err(_) => break,
             };
-            if !reply.add(e.ino, e.off, e.kind(), OsStr::from_bytes(s.name(&e))) {
+            let ino = self.inos.st_ino(dir_dev, e.ino);
+            if !reply.add(ino, e.off, e.kind(), OsStr::from_bytes(s.name(&e))) {
                 break;
             }
             s.consume(&e);
@@ -758,7 +800,7 @@ impl StackFs {
     }
 
     fn do_readdirplus(&self, parent: u64, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let dir = match self.dirs.get(fh) {
+        let dir = match self.dirs.get(fh).and_then(|d| self.dir_fd(parent).map(|_| d)) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -791,7 +833,7 @@ impl StackFs {
             let known = self.inodes.node_by_key((dir_dev, e.ino)).is_some();
             if name == b"." || name == b".." || !known {
                 // The kernel takes neither attributes nor a lookup for these.
-                let attr = FileAttr { ino: e.ino, mode: e.kind(), ..Default::default() };
+                let attr = FileAttr { ino: self.inos.st_ino(dir_dev, e.ino), mode: e.kind(), ..Default::default() };
                 let entry =
                     Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
                 if !reply.add(&entry, e.off, name_os) {
@@ -1005,14 +1047,14 @@ impl Filesystem for StackFs {
 
     fn unlink(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let mut buf = [0u8; 256];
-        let r = name_to_cstr(name, &mut buf).and_then(|name| sys::unlinkat(self.inodes.fd(parent)?.as_fd(), name, 0));
+        let r = name_to_cstr(name, &mut buf).and_then(|name| sys::unlinkat(self.dir_fd(parent)?.as_fd(), name, 0));
         reply_empty(reply, r)
     }
 
     fn rmdir(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let mut buf = [0u8; 256];
         let r = name_to_cstr(name, &mut buf)
-            .and_then(|name| sys::unlinkat(self.inodes.fd(parent)?.as_fd(), name, libc::AT_REMOVEDIR));
+            .and_then(|name| sys::unlinkat(self.dir_fd(parent)?.as_fd(), name, libc::AT_REMOVEDIR));
         reply_empty(reply, r)
     }
 
@@ -1039,8 +1081,8 @@ impl Filesystem for StackFs {
         let r = (|| {
             let old = name_to_cstr(name, &mut b1)?;
             let new = name_to_cstr(newname, &mut b2)?;
-            let od = self.inodes.fd(parent)?;
-            let nd = self.inodes.fd(newparent)?;
+            let od = self.dir_fd(parent)?;
+            let nd = self.dir_fd(newparent)?;
             sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)
         })();
         reply_empty(reply, r)
@@ -1051,7 +1093,7 @@ impl Filesystem for StackFs {
         let r = (|| {
             let name = name_to_cstr(newname, &mut buf)?;
             let fd = self.inodes.fd(ino)?;
-            let dir = self.inodes.fd(newparent)?;
+            let dir = self.dir_fd(newparent)?;
             sys::link_fd(fd.as_fd(), dir.as_fd(), name)?;
             self.lookup_in(newparent, &dir, name)
         })();

@@ -500,6 +500,30 @@ pub(super) fn getgroups() -> Result<Vec<u32>, Errno> {
     Ok(groups)
 }
 
+/// The path the kernel has for `fd` now (/proc/self/fd), or None.
+fn path_of(fd: BorrowedFd<'_>, buf: &mut [u8; 4096]) -> Option<usize> {
+    let link = ProcFdPath::new(fd);
+    // SAFETY: readlink writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::readlink(link.as_cstr().as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n > 0 && (n as usize) < buf.len()).then_some(n as usize)
+}
+
+/// Whether the directory `dir` lies below (or is) the directory `root`,
+/// judged by the paths the kernel has for both now: a directory deleted, or
+/// moved where the daemon cannot name it, is not.
+pub(super) fn is_beneath(dir: BorrowedFd<'_>, root: BorrowedFd<'_>) -> bool {
+    let (mut d, mut r) = ([0u8; 4096], [0u8; 4096]);
+    let (Some(dn), Some(rn)) = (path_of(dir, &mut d), path_of(root, &mut r)) else { return false };
+    let (d, r) = (&d[..dn], &r[..rn]);
+    if d.first() != Some(&b'/') || d.ends_with(b" (deleted)") || r.ends_with(b" (deleted)") {
+        return false;
+    }
+    if r == b"/" {
+        return true;
+    }
+    d == r || (d.starts_with(r) && d.get(r.len()) == Some(&b'/'))
+}
+
 /// Gives this thread its own root, working directory and umask (they are
 /// shared by the whole process otherwise).
 pub(super) fn unshare_fs() -> Result<(), Errno> {

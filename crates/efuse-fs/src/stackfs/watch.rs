@@ -299,9 +299,17 @@ struct Invalidations {
     entries: Vec<(u64, Vec<u8>)>,
     inodes: Vec<u64>,
     everything: bool,
+    /// A directory moved; the known ones that moved, to check at once.
+    moved: bool,
+    moved_dirs: Vec<u64>,
 }
 
 impl Invalidations {
+    fn dir_moved(&mut self, node: Option<u64>) {
+        self.moved = true;
+        self.moved_dirs.extend(node);
+    }
+
     fn entry(&mut self, parent: u64, name: &[u8]) {
         if !name.is_empty() {
             self.entries.push((parent, name.to_vec()));
@@ -309,6 +317,28 @@ impl Invalidations {
     }
 
     fn send(&mut self, sh: &Shared) {
+        if std::mem::take(&mut self.moved) {
+            // Every directory is checked again before names are resolved in
+            // it; a known one that moved out of the tree is cut off now, and
+            // the names the kernel cached below it with it.
+            sh.inodes.dir_moved();
+            let mut left = false;
+            for d in self.moved_dirs.drain(..) {
+                if let Ok(fd) = sh.inodes.fd(d) {
+                    left |= !sh.inodes.still_inside(d, &fd, true);
+                }
+            }
+            if left {
+                tracing::info!(
+                    "stackfs: a directory left the backing tree; it is no longer reachable through the mount"
+                );
+                match sh.conn.inc_epoch() {
+                    Ok(true) => {}
+                    Ok(false) => sh.degrade("the kernel has no FUSE_NOTIFY_INC_EPOCH to drop names cached below a directory that left the backing tree"),
+                    Err(e) => sh.degrade(&format!("FUSE_NOTIFY_INC_EPOCH failed: {e}")),
+                }
+            }
+        }
         if self.everything {
             self.everything = false;
             self.inodes = sh.inodes.all_ids();
@@ -464,6 +494,9 @@ impl Shared {
                 work.inodes.push(d);
             }
         }
+        if mask & libc::FAN_ONDIR != 0 && mask & (libc::FAN_MOVED_FROM | libc::FAN_MOVE_SELF) != 0 {
+            work.dir_moved(object.filter(|_| mask & libc::FAN_MOVE_SELF != 0));
+        }
         if mask & FAN_OBJECT != 0 {
             if let Some(o) = object {
                 work.inodes.push(o);
@@ -495,11 +528,17 @@ impl Shared {
                 }
                 dir
             };
+            if mask & libc::IN_ISDIR != 0 && mask & libc::IN_MOVED_FROM != 0 {
+                work.dir_moved(None);
+            }
             let Some(dir) = dir else { continue };
             if name.is_empty() {
                 // The directory itself changed.
                 if mask & (libc::IN_ATTRIB | libc::IN_MODIFY) != 0 {
                     work.inodes.push(dir);
+                }
+                if mask & libc::IN_MOVE_SELF != 0 {
+                    work.dir_moved(Some(dir));
                 }
                 continue;
             }
