@@ -290,6 +290,11 @@ pub struct SetAttr {
 /// group (primary or supplementary) nor privileged. The kernel asks only on
 /// writes and truncates by callers without CAP_FSETID, and on every chown.
 pub fn kills_sgid(mode: u32, file_gid: u32, caller: &Caller) -> u32 {
+    // Never asked for directories; an empty SETATTR (a chown that changes
+    // nothing) reaches them too, and must leave their setgid bit alone.
+    if mode & libc::S_IFMT == libc::S_IFDIR {
+        return 0;
+    }
     let mut kill = libc::S_ISUID;
     if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group_or_capable(file_gid)) {
         kill |= libc::S_ISGID;
@@ -511,6 +516,8 @@ mod tests {
         // Group-executable: sgid goes for everyone.
         assert_eq!(kills_sgid(libc::S_ISGID | 0o754, 100, &member), libc::S_ISGID);
         assert_eq!(kills_sgid(0o755, 100, &other), 0);
+        // Directories keep theirs.
+        assert_eq!(kills_sgid(libc::S_IFDIR | libc::S_ISGID | 0o775, 100, &other), 0);
     }
 
     #[test]
