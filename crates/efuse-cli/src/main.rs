@@ -236,7 +236,10 @@ fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EFUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // A background daemon's stderr is its log file: colour only on a terminal.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {
@@ -493,12 +496,23 @@ fn cmd_umount(mountpoint: &Path) -> Result<()> {
             // then detach the mount.
             if let Some(c) = m.connection() {
                 if let Err(e) = mount::abort_connection(c) {
-                    tracing::debug!("abort connection {c}: {e}");
+                    // Detaching still frees the mount point; whatever waits
+                    // on the dead daemon keeps waiting until it exits.
+                    eprintln!(
+                        "efuse: warning: no daemon answers for {}, and its FUSE connection cannot be aborted: {e}; detaching it anyway (lazy unmount)",
+                        mp.display()
+                    );
                 }
             }
-            mount::unmount(&mp, true).with_context(|| format!("detaching {}", mp.display()))?;
+            if let Err(e) = mount::unmount(&mp, true) {
+                // A daemon that was alive after all unmounts itself once its
+                // connection is aborted, and may have been first.
+                if mount::find_mount(&mp).is_some_and(|now| now.connection() == m.connection()) {
+                    return Err(anyhow!("detaching {}: {e}", mp.display()));
+                }
+            }
             // The dead daemon's control socket, if it left one.
-            let _ = std::fs::remove_file(efuse::control::socket_path(&mp));
+            efuse::control::remove_stale_sockets(&mp);
         }
     }
     Ok(())

@@ -10,17 +10,55 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The directory holding control sockets and daemon logs.
-pub fn runtime_dir() -> PathBuf {
+/// The directories that may hold this user's control sockets and daemon
+/// logs, in the order a daemon picks them.
+///
+/// Root: `/run/efuse`. Anyone else: `$XDG_RUNTIME_DIR/efuse`, then
+/// `/run/user/<uid>/efuse` (the same directory, for a shell that lacks the
+/// variable: `su`, `runuser`, `setpriv`, cron), then `/tmp/efuse-<uid>`. A
+/// base directory counts only when it is a real directory owned by this
+/// user, as the XDG runtime directory must be. Clients look in all of them,
+/// so a shell that sees a different environment than the one that mounted
+/// still finds the daemon.
+pub fn runtime_dirs() -> Vec<PathBuf> {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
-        return PathBuf::from("/run/efuse");
+        return vec![PathBuf::from("/run/efuse")];
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("efuse"),
-        _ => PathBuf::from(format!("/tmp/efuse-{uid}")),
+    let owned_dir = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        p.is_absolute() && std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_dir() && m.uid() == uid)
+    };
+    let mut dirs = Vec::new();
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if owned_dir(&xdg) {
+            dirs.push(xdg.join("efuse"));
+        }
     }
+    let run_user = PathBuf::from(format!("/run/user/{uid}"));
+    if owned_dir(&run_user) && !dirs.contains(&run_user.join("efuse")) {
+        dirs.push(run_user.join("efuse"));
+    }
+    dirs.push(PathBuf::from(format!("/tmp/efuse-{uid}")));
+    dirs
+}
+
+/// Where a daemon of another user `uid` may keep its sockets, as far as
+/// root can tell without that user's environment.
+fn runtime_dirs_of(uid: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    [format!("/run/user/{uid}/efuse"), format!("/tmp/efuse-{uid}")]
+        .into_iter()
+        .map(PathBuf::from)
+        .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir() && m.uid() == uid))
+        .collect()
+}
+
+/// The directory this process keeps its sockets and logs in (the first of
+/// [`runtime_dirs`]); see [`ensure_runtime_dir`] to create it.
+pub fn runtime_dir() -> PathBuf {
+    runtime_dirs().swap_remove(0)
 }
 
 /// FNV-1a: a stable short name for a mount point path.
@@ -35,9 +73,24 @@ fn path_key(mountpoint: &Path) -> String {
 }
 
 /// Control socket of the mount at `mountpoint` (an absolute path, see
-/// [`crate::mount::absolute_mountpoint`]).
+/// [`crate::mount::absolute_mountpoint`]), where this process would bind it.
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
     runtime_dir().join(format!("{}.sock", path_key(mountpoint)))
+}
+
+/// Every place a daemon of this user may have bound the control socket of
+/// `mountpoint` (see [`runtime_dirs`]). For root also the usual places of
+/// the user the mount belongs to, so root reaches (and politely unmounts)
+/// a regular user's live daemon instead of taking it for dead.
+pub fn socket_paths(mountpoint: &Path) -> Vec<PathBuf> {
+    let mut dirs = runtime_dirs();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        if let Some(owner) = crate::mount::find_mount(mountpoint).and_then(|m| m.user_id).filter(|u| *u != 0) {
+            dirs.extend(runtime_dirs_of(owner));
+        }
+    }
+    dirs.into_iter().map(|d| d.join(format!("{}.sock", path_key(mountpoint)))).collect()
 }
 
 /// Log file of the background daemon serving `mountpoint`.
@@ -45,11 +98,40 @@ pub fn log_path(mountpoint: &Path) -> PathBuf {
     runtime_dir().join(format!("{}.log", path_key(mountpoint)))
 }
 
-/// Creates the runtime directory (mode 0700).
+/// Creates the runtime directory (mode 0700) and makes sure it is private:
+/// a real directory (not a symbolic link), owned by this user, with no
+/// access for anyone else. `/tmp/efuse-<uid>` is a name any user could
+/// have taken first; then this fails and says so, rather than putting the
+/// control socket and log where someone else controls them.
 pub fn ensure_runtime_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let dir = runtime_dir();
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    // Only the last component is ours to create: the base directory is
+    // /run, the XDG runtime directory or /tmp, which must exist already.
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound && dir.starts_with("/run") => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?
+        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("creating {}: {e}", dir.display()))),
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() || meta.uid() != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory owned by uid {uid} (owner {}); remove it or set XDG_RUNTIME_DIR to a private directory",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     Ok(dir)
 }
 
@@ -115,11 +197,35 @@ impl Drop for ControlServer {
     }
 }
 
+/// Connects to the control socket of `mountpoint`, wherever this user's
+/// daemon bound it.
+fn connect(mountpoint: &Path) -> io::Result<UnixStream> {
+    let mut last = None;
+    for path in socket_paths(mountpoint) {
+        match UnixStream::connect(&path) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(format!("{}: {e}", path.display())),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no efuse daemon answers for {} ({})", mountpoint.display(), last.unwrap_or_default()),
+    ))
+}
+
+/// Removes control sockets of `mountpoint` nobody answers on (a daemon that
+/// died leaves its socket behind).
+pub fn remove_stale_sockets(mountpoint: &Path) {
+    for path in socket_paths(mountpoint) {
+        if path.exists() && UnixStream::connect(&path).is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Sends `command` to the daemon of `mountpoint` and returns its answer.
 pub fn query(mountpoint: &Path, command: &str) -> io::Result<String> {
-    let path = socket_path(mountpoint);
-    let mut s = UnixStream::connect(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("no efuse daemon answers for {} ({e})", mountpoint.display())))?;
+    let mut s = connect(mountpoint)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("{command}\n").as_bytes())?;
     let mut out = String::new();
@@ -136,5 +242,22 @@ mod tests {
         assert_eq!(path_key(Path::new("/mnt/a")), path_key(Path::new("/mnt/a")));
         assert_ne!(path_key(Path::new("/mnt/a")), path_key(Path::new("/mnt/b")));
         assert!(socket_path(Path::new("/x")).to_string_lossy().ends_with(".sock"));
+    }
+
+    #[test]
+    fn the_socket_is_looked_for_where_it_is_bound() {
+        let mp = Path::new("/mnt/a");
+        let all = socket_paths(mp);
+        assert_eq!(all.first(), Some(&socket_path(mp)));
+        // Whatever the environment, a regular user's list ends in the fixed
+        // per-user fallback, so every shell of that user shares one place.
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        let last = runtime_dirs().pop().unwrap();
+        if uid == 0 {
+            assert_eq!(last, PathBuf::from("/run/efuse"));
+        } else {
+            assert_eq!(last, PathBuf::from(format!("/tmp/efuse-{uid}")));
+        }
     }
 }

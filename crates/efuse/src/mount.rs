@@ -5,6 +5,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -55,8 +56,14 @@ pub enum MountError {
     DevFuse(io::Error),
     #[error("mount(2) on {0} failed: {1}")]
     Mount(PathBuf, io::Error),
-    #[error("fusermount3 failed: {0}")]
+    #[error("fusermount3: {0}")]
     Fusermount(String),
+    #[error("mounting as a regular user needs fusermount3, which is not installed (install the fuse3 package, or mount as root)")]
+    FusermountMissing,
+    #[error("{p} is not setuid root, so it cannot mount for a regular user (as root: chown root:root {p} && chmod u+s {p}; or mount as root)", p = .0.display())]
+    FusermountNotSetuid(PathBuf),
+    #[error("fusermount3 refused to mount {}: {said}", .mountpoint.display())]
+    FusermountRefused { mountpoint: PathBuf, said: String },
 }
 
 /// A live mount: the session's /dev/fuse descriptor and how to undo it.
@@ -143,19 +150,70 @@ fn mount_syscall(mountpoint: &Path, opts: &MountOptions, meta: &std::fs::Metadat
     Ok(Mounted { mountpoint: mountpoint.to_path_buf(), fd, privileged: true })
 }
 
-fn mount_fusermount(mountpoint: &Path, opts: &MountOptions) -> Result<Mounted, MountError> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: socketpair writes two descriptors into the array.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(MountError::Fusermount(format!("socketpair: {}", io::Error::last_os_error())));
+/// The environment variable through which fusermount3 learns which of its
+/// descriptors is the socket to send the /dev/fuse descriptor on (libfuse's
+/// `FUSE_COMMFD_ENV`). Without it fusermount3 refuses with "old style
+/// mounting not supported". The protocol has no version variable: one
+/// SCM_RIGHTS message with one byte of data, then fusermount3 exits.
+const COMMFD_ENV: &str = "_FUSE_COMMFD";
+
+/// Where libfuse looks for fusermount3 before searching PATH.
+const FUSERMOUNT_DIRS: [&str; 2] = ["/usr/bin", "/bin"];
+
+/// The fusermount3 to run, checked to be able to mount for us: found (the
+/// install directories first, as libfuse does, then PATH) and setuid root,
+/// or carrying file capabilities.
+pub fn fusermount_program() -> Result<PathBuf, MountError> {
+    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    let found = FUSERMOUNT_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .chain(path_dirs)
+        .map(|d| d.join("fusermount3"))
+        .find(|p| p.is_file())
+        .ok_or(MountError::FusermountMissing)?;
+    check_fusermount(&found)?;
+    Ok(found)
+}
+
+/// Whether `prog` can gain the privilege to mount: setuid root, or file
+/// capabilities (`security.capability`), which some distributions use instead.
+fn check_fusermount(prog: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(prog).map_err(|e| MountError::Fusermount(format!("{}: {e}", prog.display())))?;
+    if meta.uid() == 0 && meta.mode() & libc::S_ISUID != 0 {
+        return Ok(());
     }
-    // SAFETY: both descriptors are fresh and ours.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on our descriptor; the child end must survive exec.
-    unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    let mut o = vec![format!("fsname={}", opts.fsname)];
+    let c = cstring(prog.as_os_str()).map_err(|e| MountError::Fusermount(e.to_string()))?;
+    // SAFETY: NUL-terminated names; a zero-length buffer only asks for the size.
+    let caps = unsafe { libc::getxattr(c.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0) };
+    if caps > 0 {
+        return Ok(());
+    }
+    Err(MountError::FusermountNotSetuid(prog.to_path_buf()))
+}
+
+/// Appends `key` and `value` to a fusermount3 `-o` list, escaping in the
+/// value what fusermount3 would otherwise split on or unescape (libfuse's
+/// `fuse_opt_add_opt_escaped`).
+fn push_escaped(list: &mut Vec<String>, key: &str, value: &str) {
+    let mut s = String::with_capacity(key.len() + value.len() + 1);
+    s.push_str(key);
+    for c in value.chars() {
+        if c == ',' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    list.push(s);
+}
+
+/// The `-o` list for fusermount3.
+fn fusermount_options(opts: &MountOptions) -> String {
+    let mut o = Vec::new();
+    push_escaped(&mut o, "fsname=", &opts.fsname);
     if !opts.subtype.is_empty() {
-        o.push(format!("subtype={}", opts.subtype));
+        push_escaped(&mut o, "subtype=", &opts.subtype);
     }
     if opts.allow_other {
         o.push("allow_other".into());
@@ -168,20 +226,88 @@ fn mount_fusermount(mountpoint: &Path, opts: &MountOptions) -> Result<Mounted, M
     }
     o.push("nosuid".into());
     o.push("nodev".into());
-    let status = Command::new("fusermount3")
+    o.join(",")
+}
+
+/// Mounts through fusermount3, as libfuse does for an unprivileged caller:
+/// a socket pair, one end passed to fusermount3 as `_FUSE_COMMFD`; it opens
+/// /dev/fuse, mounts, sends the descriptor back over the socket and exits.
+/// We wait for the descriptor (or for end of file: fusermount3 exited without
+/// sending one), then reap fusermount3. Its stderr is kept: when it refuses,
+/// its own words are the error.
+fn mount_fusermount(mountpoint: &Path, opts: &MountOptions) -> Result<Mounted, MountError> {
+    use std::io::Read;
+    let prog = fusermount_program()?;
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: socketpair writes two descriptors into the array; both are
+    // close-on-exec so no other child of this process inherits them.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(MountError::Fusermount(format!("socketpair: {}", io::Error::last_os_error())));
+    }
+    // SAFETY: both descriptors are fresh and ours.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let their_raw = theirs.as_raw_fd();
+    let mut cmd = Command::new(&prog);
+    // Its messages start with argv[0]; libfuse runs it by name.
+    cmd.arg0("fusermount3")
         .arg("-o")
-        .arg(o.join(","))
+        .arg(fusermount_options(opts))
         .arg("--")
         .arg(mountpoint)
-        .env("_FUSERMOUNT_COMM_FD", theirs.as_raw_fd().to_string())
-        .status()
-        .map_err(|e| MountError::Fusermount(format!("cannot run fusermount3 (install the fuse3 package): {e}")))?;
-    drop(theirs);
-    if !status.success() {
-        return Err(MountError::Fusermount(format!("exited with {status}")));
+        .env(COMMFD_ENV, their_raw.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: fcntl is async-signal-safe; only fusermount3 keeps this end
+    // across exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(their_raw, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
-    let fd = receive_fd(&ours).map_err(|e| MountError::Fusermount(format!("no descriptor received: {e}")))?;
-    Ok(Mounted { mountpoint: mountpoint.to_path_buf(), fd, privileged: false })
+    let mut child = cmd.spawn().map_err(|e| MountError::Fusermount(format!("cannot run {}: {e}", prog.display())))?;
+    // Ours must go, or end of file never comes if fusermount3 fails.
+    drop(theirs);
+    // A thread drains stderr so fusermount3 never blocks on a full pipe
+    // while we wait for the descriptor.
+    let stderr_reader = child.stderr.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    });
+    let received = receive_fd(&ours);
+    drop(ours);
+    let status = child.wait();
+    let stderr = stderr_reader.and_then(|t| t.join().ok()).unwrap_or_default();
+    let said = one_line(&stderr);
+    match received {
+        Ok(fd) => {
+            if !said.is_empty() {
+                tracing::warn!("fusermount3: {said}");
+            }
+            Ok(Mounted { mountpoint: mountpoint.to_path_buf(), fd, privileged: false })
+        }
+        Err(e) => {
+            let status = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            Err(MountError::FusermountRefused {
+                mountpoint: mountpoint.to_path_buf(),
+                said: if said.is_empty() { format!("{status}, no descriptor received ({e})") } else { said },
+            })
+        }
+    }
+}
+
+/// fusermount3's stderr as one line (errors are one line).
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// Receives one descriptor sent with SCM_RIGHTS.
@@ -196,10 +322,19 @@ fn receive_fd(sock: &OwnedFd) -> io::Result<OwnedFd> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
+    let n = loop {
+        // SAFETY: msg points at live buffers for the duration of the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if n == 0 {
+        return Err(io::Error::other("fusermount3 closed the socket without sending a descriptor"));
     }
     // SAFETY: CMSG_FIRSTHDR walks the control buffer recvmsg filled in.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
@@ -225,6 +360,8 @@ pub struct MountInfo {
     pub source: String,
     pub major: u32,
     pub minor: u32,
+    /// The owner a FUSE mount was made for (its `user_id=` option).
+    pub user_id: Option<u32>,
 }
 
 impl MountInfo {
@@ -270,6 +407,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             source: String::from_utf8_lossy(&unescape(post[1])).into_owned(),
             major,
             minor,
+            user_id: post
+                .get(2)
+                .and_then(|o| o.split(',').find_map(|kv| kv.strip_prefix("user_id=")))
+                .and_then(|v| v.parse().ok()),
         });
     }
     out
@@ -283,10 +424,20 @@ pub fn find_mount(path: &Path) -> Option<MountInfo> {
 
 /// Aborts a FUSE connection: every pending and future request fails, so
 /// nothing blocks on a dead daemon any more.
+///
+/// The kernel gives a connection's control files to the user who mounted it
+/// (`user_id`), so a regular user can abort their own mounts, provided the
+/// fusectl file system is mounted; only root can mount it.
 pub fn abort_connection(conn: u32) -> io::Result<()> {
     const CONNECTIONS: &str = "/sys/fs/fuse/connections";
     let abort = format!("{CONNECTIONS}/{conn}/abort");
-    if !Path::new(&abort).exists() && is_root() {
+    if !Path::new(&abort).exists() {
+        if !is_root() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{abort} does not exist: fusectl is not mounted on {CONNECTIONS}, and only root can mount it"),
+            ));
+        }
         // The fusectl file system is not always mounted; mount it once.
         let (src, dir, fstype) = (c"fusectl", CString::new(CONNECTIONS).expect("no NUL"), c"fusectl");
         // SAFETY: NUL-terminated strings that outlive the call.
@@ -298,7 +449,13 @@ pub fn abort_connection(conn: u32) -> io::Result<()> {
             }
         }
     }
-    std::fs::write(&abort, "1")
+    std::fs::write(&abort, "1").map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => io::Error::new(
+            e.kind(),
+            format!("{abort}: {e} (only the user who mounted it, or root, may abort a connection)"),
+        ),
+        _ => io::Error::new(e.kind(), format!("{abort}: {e}")),
+    })
 }
 
 /// Unmounts `mountpoint`. As root by umount2(2), falling back to a lazy
@@ -324,18 +481,24 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
             Err(io::Error::last_os_error())
         }
     } else {
-        let mut cmd = Command::new("fusermount3");
-        cmd.arg("-u");
+        // fusermount3 unmounts only mounts whose user_id is ours.
+        let prog = fusermount_program().map_err(io::Error::other)?;
+        let mut cmd = Command::new(&prog);
+        cmd.arg0("fusermount3").arg("-u");
         if lazy {
             cmd.arg("-z");
         }
-        let out = cmd.arg("--").arg(mountpoint).output()?;
+        let out = cmd.arg("--").arg(mountpoint).stdin(std::process::Stdio::null()).output()?;
+        let said = one_line(&String::from_utf8_lossy(&out.stderr));
         if out.status.success() {
             Ok(())
-        } else if !lazy && String::from_utf8_lossy(&out.stderr).contains("busy") {
+        } else if !lazy && said.contains("busy") {
+            tracing::info!("{} is busy; detaching it (lazy unmount)", mountpoint.display());
             unmount(mountpoint, true)
+        } else if said.is_empty() {
+            Err(io::Error::other(format!("fusermount3 -u {}", out.status)))
         } else {
-            Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+            Err(io::Error::other(said))
         }
     }
 }
@@ -369,6 +532,8 @@ mod tests {
         assert_eq!(m[1].source, "memfs");
         assert_eq!(m[1].connection(), Some(52));
         assert_eq!(m[0].connection(), None);
+        assert_eq!(m[1].user_id, Some(0));
+        assert_eq!(m[0].user_id, None);
     }
 
     #[test]
@@ -378,6 +543,35 @@ mod tests {
         assert!(o.allow_other && o.read_only && !o.default_permissions);
         assert_eq!(o.fsname, "x");
         assert!(o.parse_list("bogus").is_err());
+    }
+
+    #[test]
+    fn fusermount_options_escape_what_fusermount3_splits_on() {
+        let o = MountOptions {
+            fsname: r"/srv/a\b".into(),
+            subtype: "efuse".into(),
+            allow_other: true,
+            read_only: true,
+            ..Default::default()
+        };
+        assert_eq!(fusermount_options(&o), r"fsname=/srv/a\\b,subtype=efuse,allow_other,ro,nosuid,nodev");
+    }
+
+    #[test]
+    fn a_fusermount3_without_privilege_is_named() {
+        // A plain executable file: not setuid root, no file capabilities.
+        let path = std::env::temp_dir().join(format!("efuse-fusermount-check-{}", std::process::id()));
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        let err = check_fusermount(&path).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(err, MountError::FusermountNotSetuid(_)), "{err}");
+        assert!(err.to_string().contains("is not setuid root"), "{err}");
+    }
+
+    #[test]
+    fn fusermount3_messages_become_one_line() {
+        assert_eq!(one_line("fusermount3: a\n\n  fusermount3: b  \n"), "fusermount3: a; fusermount3: b");
+        assert_eq!(one_line(""), "");
     }
 
     #[test]

@@ -204,6 +204,7 @@ pub struct Cmd {
     args: Vec<String>,
     cwd: Option<PathBuf>,
     env: Vec<(String, String)>,
+    env_remove: Vec<String>,
     timeout: Duration,
     stdin: Option<Vec<u8>>,
 }
@@ -215,6 +216,7 @@ impl Cmd {
             args: Vec::new(),
             cwd: None,
             env: Vec::new(),
+            env_remove: Vec::new(),
             timeout: STEP,
             stdin: None,
         }
@@ -243,6 +245,12 @@ impl Cmd {
 
     pub fn env(mut self, k: &str, v: &str) -> Cmd {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Runs the command without `k` in its environment.
+    pub fn env_remove(mut self, k: &str) -> Cmd {
+        self.env_remove.push(k.to_string());
         self
     }
 
@@ -285,6 +293,9 @@ impl Cmd {
         cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
         if let Some(d) = &self.cwd {
             cmd.current_dir(d);
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -430,11 +441,15 @@ impl Fs {
     }
 }
 
-/// How to mount: extra CLI arguments and an optional wrapper (e.g. prlimit).
+/// How to mount: extra CLI arguments, an optional wrapper (e.g. prlimit),
+/// and optionally a regular user to mount as (through fusermount3).
 #[derive(Clone, Debug, Default)]
 pub struct MountSpec {
     pub args: Vec<String>,
     pub wrapper: Vec<String>,
+    pub user: Option<User>,
+    /// Environment for the mount command (e.g. XDG_RUNTIME_DIR).
+    pub env: Vec<(String, String)>,
 }
 
 impl MountSpec {
@@ -446,6 +461,140 @@ impl MountSpec {
     pub fn wrapper(mut self, w: &[&str]) -> MountSpec {
         self.wrapper = w.iter().map(|s| s.to_string()).collect();
         self
+    }
+
+    /// Mount (and use, read stats, unmount) as `user`: the mount's
+    /// directories are theirs, and a copy of the efuse binary they can run
+    /// sits in the test directory.
+    pub fn user(mut self, user: User) -> MountSpec {
+        self.user = Some(user);
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> MountSpec {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+/// A regular user the tests act as. Commands run through `setpriv` (real
+/// and effective ids, no supplementary groups, no capabilities left), with
+/// root's XDG_RUNTIME_DIR removed, as for a user started by runuser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `nobody`, present on every Debian system.
+pub const NOBODY: User = User { uid: 65534, gid: 65534 };
+
+impl User {
+    /// `program` as this user (add arguments to the returned command), in /:
+    /// `Cmd::cwd` changes directory before the ids change, as root, which a
+    /// FUSE mount of another user refuses.
+    pub fn cmd(self, program: impl AsRef<OsStr>) -> Cmd {
+        Cmd::new("setpriv")
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(program)
+            .cwd(Path::new("/"))
+            .env_remove("XDG_RUNTIME_DIR")
+    }
+
+    /// `bash -c script` as this user, in `cwd` (pipefail on).
+    pub fn sh(self, script: &str, cwd: &Path) -> Cmd {
+        let script = format!("cd -- \"$EFUSE_TEST_CWD\" || exit 1\n{script}");
+        self.cmd("bash").arg("-o").arg("pipefail").arg("-c").arg(script).env("EFUSE_TEST_CWD", &cwd.to_string_lossy())
+    }
+
+    /// Gives `path` (recursively) to this user.
+    pub fn chown(self, path: &Path) {
+        Cmd::new("chown").arg("-R").arg(format!("{}:{}", self.uid, self.gid)).arg(path).timeout(STEP).ok();
+    }
+}
+
+/// A copy of the efuse binary under `dir` that any user can run (the build
+/// tree may sit in root's private home).
+pub fn efuse_bin_for_users(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin_dir = dir.join("bin");
+    fs::create_dir_all(&bin_dir).unwrap_or_else(|e| panic!("create {}: {e}", bin_dir.display()));
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
+    fs::set_permissions(&bin_dir, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", bin_dir.display()));
+    let bin = bin_dir.join("efuse");
+    fs::copy(efuse_bin(), &bin).unwrap_or_else(|e| panic!("copy efuse to {}: {e}", bin.display()));
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", bin.display()));
+    bin
+}
+
+/// While alive, /dev/fuse is open to every user (mode 0666, as distributions
+/// ship it), so regular users can mount through fusermount3. The last guard
+/// of this process puts back the exact previous mode, also when a test
+/// panics. Processes hold an exclusive lock on a file beside it while they
+/// change the mode, so one test binary never restores it under another.
+pub struct DevFuseForUsers(());
+
+struct DevFuseState {
+    holders: usize,
+    previous: u32,
+    _lock: fs::File,
+}
+
+static DEV_FUSE: std::sync::Mutex<Option<DevFuseState>> = std::sync::Mutex::new(None);
+
+impl DevFuseForUsers {
+    pub fn grant() -> DevFuseForUsers {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::PermissionsExt;
+        let mut state = DEV_FUSE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = state.as_mut() {
+            s.holders += 1;
+            return DevFuseForUsers(());
+        }
+        let lock_path = std::env::temp_dir().join("efuse-tests-dev-fuse-mode.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", lock_path.display()));
+        let start = Instant::now();
+        // SAFETY: flock on a descriptor we own; LOCK_NB so the wait stays bounded.
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if start.elapsed() > Duration::from_secs(600) {
+                panic!("another test process held {} for 10 minutes", lock_path.display());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let previous =
+            fs::metadata("/dev/fuse").unwrap_or_else(|e| panic!("stat /dev/fuse: {e}")).permissions().mode() & 0o7777;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode((previous & !0o777) | 0o666))
+            .unwrap_or_else(|e| panic!("chmod /dev/fuse: {e}"));
+        *state = Some(DevFuseState { holders: 1, previous, _lock: lock });
+        DevFuseForUsers(())
+    }
+}
+
+impl Drop for DevFuseForUsers {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut state = DEV_FUSE.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = state.as_mut() else { return };
+        s.holders -= 1;
+        if s.holders > 0 {
+            return;
+        }
+        if let Err(e) = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(s.previous)) {
+            eprintln!("RESTORING /dev/fuse TO MODE {:o} FAILED: {e}", s.previous);
+        }
+        // Dropping the state closes the lock file: the next process may go.
+        *state = None;
     }
 }
 
@@ -461,6 +610,12 @@ pub struct Mounted {
     pub reference: PathBuf,
     pub backing: Option<PathBuf>,
     pub scratch: PathBuf,
+    /// The user who mounted it (None: root).
+    pub user: Option<User>,
+    /// The efuse binary that user runs.
+    pub bin: PathBuf,
+    /// The environment the mount command had; stats and umount get it too.
+    env: Vec<(String, String)>,
     test: String,
 }
 
@@ -478,6 +633,12 @@ impl Mounted {
             reference: root.join("ref"),
             backing: (fs == Fs::Stackfs).then(|| root.join("backing")),
             scratch: root.join("scratch"),
+            bin: match spec.user {
+                Some(_) => efuse_bin_for_users(&root),
+                None => efuse_bin(),
+            },
+            user: spec.user,
+            env: spec.env.clone(),
             root,
             test: test.to_string(),
         };
@@ -487,9 +648,14 @@ impl Mounted {
         if let Some(b) = &m.backing {
             prepare(b);
         }
+        if let Some(u) = m.user {
+            for d in [&m.mnt, &m.reference, &m.scratch].into_iter().chain(m.backing.as_ref()) {
+                u.chown(d);
+            }
+        }
         // From here on the guard exists, so a failed or half-done mount is cleaned up.
         let mut cmd: Vec<String> = spec.wrapper.clone();
-        cmd.push(efuse_bin().display().to_string());
+        cmd.push(m.bin.display().to_string());
         cmd.push("mount".into());
         cmd.push(fs.name().into());
         if let Some(b) = &m.backing {
@@ -510,7 +676,14 @@ impl Mounted {
                 cmd.extend(["--transport".to_string(), t]);
             }
         }
-        let out = Cmd::new(&cmd[0]).args(&cmd[1..]).timeout(MOUNT_TIMEOUT).run();
+        let mut c = match m.user {
+            Some(u) => u.cmd(&cmd[0]),
+            None => Cmd::new(&cmd[0]),
+        };
+        for (k, v) in &m.env {
+            c = c.env(k, v);
+        }
+        let out = c.args(&cmd[1..]).timeout(MOUNT_TIMEOUT).run();
         if !out.ok() {
             panic!(
                 "{test}: mount failed ({}): {}\nstdout:\n{}\nstderr:\n{}",
@@ -528,9 +701,27 @@ impl Mounted {
         m
     }
 
+    /// The efuse binary, run as the user who mounted (root if nobody else),
+    /// in the environment the mount had.
+    pub fn efuse(&self) -> Cmd {
+        let mut c = match self.user {
+            Some(u) => u.cmd(&self.bin),
+            None => Cmd::new(&self.bin),
+        };
+        for (k, v) in &self.env {
+            c = c.env(k, v);
+        }
+        c
+    }
+
     /// `efuse stats MNT --json`, parsed.
     pub fn stats(&self) -> serde_json::Value {
-        let out = Cmd::new(efuse_bin()).arg("stats").arg(&self.mnt).arg("--json").timeout(Duration::from_secs(20)).ok();
+        self.stats_with(self.efuse())
+    }
+
+    /// `efuse stats MNT --json` run by `efuse` (e.g. with another environment), parsed.
+    pub fn stats_with(&self, efuse: Cmd) -> serde_json::Value {
+        let out = efuse.arg("stats").arg(&self.mnt).arg("--json").timeout(Duration::from_secs(20)).ok();
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("efuse stats --json printed invalid JSON ({e}):\n{out}"))
     }
 
@@ -544,7 +735,7 @@ impl Mounted {
         if mount_entry(&self.mnt).is_none() {
             return Ok(());
         }
-        let polite = Cmd::new(efuse_bin()).arg("umount").arg(&self.mnt).timeout(MOUNT_TIMEOUT).try_run();
+        let polite = self.efuse().arg("umount").arg(&self.mnt).timeout(MOUNT_TIMEOUT).try_run();
         let polite_ok = matches!(&polite, Ok(o) if o.ok());
         if polite_ok && mount_entry(&self.mnt).is_none() {
             return Ok(());

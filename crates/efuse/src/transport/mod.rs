@@ -95,13 +95,33 @@ impl Running {
 }
 
 /// Whether the kernel lets this process use FUSE-over-io_uring now: the
-/// module parameter `enable_uring` is `Y`. Err says why not, in one line.
+/// module parameter `enable_uring` is `Y`, and this process may create an
+/// io_uring at all. Err says why not, in one line.
+///
+/// The second check matters before INIT: once FUSE_OVER_IO_URING is
+/// negotiated the kernel holds every request until a ring queue registers,
+/// and only a failed registration turns that off again. A process that
+/// cannot even create a ring (`kernel.io_uring_disabled`=1 for a user
+/// outside `kernel.io_uring_group`, =2 for everyone, or a seccomp filter)
+/// never registers, and its mount would hang; it must not ask.
 pub fn uring_available() -> Result<(), String> {
     const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
     match std::fs::read_to_string(PARAM) {
-        Ok(v) if v.trim() == "Y" || v.trim() == "1" => Ok(()),
-        Ok(_) => Err(format!("{PARAM} is N (as root: echo Y > {PARAM})")),
-        Err(_) => Err("the kernel has no FUSE-over-io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)".into()),
+        Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
+        Ok(_) => return Err(format!("{PARAM} is N (as root: echo Y > {PARAM})")),
+        Err(_) => {
+            return Err("the kernel has no FUSE-over-io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)".into())
+        }
+    }
+    // The same ring shape the queues use (128-byte SQEs), as small as it gets.
+    match io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder().build(1) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                .map(|v| format!(" (kernel.io_uring_disabled={})", v.trim()))
+                .unwrap_or_default();
+            Err(format!("this process may not create an io_uring: {e}{sysctl}"))
+        }
     }
 }
 
