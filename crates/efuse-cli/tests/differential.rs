@@ -23,10 +23,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{require_fuse, Fs, Mounted};
+use common::{env_u64, errno, errno_name, first_difference, require_fuse, watch_progress, Fs, Mounted, Rng};
 
 const DEFAULT_SEED: u64 = 0x5EED_F00D_2024;
 const DEFAULT_OPS: u64 = 3000;
@@ -34,45 +33,6 @@ const SLOTS: usize = 8;
 const CHECK_EVERY: u64 = 500;
 /// A step that makes no progress for this long fails the test.
 const STALL: Duration = Duration::from_secs(60);
-
-/// xorshift64* (Vigna): small, fast, and the same sequence everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len() as u64) as usize]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 const PARENTS: &[&str] = &["", "", "d0/", "d1/", "d0/e0/", "d1/e1/", "d2/"];
 const NAMES: &[&str] = &["f0", "f1", "f2", "f3", "d0", "d1", "d2", "e0", "e1", "s0"];
@@ -137,43 +97,6 @@ impl Drop for Side {
             }
         }
     }
-}
-
-fn errno_name(e: i32) -> String {
-    let names: &[(i32, &str)] = &[
-        (libc::EPERM, "EPERM"),
-        (libc::ENOENT, "ENOENT"),
-        (libc::EIO, "EIO"),
-        (libc::ENXIO, "ENXIO"),
-        (libc::EBADF, "EBADF"),
-        (libc::EACCES, "EACCES"),
-        (libc::EFAULT, "EFAULT"),
-        (libc::EBUSY, "EBUSY"),
-        (libc::EEXIST, "EEXIST"),
-        (libc::EXDEV, "EXDEV"),
-        (libc::ENOTDIR, "ENOTDIR"),
-        (libc::EISDIR, "EISDIR"),
-        (libc::EINVAL, "EINVAL"),
-        (libc::EMFILE, "EMFILE"),
-        (libc::ETXTBSY, "ETXTBSY"),
-        (libc::EFBIG, "EFBIG"),
-        (libc::ENOSPC, "ENOSPC"),
-        (libc::ESPIPE, "ESPIPE"),
-        (libc::EROFS, "EROFS"),
-        (libc::EMLINK, "EMLINK"),
-        (libc::ENAMETOOLONG, "ENAMETOOLONG"),
-        (libc::ENOSYS, "ENOSYS"),
-        (libc::ENOTEMPTY, "ENOTEMPTY"),
-        (libc::ELOOP, "ELOOP"),
-        (libc::EOPNOTSUPP, "EOPNOTSUPP"),
-        (libc::ENOTCONN, "ENOTCONN"),
-        (libc::EOVERFLOW, "EOVERFLOW"),
-    ];
-    names.iter().find(|(n, _)| *n == e).map(|(_, s)| s.to_string()).unwrap_or_else(|| format!("errno {e}"))
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 /// What one side returned for one op. `data` holds bytes read, compared exactly.
@@ -497,29 +420,6 @@ fn compare_trees(a: &Path, b: &Path) -> Option<String> {
     None
 }
 
-fn first_difference(a: &[u8], b: &[u8]) -> String {
-    let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-    let show = |d: &[u8]| {
-        let end = (i + 16).min(d.len());
-        d[i.min(end)..end].iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
-    format!("lengths {} vs {}, first difference at byte {i}: test {} vs ext4 {}", a.len(), b.len(), show(a), show(b))
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => {
-            let v = v.trim();
-            let parsed = match v.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => v.parse(),
-            };
-            parsed.unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}"))
-        }
-        Err(_) => default,
-    }
-}
-
 fn op_kind(op: &Op) -> &'static str {
     match op {
         Op::Open { .. } => "open",
@@ -680,31 +580,13 @@ fn run_differential(label: &str, test_root: &Path, ref_root: &Path, seed: u64, o
     println!("{label}: {i} ops identical to ext4 (seed {seed:#x}); ok/err per op: {}", summary.join(", "));
 }
 
-/// Runs the differential engine on a helper thread; fails the test when it
-/// stops making progress (a hung mount), leaving unmounting to the guard.
+/// Runs the differential engine under the harness's stall watchdog.
 fn run_watched(label: &str, test_root: &Path, ref_root: &Path) {
     let seed = env_u64("EFUSE_FSX_SEED", DEFAULT_SEED);
     let ops = env_u64("EFUSE_FSX_OPS", DEFAULT_OPS);
     println!("{label}: seed {seed:#x}, {ops} ops");
-    let progress = Arc::new(AtomicU64::new(0));
-    let (l, t, r, p) = (label.to_string(), test_root.to_path_buf(), ref_root.to_path_buf(), progress.clone());
-    let worker = std::thread::Builder::new()
-        .name(format!("fsx {label}"))
-        .spawn(move || run_differential(&l, &t, &r, seed, ops, &p))
-        .expect("spawn differential worker");
-    let mut last = (0, Instant::now());
-    while !worker.is_finished() {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = progress.load(Ordering::Relaxed);
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > STALL {
-            panic!("{label}: no progress for {STALL:?} at op #{now} (seed {seed:#x}): the mount looks hung");
-        }
-    }
-    if let Err(panic) = worker.join() {
-        std::panic::resume_unwind(panic);
-    }
+    let (l, t, r) = (label.to_string(), test_root.to_path_buf(), ref_root.to_path_buf());
+    watch_progress(label, STALL, &format!("seed {seed:#x}"), move |p| run_differential(&l, &t, &r, seed, ops, p));
 }
 
 fn differential_on(fs_kind: Fs, test: &str) {

@@ -50,6 +50,15 @@ pub fn skip(test: &str, why: &str) -> bool {
     false
 }
 
+/// True when the test runs as root (it switches credentials); otherwise skips.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip(test, "needs root (run as root, e.g. in CI)")
+}
+
 /// True when we can mount FUSE file systems: root and /dev/fuse (and, when
 /// the tests run with the uring transport, FUSE-over-io_uring).
 pub fn require_fuse(test: &str) -> bool {
@@ -207,6 +216,7 @@ pub struct Cmd {
     env_remove: Vec<String>,
     timeout: Duration,
     stdin: Option<Vec<u8>>,
+    umask: Option<u32>,
 }
 
 impl Cmd {
@@ -219,6 +229,7 @@ impl Cmd {
             env_remove: Vec::new(),
             timeout: STEP,
             stdin: None,
+            umask: None,
         }
     }
 
@@ -264,6 +275,13 @@ impl Cmd {
         self
     }
 
+    /// Runs the command with this umask instead of the test process's (which
+    /// is one per process, shared by every test thread, so never changed).
+    pub fn umask(mut self, mask: u32) -> Cmd {
+        self.umask = Some(mask);
+        self
+    }
+
     pub fn describe(&self) -> String {
         let mut s = self.program.display().to_string();
         for a in &self.args {
@@ -299,6 +317,16 @@ impl Cmd {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(mask) = self.umask {
+            // SAFETY: umask is async-signal-safe and cannot fail; nothing else
+            // runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
         }
         let cleanup = || {
             let _ = fs::remove_file(&out_path);
@@ -450,6 +478,9 @@ pub struct MountSpec {
     pub user: Option<User>,
     /// Environment for the mount command (e.g. XDG_RUNTIME_DIR).
     pub env: Vec<(String, String)>,
+    /// The umask `efuse mount` (and so the daemon it forks) starts with;
+    /// None: the test process's.
+    pub umask: Option<u32>,
 }
 
 impl MountSpec {
@@ -460,6 +491,11 @@ impl MountSpec {
 
     pub fn wrapper(mut self, w: &[&str]) -> MountSpec {
         self.wrapper = w.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn umask(mut self, mask: u32) -> MountSpec {
+        self.umask = Some(mask);
         self
     }
 
@@ -683,6 +719,9 @@ impl Mounted {
         for (k, v) in &m.env {
             c = c.env(k, v);
         }
+        if let Some(mask) = spec.umask {
+            c = c.umask(mask);
+        }
         let out = c.args(&cmd[1..]).timeout(MOUNT_TIMEOUT).run();
         if !out.ok() {
             panic!(
@@ -886,4 +925,145 @@ pub fn assert_same(what: &str, fs_name: &str, got: &str, ext4: &str) {
         tail(got, 6000),
         tail(ext4, 6000)
     );
+}
+
+/// xorshift64* (Vigna): small, fast, and the same sequence everywhere, so a
+/// seed replays a random test exactly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len() as u64) as usize]
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+/// A number from the environment (decimal or 0x-hex), or `default` when unset.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            };
+            parsed.unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}"))
+        }
+        Err(_) => default,
+    }
+}
+
+/// This thread's errno after a failed libc call.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The symbolic name of an errno value, as the transcripts print it.
+pub fn errno_name(e: i32) -> String {
+    let names: &[(i32, &str)] = &[
+        (libc::EPERM, "EPERM"),
+        (libc::ENOENT, "ENOENT"),
+        (libc::EINTR, "EINTR"),
+        (libc::EIO, "EIO"),
+        (libc::ENXIO, "ENXIO"),
+        (libc::E2BIG, "E2BIG"),
+        (libc::EBADF, "EBADF"),
+        (libc::EAGAIN, "EAGAIN"),
+        (libc::EACCES, "EACCES"),
+        (libc::EFAULT, "EFAULT"),
+        (libc::EBUSY, "EBUSY"),
+        (libc::EEXIST, "EEXIST"),
+        (libc::EXDEV, "EXDEV"),
+        (libc::ENODEV, "ENODEV"),
+        (libc::ENOTDIR, "ENOTDIR"),
+        (libc::EISDIR, "EISDIR"),
+        (libc::EINVAL, "EINVAL"),
+        (libc::EMFILE, "EMFILE"),
+        (libc::ETXTBSY, "ETXTBSY"),
+        (libc::EFBIG, "EFBIG"),
+        (libc::ENOSPC, "ENOSPC"),
+        (libc::ESPIPE, "ESPIPE"),
+        (libc::EROFS, "EROFS"),
+        (libc::EMLINK, "EMLINK"),
+        (libc::ERANGE, "ERANGE"),
+        (libc::ENAMETOOLONG, "ENAMETOOLONG"),
+        (libc::ENOSYS, "ENOSYS"),
+        (libc::ENOTEMPTY, "ENOTEMPTY"),
+        (libc::ELOOP, "ELOOP"),
+        (libc::ENODATA, "ENODATA"),
+        (libc::EOPNOTSUPP, "EOPNOTSUPP"),
+        (libc::ENOTCONN, "ENOTCONN"),
+        (libc::EOVERFLOW, "EOVERFLOW"),
+        (libc::ESTALE, "ESTALE"),
+        (libc::EDQUOT, "EDQUOT"),
+    ];
+    names.iter().find(|(n, _)| *n == e).map(|(_, s)| s.to_string()).unwrap_or_else(|| format!("errno {e}"))
+}
+
+/// Where two byte strings first differ, for a mismatch report.
+pub fn first_difference(a: &[u8], b: &[u8]) -> String {
+    let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+    let show = |d: &[u8]| {
+        let end = (i + 16).min(d.len());
+        d[i.min(end)..end].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    format!("lengths {} vs {}, first difference at byte {i}: test {} vs ext4 {}", a.len(), b.len(), show(a), show(b))
+}
+
+/// Runs in-process work that touches a mount on a helper thread and fails the
+/// test when the work's progress counter stands still for `stall` (a hung
+/// mount), leaving the unmount to the `Mounted` guard; `context` (e.g. the
+/// seed) goes into that failure. A panic of the work is the test's panic.
+pub fn watch_progress<F>(label: &str, stall: Duration, context: &str, work: F)
+where
+    F: FnOnce(&AtomicU64) + Send + 'static,
+{
+    let progress = std::sync::Arc::new(AtomicU64::new(0));
+    let p = progress.clone();
+    let worker = thread::Builder::new()
+        .name(format!("watched {label}"))
+        .spawn(move || work(&p))
+        .unwrap_or_else(|e| panic!("{label}: spawn worker thread: {e}"));
+    let mut last = (0, Instant::now());
+    while !worker.is_finished() {
+        thread::sleep(Duration::from_millis(50));
+        let now = progress.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > stall {
+            panic!("{label}: no progress for {stall:?} at step #{now} ({context}): the mount looks hung");
+        }
+    }
+    if let Err(panic) = worker.join() {
+        std::panic::resume_unwind(panic);
+    }
 }
