@@ -510,10 +510,11 @@ fn path_of(fd: BorrowedFd<'_>, buf: &mut [u8; 4096]) -> Option<usize> {
 
 /// Whether the directory `dir` lies below (or is) the directory `root`,
 /// judged by the paths the kernel has for both now: a directory deleted, or
-/// moved where the daemon cannot name it, is not.
+/// moved where the daemon cannot name it, is not. Paths too long to read
+/// are judged by walking up `..` instead.
 pub(super) fn is_beneath(dir: BorrowedFd<'_>, root: BorrowedFd<'_>) -> bool {
     let (mut d, mut r) = ([0u8; 4096], [0u8; 4096]);
-    let (Some(dn), Some(rn)) = (path_of(dir, &mut d), path_of(root, &mut r)) else { return false };
+    let (Some(dn), Some(rn)) = (path_of(dir, &mut d), path_of(root, &mut r)) else { return walks_up_to(dir, root) };
     let (d, r) = (&d[..dn], &r[..rn]);
     if d.first() != Some(&b'/') || d.ends_with(b" (deleted)") || r.ends_with(b" (deleted)") {
         return false;
@@ -522,6 +523,32 @@ pub(super) fn is_beneath(dir: BorrowedFd<'_>, root: BorrowedFd<'_>) -> bool {
         return true;
     }
     d == r || (d.starts_with(r) && d.get(r.len()) == Some(&b'/'))
+}
+
+/// Whether walking up `..` from `dir` reaches `root` (before the root of
+/// its file system, or 65536 steps).
+fn walks_up_to(dir: BorrowedFd<'_>, root: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsFd;
+    let Ok(root_key) = statx(root).map(|st| statx_key(&st)) else { return false };
+    let Ok(mut here) = reopen(dir, libc::O_PATH) else { return false };
+    for _ in 0..65536 {
+        let Ok(st) = statx(here.as_fd()) else { return false };
+        let key = statx_key(&st);
+        if key == root_key {
+            return true;
+        }
+        if st.stx_nlink == 0 {
+            return false;
+        }
+        let Ok(up) = openat(here.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY, 0) else { return false };
+        let Ok(up_st) = statx(up.as_fd()) else { return false };
+        if statx_key(&up_st) == key {
+            // The root of everything the daemon can see, and not the backing root.
+            return false;
+        }
+        here = up;
+    }
+    false
 }
 
 /// Gives this thread its own root, working directory and umask (they are
