@@ -372,6 +372,9 @@ fn open_and_create_answer_with_regular_files_only() {
     assert_eq!(h.call(Opcode::Open, fifo, &[o.as_bytes()]).0, -libc::EINVAL);
     let sa = abi::SetattrIn { valid: efuse::abi::consts::fattr::SIZE, size: 0, ..Default::default() };
     assert_eq!(h.call(Opcode::Setattr, fifo, &[sa.as_bytes()]).0, -libc::EINVAL);
+    // Nor is one opened for I/O without an open (fh 0, as with --no-open).
+    let r = abi::ReadIn { fh: 0, offset: 0, size: 16, ..Default::default() };
+    assert_eq!(h.call(Opcode::Read, fifo, &[r.as_bytes()]).0, -libc::EINVAL);
 
     // CREATE without O_EXCL of a name that appeared: a regular file is
     // opened, anything else refused without being opened.
