@@ -107,7 +107,9 @@ impl Interrupts {
 
     /// The kernel sent INTERRUPT `unique` for request `target`, on `sink`.
     pub(crate) fn interrupt(&self, target: u64, unique: u64, sink: &Arc<dyn ReplySink>) {
-        if self.wake(target) {
+        // Unique 0 is no request of the kernel's (a reply with it would be
+        // read as a notification): nothing to answer, nothing to keep.
+        if self.wake(target) || unique == 0 {
             return;
         }
         let mut o = lock_ignoring_poison(&self.orphans);

@@ -46,9 +46,11 @@ impl Errno {
     pub const ESTALE: Errno = Errno(libc::ESTALE);
 
     /// From a raw errno; zero, negative or absurd values become EIO so that a
-    /// bug can never turn into a success reply.
+    /// bug can never turn into a success reply. Linux refuses a reply whose
+    /// error is 512 or more (kernel-internal codes) before matching it to its
+    /// request, which would then wait forever (fs/fuse/dev.c).
     pub fn from_raw(e: i32) -> Errno {
-        if e > 0 && e < 4096 {
+        if e > 0 && e < 512 {
             Errno(e)
         } else {
             Errno::EIO
@@ -482,6 +484,10 @@ mod tests {
         assert_eq!(Errno::from_raw(0), Errno::EIO);
         assert_eq!(Errno::from_raw(-5), Errno::EIO);
         assert_eq!(Errno::from_raw(libc::ENOENT), Errno::ENOENT);
+        // The kernel accepts 1..=511 only.
+        assert_eq!(Errno::from_raw(511).raw(), 511);
+        assert_eq!(Errno::from_raw(512), Errno::EIO);
+        assert_eq!(Errno::from_raw(4095), Errno::EIO);
     }
 
     #[test]

@@ -424,6 +424,9 @@ impl MemFs {
                 }
                 (libc::S_IFLNK, 0)
             }
+            // CREATE and TMPFILE make regular files: open(2) ignores the type
+            // bits of its mode, and the kernel refuses any other answer.
+            NewKind::Node { .. } if open => (libc::S_IFREG, 0),
             NewKind::Node { rdev } => match mode & libc::S_IFMT {
                 0 | libc::S_IFREG => (libc::S_IFREG, 0),
                 t @ (libc::S_IFIFO | libc::S_IFSOCK) => (t, 0),

@@ -79,6 +79,20 @@ fn create_lookup_and_attributes() {
 }
 
 #[test]
+fn create_makes_regular_files_whatever_the_mode_type() {
+    // CREATE and TMPFILE (open = true): the kernel refuses an answer that is
+    // not a regular file, so type bits in the mode are ignored, as open(2) does.
+    let fs = MemFs::new(MemFsConfig::default());
+    for (name, typ) in [("c", libc::S_IFCHR), ("b", libc::S_IFBLK), ("p", libc::S_IFIFO), ("d", libc::S_IFDIR)] {
+        let e = fs.create_node(USER, ROOT, Some(n(name)), typ | 0o640, NewKind::Node { rdev: 0x0103 }, true).unwrap();
+        assert_eq!((e.attr.mode, e.attr.rdev), (libc::S_IFREG | 0o640, 0), "{name}");
+        fs.release(e.nodeid);
+    }
+    let tmp = fs.create_node(USER, ROOT, None, libc::S_IFSOCK | 0o600, NewKind::Node { rdev: 0 }, true).unwrap();
+    assert_eq!(tmp.attr.mode, libc::S_IFREG | 0o600);
+}
+
+#[test]
 fn setgid_directories_pass_on_their_group() {
     let fs = MemFs::new(MemFsConfig::default());
     let d = dir(&fs, ROOT, "shared");

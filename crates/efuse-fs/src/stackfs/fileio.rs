@@ -179,6 +179,8 @@ impl NodeIo {
                 return Ok(fd.clone());
             }
         }
+        // Checked here, once per descriptor opened, not on every request.
+        super::regular_file(ifd.as_fd())?;
         let opened = match sys::reopen(ifd.as_fd(), libc::O_RDWR) {
             Ok(fd) => (fd, libc::O_RDWR),
             Err(e) if e == Errno::EACCES || e == Errno::EROFS || e == Errno::EPERM || e.raw() == libc::ETXTBSY => {

@@ -560,6 +560,7 @@ impl StackFs {
             match &file {
                 Some(f) => sys::ftruncate(f.fd(), size)?,
                 None => {
+                    regular_file(ifd.as_fd())?;
                     let f = sys::reopen(ifd.as_fd(), libc::O_WRONLY)?;
                     sys::ftruncate(f.as_fd(), size)?
                 }
@@ -592,7 +593,8 @@ impl StackFs {
         // O_DIRECT would demand aligned buffers of our reads and writes; the
         // kernel already gives the caller direct-I/O semantics on the mount.
         let app_direct = flags & libc::O_DIRECT != 0;
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
+        regular_file(ifd.as_fd())?;
         let fd = sys::reopen(ifd.as_fd(), flags)?;
         self.register_file(ino, &ifd, fd, flags, app_direct)
     }
@@ -656,13 +658,20 @@ impl StackFs {
         flags: i32,
     ) -> Result<(Entry, Opened), Errno> {
         let app_direct = flags & libc::O_DIRECT != 0;
-        let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT);
+        // O_PATH (which the kernel never sends) would drop O_CREAT and open
+        // whatever the name is, of any type.
+        let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
         let dir = self.dir_fd(parent)?;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
-            sys::openat(dir.as_fd(), name, flags, mode)?
+            match sys::openat(dir.as_fd(), name, flags | libc::O_EXCL, mode) {
+                // The name appeared since the kernel's lookup: without
+                // O_EXCL, open(O_CREAT) opens what is there.
+                Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => open_existing(dir.as_fd(), name, flags)?,
+                other => other?,
+            }
         };
         let (id, st) = self.remember_opened(&fd)?;
         self.opened_node(id, &st, fd, flags, app_direct)
@@ -677,7 +686,8 @@ impl StackFs {
     ) -> Result<(Entry, Opened), Errno> {
         let app_direct = flags & libc::O_DIRECT != 0;
         let dir = self.dir_fd(parent)?;
-        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_TMPFILE;
+        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH))
+            | libc::O_TMPFILE;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             sys::openat(dir.as_fd(), c".", flags, mode & 0o7777)?
@@ -928,6 +938,30 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(e),
+    }
+}
+
+/// Refuses to open anything but a regular file for I/O. The kernel sends
+/// OPEN and size changes only for regular files (it opens special files
+/// itself); opening a FIFO here would block the worker for good, and a
+/// device would be acted on.
+fn regular_file(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    match sys::statx(fd)?.stx_mode as u32 & libc::S_IFMT {
+        libc::S_IFREG => Ok(()),
+        libc::S_IFDIR => Err(Errno::EISDIR),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+/// Opens `name` in `dir` for a CREATE that found it existing: a regular file
+/// only (the kernel refuses any other answer to CREATE), never by opening
+/// something else first, which could block (a FIFO) or act on a device.
+fn open_existing(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<OwnedFd, Errno> {
+    let path = sys::open_path_at(dir, name)?;
+    match sys::statx(path.as_fd())?.stx_mode as u32 & libc::S_IFMT {
+        libc::S_IFREG => sys::reopen(path.as_fd(), flags),
+        libc::S_IFDIR => Err(Errno::EISDIR),
+        _ => Err(Errno::EEXIST),
     }
 }
 

@@ -424,3 +424,46 @@ fn create_answers_with_the_file_it_opened() {
     renamer.join().unwrap();
     assert_eq!(mismatches, 0, "CREATE answered with an entry for another file than its handle");
 }
+
+#[test]
+fn open_and_create_answer_with_regular_files_only() {
+    let h = Harness::new("regular", None);
+    let n = abi::MknodIn { mode: libc::S_IFIFO | 0o666, rdev: 0, umask: 0, padding: 0 };
+    let (err, data) = h.call(Opcode::Mknod, ROOT_ID, &[n.as_bytes(), b"fifo\0"]);
+    assert_eq!(err, 0);
+    let fifo = abi::EntryOut::read_from_prefix(&data).unwrap().0.nodeid;
+    // Held open at both ends, so that a regression fails below instead of
+    // blocking the test for good.
+    let _ends = std::fs::OpenOptions::new().read(true).write(true).open(h.backing().join("fifo")).unwrap();
+    std::fs::create_dir(h.backing().join("dir")).unwrap();
+    std::fs::write(h.backing().join("file"), b"data").unwrap();
+
+    // The kernel opens FIFOs itself and never truncates one: refused.
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Open, fifo, &[o.as_bytes()]).0, -libc::EINVAL);
+    let sa = abi::SetattrIn { valid: efuse::abi::consts::fattr::SIZE, size: 0, ..Default::default() };
+    assert_eq!(h.call(Opcode::Setattr, fifo, &[sa.as_bytes()]).0, -libc::EINVAL);
+    // Nor is one opened for I/O without an open (fh 0, as with --no-open).
+    let r = abi::ReadIn { fh: 0, offset: 0, size: 16, ..Default::default() };
+    assert_eq!(h.call(Opcode::Read, fifo, &[r.as_bytes()]).0, -libc::EINVAL);
+
+    // CREATE without O_EXCL of a name that appeared: a regular file is
+    // opened, anything else refused without being opened.
+    let c = abi::CreateIn { flags: libc::O_WRONLY as u32, mode: 0o644, umask: 0, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"fifo\0"]).0, -libc::EEXIST);
+    assert_eq!(h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"dir\0"]).0, -libc::EISDIR);
+    let (err, data) = h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), b"file\0"]);
+    assert_eq!(err, 0);
+    let e = abi::EntryOut::read_from_prefix(&data).unwrap().0;
+    assert_eq!((e.attr.mode & libc::S_IFMT, e.attr.size), (libc::S_IFREG, 4));
+    let excl = abi::CreateIn { flags: (libc::O_WRONLY | libc::O_EXCL) as u32, ..c };
+    assert_eq!(h.call(Opcode::Create, ROOT_ID, &[excl.as_bytes(), b"file\0"]).0, -libc::EEXIST);
+
+    // O_PATH, which the kernel never sends, would drop O_CREAT and O_TMPFILE
+    // and open the name or the directory itself.
+    let p = abi::CreateIn { flags: (libc::O_RDWR | libc::O_PATH) as u32, mode: 0o600, umask: 0, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Create, ROOT_ID, &[p.as_bytes(), b"dir\0"]).0, -libc::EISDIR);
+    let (err, data) = h.call(Opcode::Tmpfile, ROOT_ID, &[p.as_bytes()]);
+    assert_eq!(err, 0);
+    assert_eq!(abi::EntryOut::read_from_prefix(&data).unwrap().0.attr.mode & libc::S_IFMT, libc::S_IFREG);
+}
