@@ -534,6 +534,14 @@ fn cmd_stats(mountpoint: &Path, json: bool) -> Result<()> {
         "opens: {} cached, {} direct, {} passthrough; undecodable requests: {}",
         report.paths.cached, report.paths.direct, report.paths.passthrough, report.undecodable
     );
+    let u = report.usage;
+    let held: Vec<String> = [(u.inodes, "inodes"), (u.data_bytes, "bytes of data"), (u.descriptors, "descriptors")]
+        .iter()
+        .filter_map(|(n, what)| n.map(|n| format!("{n} {what}")))
+        .collect();
+    if !held.is_empty() {
+        println!("holds: {}", held.join(", "));
+    }
     Ok(())
 }
 
