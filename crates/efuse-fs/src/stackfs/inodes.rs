@@ -5,9 +5,13 @@
 //! node. Its node id is ours (a counter; never reused, so generation 0 keeps
 //! (nodeid, generation) unique). Every node remembers a file handle
 //! (name_to_handle_at); its `O_PATH` descriptor is kept in an LRU of at most
-//! `bound` entries and reopened with open_by_handle_at when needed again. Nodes
+//! `bound` entries and reopened with open_by_handle_at when needed again.
+//! Open files do not keep their node's descriptor: an evicted one is reopened
+//! by handle like any other. Two kinds of node keep theirs ("pinned"): nodes
 //! without a handle (no CAP_DAC_READ_SEARCH, a file system without export
-//! support) and nodes with open files keep their descriptor ("pinned").
+//! support), and nodes unlinked or replaced through the mount while open
+//! ([`InodeTable::pin_if_open`]), since a removed inode cannot be opened by
+//! handle and its descriptor is what keeps its data reachable (and alive).
 //!
 //! Descriptors are handed out as `Arc<OwnedFd>`: eviction drops the table's
 //! reference, and the descriptor closes when the last operation using it ends.
@@ -38,9 +42,11 @@ const NIL: u64 = 0;
 struct Node {
     key: InodeKey,
     nlookup: u64,
-    /// Open files (and directories) on this node; while non-zero the
-    /// descriptor is pinned, so an unlinked but open file stays reachable.
+    /// Open files (and directories) on this node.
     nopen: u32,
+    /// Unlinked or replaced through the mount while open: the descriptor
+    /// stays out of the LRU until the last open is released.
+    keep: bool,
     handle: Option<FileHandle>,
     fd: Option<Arc<OwnedFd>>,
     in_lru: bool,
@@ -62,6 +68,9 @@ struct Table {
     tail: u64,
     lru_len: usize,
     pinned: usize,
+    /// Nodes with `nopen > 0`: an unlink needs to look for one to pin only
+    /// when there are any.
+    open_nodes: usize,
     tick: u64,
     /// Node by [`FileHandle::key`], kept once [`InodeTable::track_handles`] was called.
     by_handle: Option<HashMap<Box<[u8]>, u64>>,
@@ -85,6 +94,8 @@ pub(super) struct InodeTable {
     /// File handles work here (root with CAP_DAC_READ_SEARCH, export support).
     handles: bool,
     warned_pinned: std::sync::atomic::AtomicBool,
+    /// `fh` 0 was served at least once ([`note_stateless`](Self::note_stateless)).
+    served_stateless: std::sync::atomic::AtomicBool,
 }
 
 impl Table {
@@ -137,7 +148,7 @@ impl Table {
 
     fn lru_eligible(&self, n: &Node, id: u64) -> bool {
         id != ROOT_ID
-            && n.nopen == 0
+            && !n.keep
             && n.fd.is_some()
             && n.handle.as_ref().is_some_and(|h| self.mounts.contains_key(&h.mount_id))
     }
@@ -205,6 +216,7 @@ impl InodeTable {
             key,
             nlookup: 1,
             nopen: 0,
+            keep: false,
             handle,
             fd: Some(Arc::new(root_fd)),
             in_lru: false,
@@ -222,6 +234,7 @@ impl InodeTable {
             tail: NIL,
             lru_len: 0,
             pinned: 1,
+            open_nodes: 0,
             tick: 0,
             by_handle: None,
         };
@@ -232,6 +245,7 @@ impl InodeTable {
             bound: bound.max(1),
             handles,
             warned_pinned: std::sync::atomic::AtomicBool::new(false),
+            served_stateless: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -346,6 +360,7 @@ impl InodeTable {
                 key,
                 nlookup: 1,
                 nopen: 0,
+                keep: false,
                 handle,
                 fd: Some(fd),
                 in_lru: false,
@@ -408,6 +423,11 @@ impl InodeTable {
                 }
                 let key = node.key;
                 let io = node.io.take();
+                if node.nopen > 0 {
+                    // The kernel forgets no inode with open files; if it
+                    // did, the count must still add up.
+                    t.open_nodes -= 1;
+                }
                 let fd = t.take_fd(id);
                 *slot = (id, fd, io);
                 if let Some(node) = t.nodes.remove(&id) {
@@ -469,32 +489,34 @@ impl InodeTable {
         Ok(n.io.get_or_insert_with(|| Arc::new(NodeIo::default())).clone())
     }
 
-    /// A file or directory was opened on `id` through `fd`: pin the descriptor.
-    pub(super) fn opened(&self, id: u64, fd: &Arc<OwnedFd>) {
+    /// A file or directory was opened on `id`.
+    pub(super) fn opened(&self, id: u64) {
         let mut t = self.lock();
         let Some(n) = t.nodes.get_mut(&id) else { return };
         n.nopen += 1;
-        if n.nopen > 1 {
-            return;
-        }
-        if n.fd.is_none() {
-            n.fd = Some(fd.clone());
-            t.pinned += 1;
-        } else if n.in_lru {
-            t.unlink_lru(id);
-            t.pinned += 1;
+        if n.nopen == 1 {
+            t.open_nodes += 1;
         }
     }
 
-    /// The open file `opened` counted was released.
+    /// The open `opened` counted was released; the last one unpins a node
+    /// that was unlinked while open.
     pub(super) fn closed(&self, id: u64) {
         let mut t = self.lock();
         let Some(n) = t.nodes.get_mut(&id) else { return };
-        n.nopen = n.nopen.saturating_sub(1);
-        if n.nopen > 0 || n.fd.is_none() || n.in_lru || id == ROOT_ID {
+        if n.nopen == 0 {
             return;
         }
-        let eligible = t.nodes.get(&id).is_some_and(|n| t.lru_eligible(n, id));
+        n.nopen -= 1;
+        if n.nopen > 0 {
+            return;
+        }
+        let was_kept = std::mem::take(&mut n.keep);
+        t.open_nodes -= 1;
+        if !was_kept {
+            return;
+        }
+        let eligible = t.nodes.get(&id).is_some_and(|n| !n.in_lru && t.lru_eligible(n, id));
         if !eligible {
             return;
         }
@@ -502,6 +524,72 @@ impl InodeTable {
         let evicted = t.place(id, self.bound);
         drop(t);
         drop(evicted);
+    }
+
+    /// The inode `fd` (an `O_PATH` descriptor, with attributes `st`) is about
+    /// to lose a name through the mount (unlink, rename over it). If it is a
+    /// node with open files, or whose `fh` 0 was served (stateless opens:
+    /// the kernel may hold it open unseen), keep its descriptor until its
+    /// last open is released (or the node is forgotten): reopening by handle
+    /// fails once the inode has no name, and the descriptor keeps the data
+    /// alive. `fd` becomes the node's descriptor if it had none. Returns
+    /// whether the node was pinned.
+    pub(super) fn pin_if_open(&self, fd: OwnedFd, st: &libc::statx) -> bool {
+        let key = sys::statx_key(st);
+        let mut t = self.lock();
+        let Some(&id) = t.by_key.get(&key) else { return false };
+        let Some(n) = t.nodes.get(&id) else { return false };
+        let stateless = n.io.as_ref().is_some_and(|io| io.served_stateless());
+        if (n.nopen == 0 && !stateless) || id == ROOT_ID {
+            return false;
+        }
+        // A node with a descriptor holds its inode, so its number cannot
+        // have been recycled; without one, the handle tells whether `fd` is
+        // the same inode (only then may it stand in for the node's).
+        if n.fd.is_none() {
+            if let Some(h) = &n.handle {
+                if sys::name_to_handle(fd.as_fd()).ok().as_ref() != Some(h) {
+                    return false;
+                }
+            }
+        }
+        if n.keep {
+            return true;
+        }
+        let in_lru = n.in_lru;
+        let had_fd = n.fd.is_some();
+        if in_lru {
+            t.unlink_lru(id);
+        }
+        let Some(n) = t.nodes.get_mut(&id) else { return false };
+        n.keep = true;
+        if !had_fd {
+            n.fd = Some(Arc::new(fd));
+        }
+        if in_lru || !had_fd {
+            t.pinned += 1;
+        }
+        true
+    }
+
+    /// Whether an unlink must look for a node to pin ([`pin_if_open`](Self::pin_if_open)).
+    pub(super) fn may_need_pin(&self) -> bool {
+        self.served_stateless.load(std::sync::atomic::Ordering::Relaxed) || self.lock().open_nodes > 0
+    }
+
+    /// `fh` 0 was served (stateless opens): from now on every unlink looks
+    /// for a node to pin, as the kernel's opens are not seen.
+    pub(super) fn note_stateless(&self) {
+        if !self.served_stateless.load(std::sync::atomic::Ordering::Relaxed) {
+            self.served_stateless.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Nodes known now (those the kernel holds lookups on, and the root),
+    /// and the `O_PATH` descriptors held for them (cached and pinned).
+    pub(super) fn usage(&self) -> (usize, usize) {
+        let t = self.lock();
+        (t.nodes.len(), t.lru_len + t.pinned)
     }
 }
 
@@ -605,27 +693,50 @@ mod tests {
     }
 
     #[test]
-    fn open_files_pin_their_node() {
+    fn open_files_pin_their_node_only_once_unlinked() {
         if !handles_work() {
             return;
         }
         let d = tempdir("pin");
         std::fs::write(d.join("a"), b"data").unwrap();
         std::fs::write(d.join("b"), b"b").unwrap();
+        std::fs::write(d.join("c"), b"c").unwrap();
         let (root, mount, st) = open_dir(&d);
         let t = InodeTable::new(root, &st, mount, 1, true);
         let a = lookup(&t, ROOT_ID, "a");
-        let fd = t.fd(a).unwrap();
-        t.opened(a, &fd);
-        drop(fd);
+        assert!(!t.may_need_pin());
+        t.opened(a);
+        assert!(t.may_need_pin());
+        // Open but linked: evictable like any node, reopened by handle.
         let _b = lookup(&t, ROOT_ID, "b");
-        std::fs::remove_file(d.join("a")).unwrap();
-        // Unlinked but open: still reachable through the pinned descriptor.
+        assert_eq!(t.counts().pinned, 1, "only the root");
         assert!(t.fd(a).is_ok());
+        // Unlinked through the mount while open: pinned first, then reachable
+        // (and alive) through the pinned descriptor, whatever the LRU does.
+        let name = CString::new("a").unwrap();
+        let victim = sys::open_path_at(t.fd(ROOT_ID).unwrap().as_fd(), &name).unwrap();
+        let vst = sys::statx(victim.as_fd()).unwrap();
+        assert!(t.pin_if_open(victim, &vst));
+        std::fs::remove_file(d.join("a")).unwrap();
+        let _c = lookup(&t, ROOT_ID, "c");
         assert_eq!(t.counts().pinned, 2);
+        let fd = t.fd(a).unwrap();
+        let f = sys::reopen(fd.as_fd(), libc::O_RDONLY).unwrap();
+        let mut buf = [0u8; 8];
+        let n = sys::pread(f.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"data");
+        // A node without open files is not pinned by an unlink.
+        let b2 = lookup(&t, ROOT_ID, "b");
+        let name = CString::new("b").unwrap();
+        let victim = sys::open_path_at(t.fd(ROOT_ID).unwrap().as_fd(), &name).unwrap();
+        let vst = sys::statx(victim.as_fd()).unwrap();
+        assert!(!t.pin_if_open(victim, &vst));
+        t.forget(b2, 2);
+        // The last close unpins.
         t.closed(a);
         assert_eq!(t.counts().pinned, 1);
         assert!(t.counts().cached <= 1);
+        assert!(!t.may_need_pin());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
