@@ -174,26 +174,25 @@ impl NodeIo {
     }
 
     /// The descriptor serving `fh` 0 of node `ino`, opened on first use
-    /// from the inode's `O_PATH` descriptor (`ifd` gives it): read-write
-    /// when possible, else read-only or write-only, reopened when a request
-    /// needs the other direction, and cached in `cache` like any open's.
+    /// from the inode's `O_PATH` descriptor `ifd`: read-write when possible,
+    /// else read-only or write-only, reopened when a request needs the other
+    /// direction, and cached in `cache` like any open's.
     pub(super) fn stateless_fd(
         &self,
         cache: &FdCache,
         ino: u64,
+        ifd: &OwnedFd,
         write: bool,
-        ifd: impl Fn() -> Result<Arc<OwnedFd>, Errno>,
     ) -> Result<Arc<OwnedFd>, Errno> {
         let need = if write { libc::O_WRONLY } else { libc::O_RDONLY };
         let key = FdKey::Stateless(ino);
         let mut s = self.lock();
         if let Some(mode) = s.stateless {
             if mode == libc::O_RDWR || mode == need {
-                let reopen = || sys::reopen(ifd()?.as_fd(), mode);
+                let reopen = || sys::reopen(ifd.as_fd(), mode);
                 return Ok(cache.get_or_open(key, reopen, || true)?.fd);
             }
         }
-        let ifd = ifd()?;
         let opened = match sys::reopen(ifd.as_fd(), libc::O_RDWR) {
             Ok(fd) => (fd, libc::O_RDWR),
             Err(e) if e == Errno::EACCES || e == Errno::EROFS || e == Errno::EPERM || e.raw() == libc::ETXTBSY => {
@@ -203,6 +202,12 @@ impl NodeIo {
         };
         s.stateless = Some(opened.1);
         Ok(cache.insert(key, opened.0).fd)
+    }
+
+    /// Whether passthrough opens of this inode are live (the kernel then
+    /// holds its backing file).
+    pub(super) fn passthrough_live(&self) -> bool {
+        self.lock().backing.is_some()
     }
 
     /// Whether `fh` 0 was ever served for this inode (stateless opens): the

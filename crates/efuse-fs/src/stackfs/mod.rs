@@ -36,11 +36,16 @@
 //!   setattr, flush on a network file system) reopen one.
 //! - **Pinned**: a node keeps its `O_PATH` descriptor outside the LRU when
 //!   it has no file handle, and when it is unlinked or renamed over
-//!   *through the mount* while it has open files (it is pinned before the
-//!   removal, and unpinned at its last release): a reopen through
-//!   /proc/self/fd works for a deleted file, and that descriptor is what
-//!   keeps a deleted file's data alive. So each such file costs one
-//!   descriptor while it stays open, as an `O_TMPFILE` file does.
+//!   *through the mount* while it has open files (a descriptor opened just
+//!   before the removal becomes the pin; unpinned at its last release): a
+//!   reopen through /proc/self/fd works for a deleted file, and that
+//!   descriptor is what keeps a deleted file's data alive. So each such file
+//!   costs one descriptor while it stays open, as an `O_TMPFILE` file does,
+//!   taken from the inode LRU's share (the LRU shrinks to make room, down to
+//!   16). Not when all its opens are passthrough opens and the backing file
+//!   system reopens a nameless inode by handle while it is held (probed at
+//!   start on an `O_TMPFILE` file; ext4 does): the kernel's backing file
+//!   holds it then, and requests reopen it by handle.
 //!
 //! A file unlinked (or replaced) *behind* the mount while open is not seen
 //! in time to be pinned. While the descriptor of its open, or its node's
@@ -463,7 +468,8 @@ impl StackFs {
             return Ok(IoFd { fd, file: Some(file) });
         }
         self.inodes.note_stateless();
-        let fd = self.inodes.io(ino)?.stateless_fd(&self.fds, ino, write, || self.inodes.fd(ino))?;
+        let ifd = self.inodes.fd(ino)?;
+        let fd = self.inodes.io(ino)?.stateless_fd(&self.fds, ino, &ifd, write)?;
         Ok(IoFd { fd, file: None })
     }
 
@@ -480,18 +486,28 @@ impl StackFs {
         self.fds.get_or_open(FdKey::Handle(fh), reopen, || dir.is_live())
     }
 
-    /// Before `name` in `dir` loses its inode (unlink, rename over it): pin
-    /// the node if it has open files, so they keep working ([`inodes`]).
-    fn pin_before_removal(&self, dir: &OwnedFd, name: &CStr) {
+    /// Before `name` in `dir` loses its inode (unlink, rename over it): an
+    /// `O_PATH` descriptor of it, for [`pinned_if_open`](Self::pinned_if_open)
+    /// once it is gone; None when no node has open files.
+    fn removal_victim(&self, dir: &OwnedFd, name: &CStr) -> Option<(OwnedFd, libc::statx)> {
         if !self.inodes.may_need_pin() {
+            return None;
+        }
+        let fd = sys::open_path_at(dir.as_fd(), name).ok()?;
+        let st = sys::statx(fd.as_fd()).ok()?;
+        (st.stx_mode as u32 & libc::S_IFMT != libc::S_IFDIR).then_some((fd, st))
+    }
+
+    /// After the removal: pin the victim's node if it has open files and no
+    /// name left, so they keep working ([`inodes`]). The descriptor opened
+    /// before the removal kept the inode alive until now.
+    fn pinned_if_open(&self, victim: Option<(OwnedFd, libc::statx)>) {
+        let Some((fd, st)) = victim else { return };
+        // Another hard link still names it: reopening by handle works.
+        if sys::statx(fd.as_fd()).is_ok_and(|now| now.stx_nlink > 0) {
             return;
         }
-        let Ok(fd) = sys::open_path_at(dir.as_fd(), name) else { return };
-        if let Ok(st) = sys::statx(fd.as_fd()) {
-            if st.stx_mode as u32 & libc::S_IFMT != libc::S_IFDIR {
-                self.inodes.pin_if_open(fd, &st);
-            }
-        }
+        self.inodes.pin_if_open(fd, &st);
     }
 
     /// Looks `name` up in the directory `dir_fd` of node `parent`; adds one lookup.
@@ -1086,8 +1102,10 @@ impl Filesystem for StackFs {
         let mut buf = [0u8; 256];
         let r = name_to_cstr(name, &mut buf).and_then(|name| {
             let dir = self.inodes.fd(parent)?;
-            self.pin_before_removal(&dir, name);
-            sys::unlinkat(dir.as_fd(), name, 0)
+            let victim = self.removal_victim(&dir, name);
+            sys::unlinkat(dir.as_fd(), name, 0)?;
+            self.pinned_if_open(victim);
+            Ok(())
         });
         reply_empty(reply, r)
     }
@@ -1124,10 +1142,11 @@ impl Filesystem for StackFs {
             let new = name_to_cstr(newname, &mut b2)?;
             let od = self.inodes.fd(parent)?;
             let nd = self.inodes.fd(newparent)?;
-            if flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0 {
-                self.pin_before_removal(&nd, new);
-            }
-            sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)
+            let replace = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0;
+            let victim = if replace { self.removal_victim(&nd, new) } else { None };
+            sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)?;
+            self.pinned_if_open(victim);
+            Ok(())
         })();
         reply_empty(reply, r)
     }
