@@ -411,6 +411,15 @@ pub fn bounded<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() 
     }
 }
 
+/// Makes the kernel drop every unused dentry and inode, system-wide
+/// (`vm.drop_caches` = 2, root only): a FUSE daemon then gets FORGET for
+/// every inode nothing uses any more. A one-shot action, not a setting.
+pub fn drop_dentries_and_inodes() {
+    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "2") {
+        panic!("drop_caches: {e} (needs root)");
+    }
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
