@@ -158,7 +158,9 @@ fn kill_mid_write(fs_kind: Fs, test: &str, args: &[&str]) {
     // abort found queued or in the daemon's hands; ECANCELED (uring) for one
     // the kernel was handing to a ring of the dying daemon.
     let code = err.raw_os_error();
-    let uring = args.contains(&"uring");
+    // The transport named here, or the one every mount of this run uses.
+    let uring = args.contains(&"uring")
+        || (!args.contains(&"--transport") && common::test_transport().as_deref() == Some("uring"));
     assert!(
         code == Some(libc::ENOTCONN) || code == Some(libc::ECONNABORTED) || (uring && code == Some(libc::ECANCELED)),
         "{test}: the writer's {call} failed with {err}, not ENOTCONN/ECONNABORTED{}",
