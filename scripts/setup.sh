@@ -4,7 +4,7 @@
 # Idempotent; needs root (or sudo) for apt-get.
 set -euo pipefail
 
-packages=(fuse3 fio sqlite3 attr git util-linux python3 procps coreutils tar findutils
+packages=(fuse3 fio sqlite3 attr git util-linux python3 procps coreutils tar findutils stress-ng diffutils
     # efuse-bpf: clang compiles bpf/efuse.bpf.c, libbpf-dev gives <bpf/bpf_helpers.h>,
     # linux-libc-dev <linux/bpf.h>; llvm for llvm-objdump when debugging the object.
     clang llvm libbpf-dev linux-libc-dev)

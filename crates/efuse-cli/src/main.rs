@@ -92,6 +92,11 @@ enum MountCmd {
         /// reopened from file handles (default: derived from RLIMIT_NOFILE).
         #[arg(long, value_name = "N")]
         max_open_handles: Option<usize>,
+        /// Most descriptors kept open for open files and directories, however
+        /// many the clients hold; beyond it they are reopened on demand
+        /// (default: a quarter of RLIMIT_NOFILE).
+        #[arg(long, value_name = "N")]
+        max_open_files: Option<usize>,
         #[command(flatten)]
         common: CommonMount,
     },
@@ -362,9 +367,10 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
                 MemFs::new(MemFsConfig { capacity: size, cache: memfs_cache(common), paths, ..Default::default() });
             serve(fs, &mp, opts("memfs"), ready)?;
         }
-        MountCmd::Stackfs { backing, max_open_handles, ref common, .. } => {
+        MountCmd::Stackfs { backing, max_open_handles, max_open_files, ref common, .. } => {
             let mut cfg = StackFsConfig::new(backing);
             cfg.max_open_handles = max_open_handles;
+            cfg.max_open_files = max_open_files;
             cfg.plain = common.profile == Profile::Plain;
             cfg.cache = common.cache.unwrap_or(CacheMode::Auto);
             cfg.passthrough = match (common.profile, common.passthrough) {
@@ -548,6 +554,14 @@ fn cmd_stats(mountpoint: &Path, json: bool) -> Result<()> {
         "opens: {} cached, {} direct, {} passthrough; undecodable requests: {}",
         report.paths.cached, report.paths.direct, report.paths.passthrough, report.undecodable
     );
+    let u = report.usage;
+    let held: Vec<String> = [(u.inodes, "inodes"), (u.data_bytes, "bytes of data"), (u.descriptors, "descriptors")]
+        .iter()
+        .filter_map(|(n, what)| n.map(|n| format!("{n} {what}")))
+        .collect();
+    if !held.is_empty() {
+        println!("holds: {}", held.join(", "));
+    }
     Ok(())
 }
 

@@ -115,6 +115,7 @@ pub fn serve<F: Filesystem>(
             (cmd == "top")
                 .then(|| serde_json::to_string(&obs.top()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")))
         };
+        let served = session.clone();
         let stats = move || {
             let snap = shared.counters.snapshot();
             let report = StatsReport {
@@ -128,6 +129,7 @@ pub fn serve<F: Filesystem>(
                 undecodable: snap.undecodable,
                 opcodes: snap.opcodes,
                 paths: snap.paths,
+                usage: served.fs().usage(),
             };
             serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
         };

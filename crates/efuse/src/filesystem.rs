@@ -84,6 +84,13 @@ pub trait Filesystem: Send + Sync + 'static {
         }
     }
 
+    /// What the file system holds now (inodes, data, descriptors), for
+    /// `efuse stats`; called from the control socket's thread, so cheap
+    /// and lock-friendly. The default says nothing.
+    fn usage(&self) -> crate::stats::FsUsage {
+        crate::stats::FsUsage::default()
+    }
+
     /// Looks up `name` in directory `parent`; the reply adds one to the lookup count.
     fn lookup(&self, ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         reply.error(Errno::ENOSYS)

@@ -120,6 +120,27 @@ pub struct StatsReport {
     pub undecodable: u64,
     pub opcodes: std::collections::BTreeMap<String, OpcodeCount>,
     pub paths: PathCounts,
+    /// What the file system holds now ([`crate::Filesystem::usage`]).
+    #[serde(default)]
+    pub usage: FsUsage,
+}
+
+/// What a file system holds now, for `efuse stats`: each field is None when
+/// the file system does not say. After a load ends and the kernel forgets
+/// its inodes (FORGET), these go back to what they were before it.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+pub struct FsUsage {
+    /// Inodes kept in memory (memfs: every inode; stackfs: the nodes the
+    /// kernel holds lookups on, and the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inodes: Option<u64>,
+    /// Bytes of file data held (memfs: blocks taken from its pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bytes: Option<u64>,
+    /// Descriptors held on backing files (stackfs: cached and pinned `O_PATH`
+    /// descriptors and cached descriptors of open files and directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptors: Option<u64>,
 }
 
 #[cfg(test)]

@@ -422,6 +422,43 @@ pub fn sh(script: &str, cwd: &Path) -> Cmd {
     Cmd::new("bash").arg("-o").arg("pipefail").arg("-c").arg(script).cwd(cwd)
 }
 
+/// Runs `f` on a helper thread and waits at most `limit` for it: in-process
+/// work on a mount (a held file's reads and writes) must not hang the test.
+/// On timeout the test panics; the `Mounted` guard then aborts the
+/// connection, which frees the thread if the mount held it. A panic of `f`
+/// is the test's.
+pub fn bounded<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = thread::Builder::new()
+        .name(what.chars().take(15).collect())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    match rx.recv_timeout(limit) {
+        Ok(v) => {
+            let _ = worker.join();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("{what}: ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("TIMEOUT after {limit:?}: {what} (the mount looks hung)")
+        }
+    }
+}
+
+/// Makes the kernel drop every unused dentry and inode, system-wide
+/// (`vm.drop_caches` = 2, root only): a FUSE daemon then gets FORGET for
+/// every inode nothing uses any more. A one-shot action, not a setting.
+pub fn drop_dentries_and_inodes() {
+    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "2") {
+        panic!("drop_caches: {e} (needs root)");
+    }
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -690,10 +727,22 @@ impl Mounted {
             }
         }
         // From here on the guard exists, so a failed or half-done mount is cleaned up.
+        m.mount(&spec);
+        m
+    }
+
+    /// Mounts again at the same mount point (after an unmount) with `spec`.
+    pub fn remount(&self, spec: &MountSpec) {
+        assert!(mount_entry(&self.mnt).is_none(), "{}: remount over a live mount", self.test);
+        self.mount(spec);
+    }
+
+    fn mount(&self, spec: &MountSpec) {
+        let (m, test) = (self, &self.test);
         let mut cmd: Vec<String> = spec.wrapper.clone();
         cmd.push(m.bin.display().to_string());
         cmd.push("mount".into());
-        cmd.push(fs.name().into());
+        cmd.push(m.fs.name().into());
         if let Some(b) = &m.backing {
             cmd.push(b.display().to_string());
         }
@@ -737,7 +786,6 @@ impl Mounted {
             m.mnt.display(),
             out.stderr
         );
-        m
     }
 
     /// The efuse binary, run as the user who mounted (root if nobody else),

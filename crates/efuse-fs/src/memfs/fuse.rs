@@ -116,6 +116,14 @@ impl Filesystem for MemFs {
         Ok(())
     }
 
+    fn usage(&self) -> efuse::stats::FsUsage {
+        efuse::stats::FsUsage {
+            inodes: Some(self.inode_count()),
+            data_bytes: Some(self.data_bytes()),
+            descriptors: None,
+        }
+    }
+
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match MemFs::lookup(self, parent, name) {
             Ok(e) => reply.entry(&e),

@@ -883,6 +883,18 @@ impl MemFs {
         }
     }
 
+    /// Inodes in the table now, the root included: each stays until it has
+    /// no name, no kernel lookup and no open handle.
+    pub fn inode_count(&self) -> u64 {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64).sum()
+    }
+
+    /// Bytes of file data held: blocks taken from the pool (a block goes
+    /// back when the last reference to its inode drops).
+    pub fn data_bytes(&self) -> u64 {
+        (self.pool.total() - self.pool.free()) * u64::from(self.pool.block_size())
+    }
+
     // ---- open files ----
 
     pub(crate) fn open(&self, ino: u64, flags: i32, want_dir: bool, kill: Option<Caller>) -> Result<u64, Errno> {

@@ -1,13 +1,15 @@
 //! Per-inode I/O state of a regular file: which data path each open gets
 //! (passthrough, cached, direct), the passthrough backing file shared by its
-//! opens, and the descriptor that serves `fh` 0 when the mount runs without
-//! OPEN (stateless opens).
+//! opens, and how the descriptor that serves `fh` 0 when the mount runs
+//! without OPEN (stateless opens) is opened.
 //!
 //! The kernel requires every passthrough open of an inode to name the same
 //! backing file, and refuses (EIO) any non-passthrough open while one is
 //! live. So the backing id is per inode and reference-counted over its live
 //! passthrough opens; while it lives, every new open is a passthrough open
-//! with that id, whatever the policy would otherwise say.
+//! with that id, whatever the policy would otherwise say. The kernel keeps
+//! its own reference to the backing file, so a passthrough open needs no
+//! descriptor of the daemon once its id is registered.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use efuse::policy::{DataPath, InodeIo, PathPolicy};
 use efuse::{BackingId, Connection, Errno};
 
+use super::handles::{FdCache, FdKey};
 use super::sys;
 
 /// The path an open was answered with.
@@ -77,8 +80,10 @@ struct IoState {
     /// The inode's backing file while passthrough opens of it are live.
     backing: Option<BackingId>,
     backing_refs: u32,
-    /// Serves `fh` 0, with its access mode (`O_RDWR`, `O_RDONLY` or `O_WRONLY`).
-    stateless: Option<(Arc<OwnedFd>, i32)>,
+    /// The access mode (`O_RDWR`, `O_RDONLY` or `O_WRONLY`) of the
+    /// descriptor serving `fh` 0, once one was opened; the descriptor itself
+    /// lives in the [`FdCache`] under [`FdKey::Stateless`].
+    stateless: Option<i32>,
 }
 
 /// See the module documentation.
@@ -168,15 +173,24 @@ impl NodeIo {
         self.lock().io.observe_write()
     }
 
-    /// The descriptor serving `fh` 0, opened on first use from the inode's
-    /// `O_PATH` descriptor `ifd`: read-write when possible, else read-only or
-    /// write-only, reopened when a request needs the other direction.
-    pub(super) fn stateless_fd(&self, ifd: &OwnedFd, write: bool) -> Result<Arc<OwnedFd>, Errno> {
+    /// The descriptor serving `fh` 0 of node `ino`, opened on first use
+    /// from the inode's `O_PATH` descriptor `ifd`: read-write when possible,
+    /// else read-only or write-only, reopened when a request needs the other
+    /// direction, and cached in `cache` like any open's.
+    pub(super) fn stateless_fd(
+        &self,
+        cache: &FdCache,
+        ino: u64,
+        ifd: &OwnedFd,
+        write: bool,
+    ) -> Result<Arc<OwnedFd>, Errno> {
         let need = if write { libc::O_WRONLY } else { libc::O_RDONLY };
+        let key = FdKey::Stateless(ino);
         let mut s = self.lock();
-        if let Some((fd, mode)) = &s.stateless {
-            if *mode == libc::O_RDWR || *mode == need {
-                return Ok(fd.clone());
+        if let Some(mode) = s.stateless {
+            if mode == libc::O_RDWR || mode == need {
+                let reopen = || sys::reopen(ifd.as_fd(), mode);
+                return Ok(cache.get_or_open(key, reopen, || true)?.fd);
             }
         }
         // Checked here, once per descriptor opened, not on every request.
@@ -188,8 +202,19 @@ impl NodeIo {
             }
             Err(e) => return Err(e),
         };
-        let fd = Arc::new(opened.0);
-        s.stateless = Some((fd.clone(), opened.1));
-        Ok(fd)
+        s.stateless = Some(opened.1);
+        Ok(cache.insert(key, opened.0).fd)
+    }
+
+    /// Whether passthrough opens of this inode are live (the kernel then
+    /// holds its backing file).
+    pub(super) fn passthrough_live(&self) -> bool {
+        self.lock().backing.is_some()
+    }
+
+    /// Whether `fh` 0 was ever served for this inode (stateless opens): the
+    /// kernel may then hold it open without the daemon knowing.
+    pub(super) fn served_stateless(&self) -> bool {
+        self.lock().stateless.is_some()
     }
 }

@@ -5,9 +5,13 @@
 //! node. Its node id is ours (a counter; never reused, so generation 0 keeps
 //! (nodeid, generation) unique). Every node remembers a file handle
 //! (name_to_handle_at); its `O_PATH` descriptor is kept in an LRU of at most
-//! `bound` entries and reopened with open_by_handle_at when needed again. Nodes
+//! `bound` entries and reopened with open_by_handle_at when needed again.
+//! Open files do not keep their node's descriptor: an evicted one is reopened
+//! by handle like any other. Two kinds of node keep theirs ("pinned"): nodes
 //! without a handle (no CAP_DAC_READ_SEARCH, a file system without export
-//! support) and nodes with open files keep their descriptor ("pinned").
+//! support), and nodes unlinked or replaced through the mount while open
+//! ([`InodeTable::pin_if_open`]), since a removed inode cannot be opened by
+//! handle and its descriptor is what keeps its data reachable (and alive).
 //!
 //! Descriptors are handed out as `Arc<OwnedFd>`: eviction drops the table's
 //! reference, and the descriptor closes when the last operation using it ends.
@@ -35,12 +39,17 @@ pub(super) type InodeKey = (u64, u64);
 /// No neighbour in the LRU list.
 const NIL: u64 = 0;
 
+/// Fewest descriptors the LRU keeps, however many nodes are kept pinned.
+const LRU_FLOOR: usize = 16;
+
 struct Node {
     key: InodeKey,
     nlookup: u64,
-    /// Open files (and directories) on this node; while non-zero the
-    /// descriptor is pinned, so an unlinked but open file stays reachable.
+    /// Open files (and directories) on this node.
     nopen: u32,
+    /// Unlinked or replaced through the mount while open: the descriptor
+    /// stays out of the LRU until the last open is released.
+    keep: bool,
     handle: Option<FileHandle>,
     fd: Option<Arc<OwnedFd>>,
     in_lru: bool,
@@ -67,6 +76,11 @@ struct Table {
     tail: u64,
     lru_len: usize,
     pinned: usize,
+    /// Nodes with `nopen > 0`: an unlink needs to look for one to pin only
+    /// when there are any.
+    open_nodes: usize,
+    /// Nodes with `keep` set.
+    kept: usize,
     tick: u64,
     /// Node by [`FileHandle::key`], kept once [`InodeTable::track_handles`] was called.
     by_handle: Option<HashMap<Box<[u8]>, u64>>,
@@ -92,6 +106,12 @@ pub(super) struct InodeTable {
     warned_pinned: std::sync::atomic::AtomicBool,
     /// Directory moves seen behind the mount so far (see [`Self::dir_moved`]).
     moves: std::sync::atomic::AtomicU64,
+    /// `fh` 0 was served at least once ([`note_stateless`](Self::note_stateless)).
+    served_stateless: std::sync::atomic::AtomicBool,
+    /// The mount of the root on which open_by_handle_at reaches an inode
+    /// with no name while it is held (probed at start; see
+    /// [`pin_if_open`](Self::pin_if_open)); None if it does not.
+    reach_unlinked: Option<i32>,
 }
 
 impl Table {
@@ -144,7 +164,7 @@ impl Table {
 
     fn lru_eligible(&self, n: &Node, id: u64) -> bool {
         id != ROOT_ID
-            && n.nopen == 0
+            && !n.keep
             && n.fd.is_some()
             && n.handle.as_ref().is_some_and(|h| self.mounts.contains_key(&h.mount_id))
     }
@@ -152,20 +172,38 @@ impl Table {
     /// Files a node whose descriptor was just set or unpinned: into the LRU if
     /// it can be reopened, else counted as pinned. Returns the descriptor the
     /// LRU evicted to stay within `bound`, to be dropped outside the lock.
-    fn place(&mut self, id: u64, bound: usize) -> Option<Arc<OwnedFd>> {
-        let n = self.nodes.get(&id)?;
+    fn place(&mut self, id: u64, bound: usize) -> Vec<Arc<OwnedFd>> {
+        let Some(n) = self.nodes.get(&id) else { return Vec::new() };
         if n.fd.is_none() || n.in_lru {
-            return None;
+            return Vec::new();
         }
         if self.lru_eligible(n, id) {
             self.push_head(id);
-            if self.lru_len > bound {
-                return self.evict_tail();
-            }
+            self.shrink(bound)
         } else {
             self.pinned += 1;
+            Vec::new()
         }
-        None
+    }
+
+    /// The LRU's share of `bound`: nodes pinned because they were removed
+    /// while open take their descriptors from the same budget, so the two
+    /// together stay within it (down to a floor the LRU needs to work).
+    fn lru_limit(&self, bound: usize) -> usize {
+        bound.saturating_sub(self.kept).max(bound.min(LRU_FLOOR))
+    }
+
+    /// Evicts down to the LRU's share of `bound`; the descriptors evicted, to
+    /// be dropped outside the lock.
+    fn shrink(&mut self, bound: usize) -> Vec<Arc<OwnedFd>> {
+        let mut evicted = Vec::new();
+        while self.lru_len > self.lru_limit(bound) {
+            match self.evict_tail() {
+                Some(fd) => evicted.push(fd),
+                None => break,
+            }
+        }
+        evicted
     }
 
     /// Takes a node's descriptor out of whichever set holds it.
@@ -192,6 +230,18 @@ impl Table {
     }
 }
 
+/// Whether open_by_handle_at reaches an inode that has no name while
+/// something holds it (ext4, xfs, btrfs and tmpfs do): tried on an
+/// `O_TMPFILE` file in the root directory, which leaves nothing behind. No
+/// when anything fails (a read-only backing directory, say).
+fn handles_reach_unlinked(root: &OwnedFd, mount_fd: &OwnedFd) -> bool {
+    let Ok(tmp) = sys::openat(root.as_fd(), c".", libc::O_TMPFILE | libc::O_RDWR, 0o600) else { return false };
+    let Ok(handle) = sys::name_to_handle(tmp.as_fd()) else { return false };
+    let Ok(again) = sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH) else { return false };
+    let same = |fd: &OwnedFd| sys::statx(fd.as_fd()).map(|st| sys::statx_key(&st));
+    matches!((same(&tmp), same(&again)), (Ok(a), Ok(b)) if a == b)
+}
+
 impl InodeTable {
     /// A table holding the root. `mount_fd` is a descriptor (not `O_PATH`) on
     /// the root's mount, for open_by_handle_at.
@@ -204,6 +254,8 @@ impl InodeTable {
     ) -> InodeTable {
         let key = sys::statx_key(root);
         let handle = if handles { sys::name_to_handle(root_fd.as_fd()).ok() } else { None };
+        let reach_unlinked =
+            handle.as_ref().filter(|_| handles_reach_unlinked(&root_fd, &mount_fd)).map(|h| h.mount_id);
         let mut mounts = HashMap::new();
         if let Some(h) = &handle {
             mounts.insert(h.mount_id, Arc::new(mount_fd));
@@ -212,6 +264,7 @@ impl InodeTable {
             key,
             nlookup: 1,
             nopen: 0,
+            keep: false,
             handle,
             fd: Some(Arc::new(root_fd)),
             in_lru: false,
@@ -231,6 +284,8 @@ impl InodeTable {
             tail: NIL,
             lru_len: 0,
             pinned: 1,
+            open_nodes: 0,
+            kept: 0,
             tick: 0,
             by_handle: None,
         };
@@ -242,6 +297,8 @@ impl InodeTable {
             handles,
             warned_pinned: std::sync::atomic::AtomicBool::new(false),
             moves: std::sync::atomic::AtomicU64::new(1),
+            served_stateless: std::sync::atomic::AtomicBool::new(false),
+            reach_unlinked,
         }
     }
 
@@ -398,6 +455,7 @@ impl InodeTable {
                 key,
                 nlookup: 1,
                 nopen: 0,
+                keep: false,
                 handle,
                 fd: Some(fd),
                 in_lru: false,
@@ -462,6 +520,15 @@ impl InodeTable {
                 }
                 let key = node.key;
                 let io = node.io.take();
+                let (open, kept) = (node.nopen > 0, node.keep);
+                // The kernel forgets no inode with open files; if it did,
+                // the counts must still add up.
+                if open {
+                    t.open_nodes -= 1;
+                }
+                if kept {
+                    t.kept -= 1;
+                }
                 let fd = t.take_fd(id);
                 *slot = (id, fd, io);
                 if let Some(node) = t.nodes.remove(&id) {
@@ -523,32 +590,35 @@ impl InodeTable {
         Ok(n.io.get_or_insert_with(|| Arc::new(NodeIo::default())).clone())
     }
 
-    /// A file or directory was opened on `id` through `fd`: pin the descriptor.
-    pub(super) fn opened(&self, id: u64, fd: &Arc<OwnedFd>) {
+    /// A file or directory was opened on `id`.
+    pub(super) fn opened(&self, id: u64) {
         let mut t = self.lock();
         let Some(n) = t.nodes.get_mut(&id) else { return };
         n.nopen += 1;
-        if n.nopen > 1 {
-            return;
-        }
-        if n.fd.is_none() {
-            n.fd = Some(fd.clone());
-            t.pinned += 1;
-        } else if n.in_lru {
-            t.unlink_lru(id);
-            t.pinned += 1;
+        if n.nopen == 1 {
+            t.open_nodes += 1;
         }
     }
 
-    /// The open file `opened` counted was released.
+    /// The open `opened` counted was released; the last one unpins a node
+    /// that was unlinked while open.
     pub(super) fn closed(&self, id: u64) {
         let mut t = self.lock();
         let Some(n) = t.nodes.get_mut(&id) else { return };
-        n.nopen = n.nopen.saturating_sub(1);
-        if n.nopen > 0 || n.fd.is_none() || n.in_lru || id == ROOT_ID {
+        if n.nopen == 0 {
             return;
         }
-        let eligible = t.nodes.get(&id).is_some_and(|n| t.lru_eligible(n, id));
+        n.nopen -= 1;
+        if n.nopen > 0 {
+            return;
+        }
+        let was_kept = std::mem::take(&mut n.keep);
+        t.open_nodes -= 1;
+        if !was_kept {
+            return;
+        }
+        t.kept -= 1;
+        let eligible = t.nodes.get(&id).is_some_and(|n| !n.in_lru && t.lru_eligible(n, id));
         if !eligible {
             return;
         }
@@ -556,6 +626,96 @@ impl InodeTable {
         let evicted = t.place(id, self.bound);
         drop(t);
         drop(evicted);
+    }
+
+    /// The inode `fd` (an `O_PATH` descriptor opened before, with attributes
+    /// `st`) just lost a name through the mount (unlink, rename over it), or
+    /// was opened without one (O_TMPFILE). If it is a node with open files,
+    /// or whose `fh` 0 was served (stateless opens: the kernel may hold it
+    /// open unseen), keep its descriptor until its last open is released (or
+    /// the node is forgotten): the descriptor is what keeps a nameless
+    /// inode's data alive, and a way back to it. `fd` becomes the node's
+    /// descriptor if it had none.
+    ///
+    /// Not needed when every open of it is a passthrough open and this file
+    /// system reopens a nameless inode by handle while something holds it
+    /// ([`InodeTable::new`] probes that): the kernel's backing file holds it.
+    /// Returns whether the node was pinned.
+    pub(super) fn pin_if_open(&self, fd: OwnedFd, st: &libc::statx) -> bool {
+        let key = sys::statx_key(st);
+        let (id, io, probed) = {
+            let t = self.lock();
+            let Some(&id) = t.by_key.get(&key) else { return false };
+            let Some(n) = t.nodes.get(&id) else { return false };
+            if id == ROOT_ID || (n.nopen == 0 && n.io.is_none()) {
+                return false;
+            }
+            let probed = n.handle.as_ref().is_some_and(|h| Some(h.mount_id) == self.reach_unlinked);
+            (id, n.io.clone(), probed)
+        };
+        // The I/O state is asked outside the table's lock (it is taken the
+        // other way round elsewhere).
+        let stateless = io.as_ref().is_some_and(|io| io.served_stateless());
+        let kernel_held = probed && io.as_ref().is_some_and(|io| io.passthrough_live());
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get(&id) else { return false };
+        // Stateless I/O needs a descriptor of the daemon's; opens that are
+        // all passthrough need none (the kernel holds the backing file).
+        if !stateless && (n.nopen == 0 || kernel_held) {
+            return false;
+        }
+        if n.keep {
+            return true;
+        }
+        // A node with a descriptor holds its inode, so its number cannot
+        // have been recycled; without one, the handle tells whether `fd` is
+        // the same inode (only then may it stand in for the node's).
+        if n.fd.is_none() {
+            if let (Some(h), Ok(other)) = (&n.handle, sys::name_to_handle(fd.as_fd())) {
+                if &other != h {
+                    return false;
+                }
+            }
+        }
+        let in_lru = n.in_lru;
+        let had_fd = n.fd.is_some();
+        if in_lru {
+            t.unlink_lru(id);
+        }
+        let Some(n) = t.nodes.get_mut(&id) else { return false };
+        n.keep = true;
+        if !had_fd {
+            n.fd = Some(Arc::new(fd));
+        }
+        if in_lru || !had_fd {
+            t.pinned += 1;
+        }
+        t.kept += 1;
+        // Kept nodes share the LRU's budget.
+        let evicted = t.shrink(self.bound);
+        drop(t);
+        drop(evicted);
+        true
+    }
+
+    /// Whether an unlink must look for a node to pin ([`pin_if_open`](Self::pin_if_open)).
+    pub(super) fn may_need_pin(&self) -> bool {
+        self.served_stateless.load(std::sync::atomic::Ordering::Relaxed) || self.lock().open_nodes > 0
+    }
+
+    /// `fh` 0 was served (stateless opens): from now on every unlink looks
+    /// for a node to pin, as the kernel's opens are not seen.
+    pub(super) fn note_stateless(&self) {
+        if !self.served_stateless.load(std::sync::atomic::Ordering::Relaxed) {
+            self.served_stateless.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Nodes known now (those the kernel holds lookups on, and the root),
+    /// and the `O_PATH` descriptors held for them (cached and pinned).
+    pub(super) fn usage(&self) -> (usize, usize) {
+        let t = self.lock();
+        (t.nodes.len(), t.lru_len + t.pinned)
     }
 }
 
@@ -659,27 +819,94 @@ mod tests {
     }
 
     #[test]
-    fn open_files_pin_their_node() {
+    fn open_files_pin_their_node_only_once_unlinked() {
         if !handles_work() {
             return;
         }
         let d = tempdir("pin");
         std::fs::write(d.join("a"), b"data").unwrap();
         std::fs::write(d.join("b"), b"b").unwrap();
+        std::fs::write(d.join("c"), b"c").unwrap();
         let (root, mount, st) = open_dir(&d);
         let t = InodeTable::new(root, &st, mount, 1, true);
         let a = lookup(&t, ROOT_ID, "a");
-        let fd = t.fd(a).unwrap();
-        t.opened(a, &fd);
-        drop(fd);
+        assert!(!t.may_need_pin());
+        t.opened(a);
+        assert!(t.may_need_pin());
+        // Open but linked: evictable like any node, reopened by handle.
         let _b = lookup(&t, ROOT_ID, "b");
-        std::fs::remove_file(d.join("a")).unwrap();
-        // Unlinked but open: still reachable through the pinned descriptor.
+        assert_eq!(t.counts().pinned, 1, "only the root");
         assert!(t.fd(a).is_ok());
+        // Unlinked through the mount while open (its descriptor opened
+        // before): pinned, then reachable (and alive) through the pinned
+        // descriptor, whatever the LRU does.
+        let name = CString::new("a").unwrap();
+        let victim = sys::open_path_at(t.fd(ROOT_ID).unwrap().as_fd(), &name).unwrap();
+        let vst = sys::statx(victim.as_fd()).unwrap();
+        std::fs::remove_file(d.join("a")).unwrap();
+        assert!(t.pin_if_open(victim, &vst));
+        let _c = lookup(&t, ROOT_ID, "c");
         assert_eq!(t.counts().pinned, 2);
+        let fd = t.fd(a).unwrap();
+        let f = sys::reopen(fd.as_fd(), libc::O_RDONLY).unwrap();
+        let mut buf = [0u8; 8];
+        let n = sys::pread(f.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"data");
+        // A node without open files is not pinned by an unlink.
+        let b2 = lookup(&t, ROOT_ID, "b");
+        let name = CString::new("b").unwrap();
+        let victim = sys::open_path_at(t.fd(ROOT_ID).unwrap().as_fd(), &name).unwrap();
+        let vst = sys::statx(victim.as_fd()).unwrap();
+        assert!(!t.pin_if_open(victim, &vst));
+        t.forget(b2, 2);
+        // The last close unpins.
         t.closed(a);
         assert_eq!(t.counts().pinned, 1);
         assert!(t.counts().cached <= 1);
+        assert!(!t.may_need_pin());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn kept_nodes_share_the_lru_budget() {
+        if !handles_work() {
+            return;
+        }
+        let d = tempdir("keptbudget");
+        for i in 0..60 {
+            std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+        }
+        let (root, mount, st) = open_dir(&d);
+        let t = InodeTable::new(root, &st, mount, 32, true);
+        assert!(t.reach_unlinked.is_some(), "ext4 and tmpfs reopen a held nameless inode by handle");
+        let ids: Vec<u64> = (0..60).map(|i| lookup(&t, ROOT_ID, &format!("f{i}"))).collect();
+        assert_eq!(t.counts().cached, 32);
+        // 20 open files removed through the mount: kept, and the LRU shrinks
+        // so that both stay within the bound (down to its floor).
+        for (i, &id) in ids.iter().enumerate().take(20) {
+            t.opened(id);
+            let name = CString::new(format!("f{i}")).unwrap();
+            let victim = sys::open_path_at(t.fd(ROOT_ID).unwrap().as_fd(), &name).unwrap();
+            let vst = sys::statx(victim.as_fd()).unwrap();
+            std::fs::remove_file(d.join(format!("f{i}"))).unwrap();
+            assert!(t.pin_if_open(victim, &vst));
+        }
+        let c = t.counts();
+        assert_eq!(c.pinned, 21);
+        assert_eq!(c.cached, LRU_FLOOR, "{c:?}");
+        for &id in &ids[20..] {
+            assert!(t.fd(id).is_ok());
+            assert!(t.counts().cached <= LRU_FLOOR);
+        }
+        // Released: the budget is the LRU's again.
+        for &id in &ids[..20] {
+            t.closed(id);
+        }
+        assert_eq!(t.counts().pinned, 1);
+        for &id in &ids[20..] {
+            assert!(t.fd(id).is_ok());
+        }
+        assert_eq!(t.counts().cached, 32);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -10,12 +10,53 @@
 //! kernel must be single components; "." and ".." are answered without
 //! leaving the tree (".." of the root is the root).
 //!
-//! Descriptors are bounded: each node remembers a file handle
-//! (name_to_handle_at) and its `O_PATH` descriptor lives in an LRU, reopened
-//! with open_by_handle_at after eviction ([`inodes`]). That needs
-//! CAP_DAC_READ_SEARCH; without it, or on a file system without file handles,
-//! every remembered inode keeps its descriptor and the tree size is limited by
-//! RLIMIT_NOFILE (raised to the hard limit at start).
+//! # Descriptors
+//!
+//! The daemon's descriptors are bounded per file system, never per open, so
+//! one client holding many files open cannot exhaust them for everyone else
+//! (RLIMIT_NOFILE is raised to the hard limit at start; the bounds derive
+//! from it):
+//!
+//! - **Inodes**: each node remembers a file handle (name_to_handle_at) and
+//!   its `O_PATH` descriptor lives in an LRU of half the limit (less a
+//!   reserve), reopened with open_by_handle_at after eviction ([`inodes`]).
+//!   That needs CAP_DAC_READ_SEARCH; without it, or on a file system without
+//!   file handles, every remembered inode keeps its descriptor and the tree
+//!   size is limited by RLIMIT_NOFILE.
+//! - **Open files and directories** ([`handles`]): their descriptors live in
+//!   a second LRU of a quarter of the limit; an evicted one is reopened from
+//!   the node's `O_PATH` descriptor through /proc/self/fd with the open's
+//!   own flags (access mode, O_APPEND, O_SYNC/O_DSYNC, O_NOATIME; never
+//!   O_CREAT, O_EXCL or O_TRUNC), as the daemon (root: no permission check
+//!   the first open did not pass; a non-root daemon can meet EACCES if the
+//!   file's mode changed since). A directory stream reopened is positioned
+//!   at its cookie with lseek. A passthrough open keeps no descriptor at
+//!   all: the kernel holds the backing file, and the few requests that still
+//!   reach the daemon for it (fsync, fallocate, lseek, copy_file_range,
+//!   setattr, flush on a network file system) reopen one.
+//! - **Pinned**: a node keeps its `O_PATH` descriptor outside the LRU when
+//!   it has no file handle, and when it is unlinked or renamed over
+//!   *through the mount* while it has open files (a descriptor opened just
+//!   before the removal becomes the pin; unpinned at its last release): a
+//!   reopen through /proc/self/fd works for a deleted file, and that
+//!   descriptor is what keeps a deleted file's data alive. So each such file
+//!   costs one descriptor while it stays open, as an `O_TMPFILE` file does,
+//!   taken from the inode LRU's share (the LRU shrinks to make room, down to
+//!   16). Not when all its opens are passthrough opens and the backing file
+//!   system reopens a nameless inode by handle while it is held (probed at
+//!   start on an `O_TMPFILE` file; ext4 does): the kernel's backing file
+//!   holds it then, and requests reopen it by handle.
+//!
+//! A file unlinked (or replaced) *behind* the mount while open is not seen
+//! in time to be pinned. While the descriptor of its open, or its node's
+//! `O_PATH` descriptor, is still cached, everything works on the same inode.
+//! Once both were evicted, a request that needs a descriptor (a read or
+//! write that is not passthrough, fsync, ...) reopens by file handle: if the
+//! inode still exists (something else still holds it, e.g. the kernel's
+//! passthrough backing file or another process's descriptor of the backing
+//! file), that is the same inode and the answer is right; if it is gone, the
+//! request fails with ESTALE. It never reaches another file: a handle
+//! carries the inode's generation, so a recycled inode number is ESTALE too.
 //!
 //! # Ownership and permissions
 //!
@@ -129,7 +170,7 @@ use efuse::{BackingId, CacheMode, CachePolicy, InitInfo};
 
 use creds::CallerCreds;
 use fileio::{OpenPath, Passthrough};
-use handles::{DirStream, FhCounter, HandleTable, OpenDir, OpenFile};
+use handles::{CachedFd, FdCache, FdKey, FhCounter, HandleTable, OpenDir, OpenFile};
 use inodes::{InodeTable, ROOT_ID};
 use watch::{WatchKind, Watcher};
 
@@ -140,6 +181,9 @@ pub struct StackFsConfig {
     pub backing: PathBuf,
     /// Most `O_PATH` descriptors to cache; None derives it from RLIMIT_NOFILE.
     pub max_open_handles: Option<usize>,
+    /// Most descriptors of open files and directories to cache; None
+    /// derives it from RLIMIT_NOFILE.
+    pub max_open_files: Option<usize>,
     /// `--cache`: how long the kernel may trust names, attributes and data.
     pub cache: CacheMode,
     /// `--passthrough`: whether opens may be served by the kernel from the backing file.
@@ -154,6 +198,7 @@ impl StackFsConfig {
         StackFsConfig {
             backing,
             max_open_handles: None,
+            max_open_files: None,
             cache: CacheMode::Auto,
             passthrough: PassthroughMode::Auto,
             plain: false,
@@ -174,8 +219,10 @@ pub enum StackFsError {
     BadPath(PathBuf),
 }
 
-/// Descriptors kept free for open files, directories and the process itself
-/// when the inode cache bound is derived from RLIMIT_NOFILE.
+/// Descriptors kept free for pinned nodes and the process itself (transport,
+/// watcher, log, control socket) when the cache bounds are derived from
+/// RLIMIT_NOFILE: the inode LRU takes half the limit less this, the
+/// open-file cache a quarter, so a quarter plus this stays free.
 const FD_RESERVE: u64 = 256;
 
 /// Largest READ / xattr value served; larger requests are clamped.
@@ -206,6 +253,8 @@ pub struct StackFs {
     inodes: Arc<InodeTable>,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<OpenDir>,
+    /// The descriptors of open files and directories, bounded.
+    fds: FdCache,
     fhs: FhCounter,
     /// A plain descriptor on the backing directory, for syncfs.
     backing_dir: OwnedFd,
@@ -254,18 +303,21 @@ static BEFORE_INIT: Accel = Accel {
 const FLUSHING_FS: [i64; 9] =
     [0x6969, 0x517B, 0xFF53_4D42, 0xFE53_4D42, 0x6573_5546, 0x00C3_6400, 0x5346_414F, 0x0102_1997, 0x0BD0_0BD0];
 
-/// A descriptor to do I/O on: an open file's, or the inode's own for `fh` 0.
-enum IoFd {
-    Open(Arc<OpenFile>),
-    Stateless(Arc<OwnedFd>),
+/// A descriptor to do I/O on: an open file's (`file`), or the inode's own
+/// for `fh` 0.
+struct IoFd {
+    fd: Arc<OwnedFd>,
+    file: Option<Arc<OpenFile>>,
 }
 
 impl IoFd {
     fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            IoFd::Open(f) => f.fd.as_fd(),
-            IoFd::Stateless(fd) => fd.as_fd(),
-        }
+        self.fd.as_fd()
+    }
+
+    /// The inode's I/O state, for an open regular file.
+    fn io(&self) -> Option<&fileio::NodeIo> {
+        self.file.as_ref().and_then(|f| f.io.as_ref()).map(|(io, _)| &**io)
     }
 }
 
@@ -329,12 +381,14 @@ impl StackFs {
             }
         };
         let bound = cfg.max_open_handles.unwrap_or_else(|| (nofile / 2).saturating_sub(FD_RESERVE).max(64) as usize);
+        let file_bound = cfg.max_open_files.unwrap_or_else(|| (nofile / 4).max(32) as usize);
         let flush_backing = sys::fs_type(backing_dir.as_fd()).is_ok_and(|t| FLUSHING_FS.contains(&t));
-        tracing::info!(backing = %path.display(), handles, bound, nofile, "stackfs ready");
+        tracing::info!(backing = %path.display(), handles, bound, file_bound, nofile, "stackfs ready");
         Ok(StackFs {
             inodes: Arc::new(InodeTable::new(root, &st, mount_fd, bound, handles)),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
+            fds: FdCache::new(file_bound),
             fhs: FhCounter::default(),
             backing_dir,
             root_dev: sys::statx_key(&st).0,
@@ -430,19 +484,23 @@ impl StackFs {
         }
     }
 
-    /// Drops lookups; nodes that go away lose their watch.
+    /// Drops lookups; nodes that go away lose their watch and the
+    /// descriptor that served their `fh` 0.
     fn forget_nodes(&self, nodes: &[(u64, u64)]) {
-        match &self.accel().watcher {
-            Some(w) => self.inodes.forget_many(nodes, |id| w.forgotten(id)),
-            None => self.inodes.forget_many(nodes, |_| {}),
-        }
+        let watcher = self.accel().watcher.as_ref();
+        self.inodes.forget_many(nodes, |id| {
+            if let Some(w) = watcher {
+                w.forgotten(id);
+            }
+            self.fds.remove(FdKey::Stateless(id));
+        })
     }
 
     /// The descriptor of directory node `id`, for resolving names in it:
     /// ENOENT once the directory is found outside the backing tree (moved
     /// away behind the mount). Checked after every directory move the
     /// watcher reports, and on every use when no watcher reports them.
-    fn dir_fd(&self, id: u64) -> Result<Arc<OwnedFd>, Errno> {
+    fn dir_node_fd(&self, id: u64) -> Result<Arc<OwnedFd>, Errno> {
         let fd = self.inodes.fd(id)?;
         let watched = self.accel().watcher.as_ref().is_some_and(|w| !w.degraded());
         if !self.inodes.still_inside(id, &fd, !watched) {
@@ -451,14 +509,56 @@ impl StackFs {
         Ok(fd)
     }
 
-    /// The descriptor for I/O on `fh`, or for `fh` 0 (stateless opens) the
-    /// inode's own, opened for writing when `write`.
+    /// The descriptor for I/O on `fh` (from the cache, reopened if it was
+    /// evicted or never kept), or for `fh` 0 (stateless opens) the inode's
+    /// own, opened for writing when `write`.
     fn io_fd(&self, ino: u64, fh: u64, write: bool) -> Result<IoFd, Errno> {
         if fh != 0 {
-            return self.files.get(fh).map(IoFd::Open);
+            let file = self.files.get(fh)?;
+            let fd = self.file_fd(fh, &file)?;
+            return Ok(IoFd { fd, file: Some(file) });
         }
+        self.inodes.note_stateless();
         let ifd = self.inodes.fd(ino)?;
-        self.inodes.io(ino)?.stateless_fd(&ifd, write).map(IoFd::Stateless)
+        let fd = self.inodes.io(ino)?.stateless_fd(&self.fds, ino, &ifd, write)?;
+        Ok(IoFd { fd, file: None })
+    }
+
+    /// The descriptor of open file `fh`, reopened from its node with the
+    /// open's flags when the cache has none.
+    fn file_fd(&self, fh: u64, file: &OpenFile) -> Result<Arc<OwnedFd>, Errno> {
+        let reopen = || sys::reopen(self.inodes.fd(file.ino)?.as_fd(), file.flags);
+        Ok(self.fds.get_or_open(FdKey::Handle(fh), reopen, || file.is_live())?.fd)
+    }
+
+    /// The descriptor of open directory `fh`, reopened when the cache has none.
+    fn dir_fd(&self, fh: u64, dir: &OpenDir) -> Result<CachedFd, Errno> {
+        let reopen = || sys::reopen(self.inodes.fd(dir.ino)?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY);
+        self.fds.get_or_open(FdKey::Handle(fh), reopen, || dir.is_live())
+    }
+
+    /// Before `name` in `dir` loses its inode (unlink, rename over it): an
+    /// `O_PATH` descriptor of it, for [`pinned_if_open`](Self::pinned_if_open)
+    /// once it is gone; None when no node has open files.
+    fn removal_victim(&self, dir: &OwnedFd, name: &CStr) -> Option<(OwnedFd, libc::statx)> {
+        if !self.inodes.may_need_pin() {
+            return None;
+        }
+        let fd = sys::open_path_at(dir.as_fd(), name).ok()?;
+        let st = sys::statx(fd.as_fd()).ok()?;
+        (st.stx_mode as u32 & libc::S_IFMT != libc::S_IFDIR).then_some((fd, st))
+    }
+
+    /// After the removal: pin the victim's node if it has open files and no
+    /// name left, so they keep working ([`inodes`]). The descriptor opened
+    /// before the removal kept the inode alive until now.
+    fn pinned_if_open(&self, victim: Option<(OwnedFd, libc::statx)>) {
+        let Some((fd, st)) = victim else { return };
+        // Another hard link still names it: reopening by handle works.
+        if sys::statx(fd.as_fd()).is_ok_and(|now| now.stx_nlink > 0) {
+            return;
+        }
+        self.inodes.pin_if_open(fd, &st);
     }
 
     /// Looks `name` up in the directory `dir_fd` of node `parent`; adds one lookup.
@@ -497,7 +597,7 @@ impl StackFs {
     fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
         let name = name_to_cstr(name, &mut buf)?;
-        let dir = self.dir_fd(parent)?;
+        let dir = self.dir_node_fd(parent)?;
         self.lookup_in(parent, &dir, name)
     }
 
@@ -511,7 +611,7 @@ impl StackFs {
     ) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
-        let dir = self.dir_fd(parent)?;
+        let dir = self.dir_node_fd(parent)?;
         {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             op(&dir, name)?;
@@ -530,7 +630,9 @@ impl StackFs {
     }
 
     fn attr_of(&self, ino: u64, fh: Option<u64>) -> Result<FileAttr, Errno> {
-        let st = match fh.filter(|&fh| fh != 0).and_then(|fh| self.files.get(fh).ok()) {
+        // The open's descriptor if it is at hand; else the node's, which
+        // reaches the same inode (an unlinked open one is pinned).
+        let st = match fh.filter(|&fh| fh != 0).and_then(|fh| self.fds.get(FdKey::Handle(fh))) {
             Some(f) => sys::statx(f.fd.as_fd())?,
             None => sys::statx(self.inodes.fd(ino)?.as_fd())?,
         };
@@ -595,7 +697,7 @@ impl StackFs {
         let app_direct = flags & libc::O_DIRECT != 0;
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
         regular_file(ifd.as_fd())?;
-        let fd = sys::reopen(ifd.as_fd(), flags)?;
+        let fd = self.fds.open_with_room(|| sys::reopen(ifd.as_fd(), flags))?;
         self.register_file(ino, &ifd, fd, flags, app_direct)
     }
 
@@ -606,11 +708,11 @@ impl StackFs {
         ino: u64,
         ifd: &Arc<OwnedFd>,
         fd: OwnedFd,
-        flags: i32,
+        open_flags: i32,
         app_direct: bool,
     ) -> Result<Opened, Errno> {
         let st = sys::statx(fd.as_fd())?;
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let writable = open_flags & libc::O_ACCMODE != libc::O_RDONLY;
         let (io, keep) = if st.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG {
             let io = self.inodes.io(ino)?;
             let a = self.accel();
@@ -630,16 +732,31 @@ impl StackFs {
             flags |= fopen::NOFLUSH;
         }
         let fh = self.fhs.next();
-        self.files.insert(fh, OpenFile { fd, io });
-        self.inodes.opened(ino, ifd);
+        let passthrough = backing.is_some();
+        self.files.insert(fh, OpenFile::new(ino, open_flags, io));
+        self.inodes.opened(ino);
+        if st.stx_nlink == 0 {
+            // O_TMPFILE, or unlinked since the lookup: no name to reopen it
+            // by, and this descriptor may be all that keeps it alive.
+            if let Ok(path) = sys::dup(ifd.as_fd()) {
+                self.inodes.pin_if_open(path, &st);
+            }
+        }
+        if !passthrough {
+            self.fds.insert(FdKey::Handle(fh), fd);
+        }
+        // A passthrough open drops `fd` here: the kernel holds the backing
+        // file, and requests that still need a descriptor reopen one.
         Ok(Opened { fh, flags, backing })
     }
 
     /// Undoes `register_file` (RELEASE): the inode's last passthrough open
     /// gives its backing file back.
-    fn release_file(&self, ino: u64, fh: u64) {
+    fn release_file(&self, _ino: u64, fh: u64) {
         let Some(file) = self.files.remove(fh) else { return };
-        self.inodes.closed(ino);
+        file.release();
+        self.fds.remove(FdKey::Handle(fh));
+        self.inodes.closed(file.ino);
         if let Some((io, path)) = &file.io {
             if let Some(id) = io.released(*path) {
                 if let Some(p) = &self.accel().passthrough {
@@ -663,7 +780,7 @@ impl StackFs {
         let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
-        let dir = self.dir_fd(parent)?;
+        let dir = self.dir_node_fd(parent)?;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             match sys::openat(dir.as_fd(), name, flags | libc::O_EXCL, mode) {
@@ -685,7 +802,7 @@ impl StackFs {
         flags: i32,
     ) -> Result<(Entry, Opened), Errno> {
         let app_direct = flags & libc::O_DIRECT != 0;
-        let dir = self.dir_fd(parent)?;
+        let dir = self.dir_node_fd(parent)?;
         let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH))
             | libc::O_TMPFILE;
         let fd = {
@@ -720,10 +837,8 @@ impl StackFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        if let IoFd::Open(f) = &file {
-            if let Some((io, _)) = &f.io {
-                io.observe_read(offset, size);
-            }
+        if let Some(io) = file.io() {
+            io.observe_read(offset, size);
         }
         let size = (size as usize).min(MAX_IO);
         with_io_buffer(size, |buf| {
@@ -750,10 +865,8 @@ impl StackFs {
             // would keep suid/sgid: clear them as the caller's write would.
             kill_suidgid(file.fd(), caller)?;
         }
-        if let IoFd::Open(f) = &file {
-            if let Some((io, _)) = &f.io {
-                io.observe_write();
-            }
+        if let Some(io) = file.io() {
+            io.observe_write();
         }
         let mut done = 0;
         while done < data.len() {
@@ -769,30 +882,38 @@ impl StackFs {
     }
 
     fn do_opendir(&self, ino: u64) -> Result<u64, Errno> {
-        let ifd = self.dir_fd(ino)?;
-        let fd = sys::openat(ifd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let ifd = self.dir_node_fd(ino)?;
+        let fd = self.fds.open_with_room(|| sys::openat(ifd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0))?;
         let fh = self.fhs.next();
-        self.dirs.insert(fh, OpenDir { fd, stream: std::sync::Mutex::new(DirStream::default()) });
-        self.inodes.opened(ino, &ifd);
+        self.dirs.insert(fh, OpenDir::new(ino));
+        self.inodes.opened(ino);
+        self.fds.insert(FdKey::Handle(fh), fd);
         Ok(fh)
     }
 
+    /// The open directory `fh` and its descriptor.
+    fn open_dir(&self, fh: u64) -> Result<(Arc<OpenDir>, CachedFd), Errno> {
+        let dir = self.dirs.get(fh)?;
+        let fd = self.dir_fd(fh, &dir)?;
+        Ok((dir, fd))
+    }
+
     fn do_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
-        let dir = match self.dirs.get(fh) {
+        let (dir, fd) = match self.open_dir(fh) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        let dir_dev = match sys::statx(dir.fd.as_fd()) {
+        let dir_dev = match sys::statx(fd.fd.as_fd()) {
             Ok(st) => sys::statx_key(&st).0,
             Err(e) => return reply.error(e),
         };
         let mut s = dir.stream.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = s.seek(&dir.fd, offset) {
+        if let Err(e) = s.seek(&fd.fd, fd.serial, offset) {
             return reply.error(e);
         }
         let mut added = 0;
         loop {
-            let e = match s.peek(&dir.fd) {
+            let e = match s.peek(&fd.fd) {
                 Ok(Some(e)) => e,
                 Ok(None) => break,
                 Err(err) if added == 0 => return reply.error(err),
@@ -810,12 +931,12 @@ impl StackFs {
     }
 
     fn do_readdirplus(&self, parent: u64, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let dir = match self.dirs.get(fh).and_then(|d| self.dir_fd(parent).map(|_| d)) {
+        let (dir, fd) = match self.dir_node_fd(parent).and_then(|_| self.open_dir(fh)) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
         let mut s = dir.stream.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = s.seek(&dir.fd, offset) {
+        if let Err(e) = s.seek(&fd.fd, fd.serial, offset) {
             return reply.error(e);
         }
         // Attributes are sent only for inodes stackfs already holds: opening
@@ -823,13 +944,13 @@ impl StackFs {
         // the LOOKUPs it might save (`find` needs no attributes at all).
         // Unknown entries go out with node id 0, which the kernel lists
         // without instantiating.
-        let dir_dev = match sys::statx(dir.fd.as_fd()) {
+        let dir_dev = match sys::statx(fd.fd.as_fd()) {
             Ok(st) => sys::statx_key(&st).0,
             Err(e) => return reply.error(e),
         };
         let mut added = 0;
         loop {
-            let e = match s.peek(&dir.fd) {
+            let e = match s.peek(&fd.fd) {
                 Ok(Some(e)) => e,
                 Ok(None) => break,
                 Err(err) if added == 0 => return reply.error(err),
@@ -851,7 +972,7 @@ impl StackFs {
                 }
             } else {
                 let mut buf = [0u8; 256];
-                let looked_up = name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &dir.fd, c));
+                let looked_up = name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &fd.fd, c));
                 match looked_up {
                     Ok(entry) => {
                         if !reply.add(&entry, e.off, name_os) {
@@ -999,6 +1120,15 @@ impl Filesystem for StackFs {
         Ok(())
     }
 
+    fn usage(&self) -> efuse::stats::FsUsage {
+        let (nodes, held) = self.inodes.usage();
+        efuse::stats::FsUsage {
+            inodes: Some(nodes as u64),
+            data_bytes: None,
+            descriptors: Some((held + self.fds.len()) as u64),
+        }
+    }
+
     fn destroy(&self) {
         if let Some(w) = &self.accel().watcher {
             w.stop();
@@ -1081,14 +1211,20 @@ impl Filesystem for StackFs {
 
     fn unlink(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let mut buf = [0u8; 256];
-        let r = name_to_cstr(name, &mut buf).and_then(|name| sys::unlinkat(self.dir_fd(parent)?.as_fd(), name, 0));
+        let r = name_to_cstr(name, &mut buf).and_then(|name| {
+            let dir = self.dir_node_fd(parent)?;
+            let victim = self.removal_victim(&dir, name);
+            sys::unlinkat(dir.as_fd(), name, 0)?;
+            self.pinned_if_open(victim);
+            Ok(())
+        });
         reply_empty(reply, r)
     }
 
     fn rmdir(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let mut buf = [0u8; 256];
         let r = name_to_cstr(name, &mut buf)
-            .and_then(|name| sys::unlinkat(self.dir_fd(parent)?.as_fd(), name, libc::AT_REMOVEDIR));
+            .and_then(|name| sys::unlinkat(self.dir_node_fd(parent)?.as_fd(), name, libc::AT_REMOVEDIR));
         reply_empty(reply, r)
     }
 
@@ -1115,9 +1251,13 @@ impl Filesystem for StackFs {
         let r = (|| {
             let old = name_to_cstr(name, &mut b1)?;
             let new = name_to_cstr(newname, &mut b2)?;
-            let od = self.dir_fd(parent)?;
-            let nd = self.dir_fd(newparent)?;
-            sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)
+            let od = self.dir_node_fd(parent)?;
+            let nd = self.dir_node_fd(newparent)?;
+            let replace = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0;
+            let victim = if replace { self.removal_victim(&nd, new) } else { None };
+            sys::renameat2(od.as_fd(), old, nd.as_fd(), new, flags)?;
+            self.pinned_if_open(victim);
+            Ok(())
         })();
         reply_empty(reply, r)
     }
@@ -1127,7 +1267,7 @@ impl Filesystem for StackFs {
         let r = (|| {
             let name = name_to_cstr(newname, &mut buf)?;
             let fd = self.inodes.fd(ino)?;
-            let dir = self.dir_fd(newparent)?;
+            let dir = self.dir_node_fd(newparent)?;
             sys::link_fd(fd.as_fd(), dir.as_fd(), name)?;
             self.lookup_in(newparent, &dir, name)
         })();
@@ -1177,7 +1317,7 @@ impl Filesystem for StackFs {
         }
         // close(dup(fd)): what close(2) of the caller's descriptor would do to
         // the backing file (network file systems flush and report errors here).
-        let r = self.files.get(fh).and_then(|f| sys::dup(f.fd.as_fd())).map(drop);
+        let r = self.files.get(fh).and_then(|f| self.file_fd(fh, &f)).and_then(|fd| sys::dup(fd.as_fd())).map(drop);
         reply_empty(reply, r)
     }
 
@@ -1220,15 +1360,17 @@ impl Filesystem for StackFs {
         self.do_readdirplus(ino, fh, offset, reply)
     }
 
-    fn releasedir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
-        if self.dirs.remove(fh).is_some() {
-            self.inodes.closed(ino);
+    fn releasedir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+        if let Some(dir) = self.dirs.remove(fh) {
+            dir.release();
+            self.fds.remove(FdKey::Handle(fh));
+            self.inodes.closed(dir.ino);
         }
         reply.ok()
     }
 
     fn fsyncdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
-        let r = self.dirs.get(fh).and_then(|d| sys::fsync(d.fd.as_fd(), datasync));
+        let r = self.open_dir(fh).and_then(|(_, fd)| sys::fsync(fd.fd.as_fd(), datasync));
         reply_empty(reply, r)
     }
 

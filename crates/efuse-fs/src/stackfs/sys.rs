@@ -190,18 +190,33 @@ pub(super) fn name_to_handle(fd: BorrowedFd<'_>) -> Result<FileHandle, Errno> {
 
 /// Opens the inode named by `h` on the mount `mount_fd` belongs to. Needs
 /// CAP_DAC_READ_SEARCH.
+///
+/// While the kernel is evicting a just-deleted inode, ext4 answers ENOMEM
+/// (its iget finds the inode being freed and reports that as an allocation
+/// failure) where a moment later it answers ESTALE; so ENOMEM is retried a
+/// few times before it is believed.
 pub(super) fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> Result<OwnedFd, Errno> {
     let n = h.bytes.len().min(MAX_HANDLE_SZ);
     let mut raw = RawHandle { handle_bytes: n as u32, handle_type: h.handle_type, f_handle: [0; MAX_HANDLE_SZ] };
     raw.f_handle[..n].copy_from_slice(&h.bytes[..n]);
-    // SAFETY: `raw` is a valid file_handle; the kernel only reads it.
-    owned(unsafe {
-        libc::open_by_handle_at(
-            mount_fd.as_raw_fd(),
-            &mut raw as *mut RawHandle as *mut libc::file_handle,
-            flags | libc::O_CLOEXEC,
-        )
-    })
+    let mut tries = 0;
+    loop {
+        // SAFETY: `raw` is a valid file_handle; the kernel only reads it.
+        let r = owned(unsafe {
+            libc::open_by_handle_at(
+                mount_fd.as_raw_fd(),
+                &mut raw as *mut RawHandle as *mut libc::file_handle,
+                flags | libc::O_CLOEXEC,
+            )
+        });
+        match r {
+            Err(e) if e == Errno::ENOMEM && tries < 4 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_micros(100 << tries));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A duplicate descriptor (closed by the caller, for FLUSH).

@@ -28,10 +28,16 @@ fn tempdir(tag: &str) -> PathBuf {
 
 impl Harness {
     fn new(tag: &str, max_open_handles: Option<usize>) -> Harness {
+        Harness::bounded(tag, max_open_handles, None)
+    }
+
+    /// With both descriptor caches bounded: `O_PATH` (`handles`) and open files (`files`).
+    fn bounded(tag: &str, max_open_handles: Option<usize>, max_open_files: Option<usize>) -> Harness {
         let dir = tempdir(tag);
         let mut cfg = StackFsConfig::new(dir.join("backing"));
         std::fs::create_dir_all(&cfg.backing).unwrap();
         cfg.max_open_handles = max_open_handles;
+        cfg.max_open_files = max_open_files;
         let fs = StackFs::new(cfg).unwrap();
         let session = Session::new(fs, SessionConfig::default());
         let mem = Arc::new(MemorySink::default());
@@ -137,6 +143,48 @@ impl Harness {
 
     fn counts(&self) -> inodes::TableCounts {
         self.session.fs().inodes.counts()
+    }
+
+    /// Descriptors of open files and directories held now.
+    fn open_fds(&self) -> usize {
+        self.session.fs().fds.len()
+    }
+
+    fn open(&self, nodeid: u64, flags: i32) -> u64 {
+        let o = abi::OpenIn { flags: flags as u32, open_flags: 0 };
+        let (err, data) = self.call(Opcode::Open, nodeid, &[o.as_bytes()]);
+        assert_eq!(err, 0, "open of node {nodeid}");
+        abi::OpenOut::read_from_prefix(&data).unwrap().0.fh
+    }
+
+    fn read(&self, nodeid: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+        let r = abi::ReadIn { fh, offset, size, ..Default::default() };
+        match self.call(Opcode::Read, nodeid, &[r.as_bytes()]) {
+            (0, data) => Ok(data),
+            (err, _) => Err(err),
+        }
+    }
+
+    fn write(&self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+        let w = abi::WriteIn { fh, offset, size: data.len() as u32, ..Default::default() };
+        match self.call(Opcode::Write, nodeid, &[w.as_bytes(), data]) {
+            (0, out) => Ok(abi::WriteOut::read_from_prefix(&out).unwrap().0.size),
+            (err, _) => Err(err),
+        }
+    }
+
+    fn release(&self, nodeid: u64, fh: u64) {
+        let rel = abi::ReleaseIn { fh, ..Default::default() };
+        assert_eq!(self.call(Opcode::Release, nodeid, &[rel.as_bytes()]).0, 0);
+    }
+
+    /// GETATTR through open file `fh`: the size.
+    fn size_by_fh(&self, nodeid: u64, fh: u64) -> Result<u64, i32> {
+        let g = abi::GetattrIn { getattr_flags: efuse::abi::consts::GETATTR_FH, dummy: 0, fh };
+        match self.call(Opcode::Getattr, nodeid, &[g.as_bytes()]) {
+            (0, data) => Ok(abi::AttrOut::read_from_prefix(&data).unwrap().0.attr.size),
+            (err, _) => Err(err),
+        }
     }
 }
 
@@ -466,4 +514,193 @@ fn open_and_create_answer_with_regular_files_only() {
     let (err, data) = h.call(Opcode::Tmpfile, ROOT_ID, &[p.as_bytes()]);
     assert_eq!(err, 0);
     assert_eq!(abi::EntryOut::read_from_prefix(&data).unwrap().0.attr.mode & libc::S_IFMT, libc::S_IFREG);
+}
+
+#[test]
+fn open_files_beyond_the_descriptor_bound() {
+    // 200 open files, 8 descriptors for them and 8 for inodes: every one
+    // still reads and writes, and the daemon never holds more.
+    let h = Harness::bounded("manyopen", Some(8), Some(8));
+    write_files(&h.backing(), 200);
+    let mut open = Vec::new();
+    for i in 0..200 {
+        let id = h.lookup(ROOT_ID, &format!("f{i:04}")).unwrap().nodeid;
+        let flags = if i % 3 == 0 { libc::O_RDWR } else { libc::O_RDONLY };
+        open.push((id, h.open(id, flags), flags));
+        assert!(h.open_fds() <= 8, "{} open-file descriptors", h.open_fds());
+        let c = h.counts();
+        assert!(c.cached <= 8 && c.pinned == 1, "open files must not pin their nodes: {c:?}");
+    }
+    for (i, &(id, fh, flags)) in open.iter().enumerate() {
+        assert_eq!(h.read(id, fh, 0, 4096).unwrap(), format!("content {i}").as_bytes());
+        if flags == libc::O_RDWR {
+            assert_eq!(h.write(id, fh, 0, b"W").unwrap(), 1);
+        } else {
+            assert_eq!(h.write(id, fh, 0, b"W").unwrap_err(), -libc::EBADF, "a reopen keeps the access mode");
+        }
+        assert!(h.open_fds() <= 8);
+    }
+    for &(id, fh, _) in &open {
+        h.release(id, fh);
+    }
+    assert_eq!(h.open_fds(), 0);
+    assert_eq!(std::fs::read(h.backing().join("f0003")).unwrap(), b"Wontent 3");
+    assert_eq!(std::fs::read(h.backing().join("f0004")).unwrap(), b"content 4");
+    assert!(h.session.fs().fds.reopened() >= 190, "reopened {}", h.session.fs().fds.reopened());
+}
+
+#[test]
+fn reopen_repeats_append_but_not_truncate() {
+    let h = Harness::bounded("reopenflags", Some(4), Some(1));
+    write_files(&h.backing(), 3);
+    let a = h.lookup(ROOT_ID, "f0000").unwrap().nodeid;
+    let b = h.lookup(ROOT_ID, "f0001").unwrap().nodeid;
+    let c = h.lookup(ROOT_ID, "f0002").unwrap().nodeid;
+    // O_TRUNC acts once, at open.
+    let ta = h.open(a, libc::O_WRONLY | libc::O_TRUNC);
+    assert_eq!(std::fs::read(h.backing().join("f0000")).unwrap(), b"");
+    assert_eq!(h.write(a, ta, 0, b"kept").unwrap(), 4);
+    // O_APPEND holds on every write, through evictions (one slot: each open evicts the other).
+    let tb = h.open(b, libc::O_WRONLY | libc::O_APPEND);
+    assert_eq!(h.write(a, ta, 4, b"!").unwrap(), 1);
+    assert_eq!(h.write(b, tb, 0, b"+1").unwrap(), 2);
+    let tc = h.open(c, libc::O_RDONLY);
+    assert_eq!(h.write(b, tb, 0, b"+2").unwrap(), 2);
+    assert_eq!(h.read(c, tc, 0, 100).unwrap(), b"content 2");
+    assert_eq!(h.write(a, ta, 5, b"?").unwrap(), 1);
+    assert_eq!(std::fs::read(h.backing().join("f0000")).unwrap(), b"kept!?");
+    assert_eq!(std::fs::read(h.backing().join("f0001")).unwrap(), b"content 1+1+2");
+    for (id, fh) in [(a, ta), (b, tb), (c, tc)] {
+        h.release(id, fh);
+    }
+}
+
+#[test]
+fn unlinked_open_files_work_through_evictions() {
+    let h = Harness::bounded("unlinkopen", Some(2), Some(2));
+    write_files(&h.backing(), 40);
+    let victim = h.lookup(ROOT_ID, "f0000").unwrap().nodeid;
+    let fh = h.open(victim, libc::O_RDWR);
+    let replaced = h.lookup(ROOT_ID, "f0001").unwrap().nodeid;
+    let fh2 = h.open(replaced, libc::O_RDONLY);
+    // Through the mount: unlink one, rename another file over the other.
+    assert_eq!(h.call(Opcode::Unlink, ROOT_ID, &[b"f0000\0"]).0, 0);
+    let r = abi::Rename2In { newdir: ROOT_ID, flags: 0, padding: 0 };
+    assert_eq!(h.call(Opcode::Rename2, ROOT_ID, &[r.as_bytes(), b"f0002\0f0001\0"]).0, 0);
+    // Every descriptor the caches hold is pushed out by other files.
+    let mut others = Vec::new();
+    for i in 3..40 {
+        let id = h.lookup(ROOT_ID, &format!("f{i:04}")).unwrap().nodeid;
+        others.push((id, h.open(id, libc::O_RDONLY)));
+    }
+    assert_eq!(h.counts().pinned, 3, "the root and the two removed open files");
+    assert_eq!(h.read(victim, fh, 0, 100).unwrap(), b"content 0");
+    assert_eq!(h.write(victim, fh, 9, b" and more").unwrap(), 9);
+    for &(id, o) in &others {
+        assert!(h.read(id, o, 0, 100).is_ok());
+    }
+    assert_eq!(h.read(victim, fh, 0, 100).unwrap(), b"content 0 and more");
+    assert_eq!(h.size_by_fh(victim, fh).unwrap(), 18);
+    assert_eq!(h.read(replaced, fh2, 0, 100).unwrap(), b"content 1");
+    for (id, o) in others {
+        h.release(id, o);
+    }
+    h.release(victim, fh);
+    h.release(replaced, fh2);
+    assert_eq!(h.counts().pinned, 1, "the last close unpins");
+}
+
+#[test]
+fn listing_resumes_after_its_descriptor_was_evicted() {
+    let h = Harness::bounded("direvict", Some(4), Some(1));
+    write_files(&h.backing(), 300);
+    let fh = h.opendir(ROOT_ID);
+    let mut names = Vec::new();
+    let mut offset = 0;
+    let mut i = 0;
+    loop {
+        let r = abi::ReadIn { fh, offset, size: 512, ..Default::default() };
+        let (err, data) = h.call(Opcode::Readdir, ROOT_ID, &[r.as_bytes()]);
+        assert_eq!(err, 0);
+        if data.is_empty() {
+            break;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (d, _) = abi::Dirent::read_from_prefix(rest).unwrap();
+            let hdr = std::mem::size_of::<abi::Dirent>();
+            names.push(String::from_utf8(rest[hdr..hdr + d.namelen as usize].to_vec()).unwrap());
+            offset = d.off;
+            rest = &rest[efuse::abi::encode::dirent_size(d.namelen as usize)..];
+        }
+        // A listing that restarts or repeats must fail here, not run forever.
+        assert!(names.len() <= 302, "{} entries listed from a directory of 302", names.len());
+        // An open file takes the one slot: the directory's descriptor goes.
+        let id = h.lookup(ROOT_ID, &format!("f{:04}", i % 300)).unwrap().nodeid;
+        let o = h.open(id, libc::O_RDONLY);
+        h.release(id, o);
+        i += 1;
+    }
+    assert!(i > 10, "the listing took {i} READDIRs; too few to test resumption");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "an entry came twice");
+    assert_eq!(names.len(), 302);
+    let rel = abi::ReleaseIn { fh, ..Default::default() };
+    assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
+    assert_eq!(h.open_fds(), 0);
+}
+
+#[test]
+fn stateless_io_shares_the_bounded_cache() {
+    // fh 0 (stateless opens): one descriptor per inode served, in the same
+    // cache; a forgotten node's goes with it.
+    let h = Harness::bounded("stateless", Some(4), Some(4));
+    write_files(&h.backing(), 30);
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = h.lookup(ROOT_ID, &format!("f{i:04}")).unwrap().nodeid;
+        assert_eq!(h.read(id, 0, 0, 100).unwrap(), format!("content {i}").as_bytes());
+        ids.push(id);
+        assert!(h.open_fds() <= 4);
+    }
+    assert_eq!(h.write(ids[5], 0, 0, b"S").unwrap(), 1);
+    assert_eq!(std::fs::read(h.backing().join("f0005")).unwrap(), b"Sontent 5");
+    for &id in &ids {
+        h.forget(id, 1);
+    }
+    assert_eq!(h.open_fds(), 0);
+    assert_eq!(h.counts().nodes, 1);
+}
+
+#[test]
+fn unlinked_behind_the_mount_answers_right_data_or_estale() {
+    let h = Harness::bounded("behind", Some(1), Some(1));
+    write_files(&h.backing(), 10);
+    let a = h.lookup(ROOT_ID, "f0000").unwrap().nodeid;
+    let b = h.lookup(ROOT_ID, "f0001").unwrap().nodeid;
+    let fa = h.open(a, libc::O_RDONLY);
+    let fb = h.open(b, libc::O_RDONLY);
+    // f0000 is still held by someone else; f0001 by nobody but us.
+    let other = std::fs::File::open(h.backing().join("f0000")).unwrap();
+    std::fs::remove_file(h.backing().join("f0000")).unwrap();
+    std::fs::remove_file(h.backing().join("f0001")).unwrap();
+    // A third file takes both one-slot caches: neither open keeps a descriptor.
+    let c = h.lookup(ROOT_ID, "f0002").unwrap().nodeid;
+    let fc = h.open(c, libc::O_RDONLY);
+    assert_eq!(h.read(c, fc, 0, 100).unwrap(), b"content 2");
+    assert_eq!(h.counts().pinned, 1, "removed behind the mount: nothing pinned");
+    for (id, fh, want) in [(a, fa, &b"content 0"[..]), (b, fb, &b"content 1"[..])] {
+        match h.read(id, fh, 0, 100) {
+            Ok(data) => assert_eq!(data, want, "node {id}: wrong data"),
+            Err(e) => assert_eq!(e, -libc::ESTALE, "node {id}: neither its data nor ESTALE"),
+        }
+    }
+    // Nothing holds f0001's inode any more: its data is gone, and so is any answer.
+    assert_eq!(h.read(b, fb, 0, 100).unwrap_err(), -libc::ESTALE);
+    drop(other);
+    for (id, fh) in [(a, fa), (b, fb), (c, fc)] {
+        h.release(id, fh);
+    }
 }
