@@ -248,6 +248,10 @@ fn init_logging(debug: bool) {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe ends the command quietly, as it does other tools
+    // (`efuse stats M | head -1`); the daemon ignores SIGPIPE itself.
+    // SAFETY: restores the default disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -43,15 +43,18 @@ fn inode_numbers_stay_unique_across_backing_file_systems() {
     if !require_fuse(test) || !require_tools(test, &["tar", "du", "mount"]) {
         return;
     }
-    let mut mounts = Vec::new();
-    let m = Mounted::with(Fs::Stackfs, test, MountSpec::default(), |b| {
-        for side in ["a", "b"] {
-            let t = Tmpfs::mount(&b.join(side));
-            fs::write(t.0.join("x"), side.repeat(3000)).unwrap();
-            mounts.push(t);
-        }
-    });
+    let m = Mounted::new(Fs::Stackfs, test);
     let b = m.backing.clone().unwrap();
+    // Mounted inside the backing directory after stackfs is up (stackfs
+    // meets them on lookup), and declared after the mount so that they are
+    // detached first, also when the test fails: the mount's guard then
+    // removes an ordinary tree.
+    let mut mounts = Vec::new();
+    for side in ["a", "b"] {
+        let t = Tmpfs::mount(&b.join(side));
+        fs::write(t.0.join("x"), side.repeat(3000)).unwrap();
+        mounts.push(t);
+    }
     let (ia, ib) = (fs::metadata(b.join("a/x")).unwrap().ino(), fs::metadata(b.join("b/x")).unwrap().ino());
     assert_eq!(ia, ib, "precondition: two fresh tmpfs give their first files the same inode number");
     let (ma, mb) = (fs::metadata(m.mnt.join("a/x")).unwrap(), fs::metadata(m.mnt.join("b/x")).unwrap());
@@ -66,8 +69,6 @@ fn inode_numbers_stay_unique_across_backing_file_systems() {
     let du_mnt = sh("du -s --apparent-size -B1 a b | awk '{s+=$1} END {print s}'", &m.mnt).timeout(STEP).ok();
     let du_back = sh("du -s --apparent-size -B1 a b | awk '{s+=$1} END {print s}'", &b).timeout(STEP).ok();
     assert_eq!(du_mnt.trim(), du_back.trim(), "du counted a file once for both");
-    drop(m);
-    drop(mounts);
 }
 
 /// Moves `d` out of the backing tree while a process has its working

@@ -571,9 +571,11 @@ impl StackFs {
         let dotdot = name.to_bytes() == b"..";
         let fd = if dotdot {
             // Beneath-only resolution refuses "..": a plain openat, below the root.
-            sys::openat(dir_fd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?
+            self.fds.open_with_room(|| {
+                sys::openat(dir_fd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)
+            })?
         } else {
-            sys::open_path_at(dir_fd.as_fd(), name)?
+            self.fds.open_with_room(|| sys::open_path_at(dir_fd.as_fd(), name))?
         };
         let st = sys::statx(fd.as_fd())?;
         // The kernel reached `parent` through its parent, so that is a node
@@ -623,7 +625,7 @@ impl StackFs {
     /// opened (CREATE, O_TMPFILE): the node is that file, whatever its name
     /// leads to by now.
     fn remember_opened(&self, file: &OwnedFd) -> Result<(u64, libc::statx), Errno> {
-        let path_fd = sys::reopen(file.as_fd(), libc::O_PATH)?;
+        let path_fd = self.fds.open_with_room(|| sys::reopen(file.as_fd(), libc::O_PATH))?;
         let st = sys::statx(path_fd.as_fd())?;
         let id = self.inodes.remember(path_fd, &st)?;
         Ok((id, st))
@@ -783,7 +785,7 @@ impl StackFs {
         let dir = self.dir_node_fd(parent)?;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
-            match sys::openat(dir.as_fd(), name, flags | libc::O_EXCL, mode) {
+            match self.fds.open_with_room(|| sys::openat(dir.as_fd(), name, flags | libc::O_EXCL, mode)) {
                 // The name appeared since the kernel's lookup: without
                 // O_EXCL, open(O_CREAT) opens what is there.
                 Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => open_existing(dir.as_fd(), name, flags)?,
@@ -807,7 +809,7 @@ impl StackFs {
             | libc::O_TMPFILE;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
-            sys::openat(dir.as_fd(), c".", flags, mode & 0o7777)?
+            self.fds.open_with_room(|| sys::openat(dir.as_fd(), c".", flags, mode & 0o7777))?
         };
         let (id, st) = self.remember_opened(&fd)?;
         self.opened_node(id, &st, fd, flags, app_direct)
