@@ -48,3 +48,45 @@ fn memfs_unprivileged_write_clears_suid_sgid() {
 fn stackfs_unprivileged_write_clears_suid_sgid() {
     unprivileged_write_clears_suid_sgid("stackfs_unprivileged_write_clears_suid_sgid", Fs::Stackfs);
 }
+
+/// What the caller's umask gives new files, directories, FIFOs, symlinks and
+/// O_TMPFILE files, whatever the daemon's own umask (077 here): the same
+/// modes as on ext4, with and without `default_permissions`.
+fn modes_follow_the_callers_umask(test: &str, fs: Fs, options: Option<&str>) {
+    if !require_fuse(test) || !require_tools(test, &["python3", "mkfifo"]) {
+        return;
+    }
+    let mut spec = MountSpec::default().umask(0o077);
+    if let Some(o) = options {
+        spec = spec.arg("-o").arg(o);
+    }
+    let m = Mounted::with(fs, test, spec, |_| {});
+    let script = r#"set -e
+for u in 000 002 022 027 077 0777; do
+  umask $u; mkdir d$u; touch f$u; mkfifo p$u; ln -s f$u s$u
+  mkdir -m 1777 D$u; touch F$u; chmod 0 F$u
+  python3 -c 'import os, stat; fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o666); print("tmpfile '$u'", stat.filemode(os.fstat(fd).st_mode))'
+done
+umask 022; mkdir -m 2775 sg; umask 0; mkdir sg/d; touch sg/f
+stat -c '%n %A' d* f* p* s* D* F* sg sg/*
+"#;
+    let got = sh(script, &m.mnt).ok();
+    let want = sh(script, &m.reference).ok();
+    common::assert_same(&format!("{test}: modes"), fs.name(), &got, &want);
+}
+
+#[test]
+fn memfs_modes_follow_the_callers_umask() {
+    modes_follow_the_callers_umask("memfs_modes_follow_the_callers_umask", Fs::Memfs, None);
+}
+
+#[test]
+fn stackfs_modes_follow_the_callers_umask() {
+    modes_follow_the_callers_umask("stackfs_modes_follow_the_callers_umask", Fs::Stackfs, None);
+}
+
+#[test]
+fn stackfs_modes_follow_the_callers_umask_with_default_permissions() {
+    let test = "stackfs_modes_follow_the_callers_umask_with_default_permissions";
+    modes_follow_the_callers_umask(test, Fs::Stackfs, Some("default_permissions"));
+}
