@@ -145,8 +145,8 @@ struct CommonMount {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// How requests reach the daemon: auto (io_uring when the kernel offers
-    /// it; the default, but dev with --profile plain), dev (/dev/fuse
-    /// workers), uring (FUSE-over-io_uring, or fail).
+    /// it and locks stay in the kernel; the default, but dev with --profile
+    /// plain), dev (/dev/fuse workers), uring (FUSE-over-io_uring, or fail).
     #[arg(long, value_name = "KIND", value_parser = parse_transport)]
     transport: Option<TransportKind>,
     /// Threads, each with one ring entry, per online CPU's queue (uring transport; default 8).

@@ -111,6 +111,30 @@ fn moved_out_directory_is_unreachable(test: &str, spec: MountSpec, settle: &str)
     assert_eq!(after.last(), Some(&"end"), "{text}");
     // The content is intact where it went.
     assert_eq!(fs::read(outside.join("sub/file")).unwrap(), b"inside\n");
+    // Moved back, it is reachable again.
+    fs::rename(&outside, b.join("d")).unwrap();
+    let back = common::wait_until(Duration::from_secs(3), || {
+        sh("cat d/sub/file d/top", &m.mnt).timeout(STEP).try_run().is_ok_and(|o| o.ok() && o.stdout == "inside\ntop\n")
+    });
+    assert!(back, "{test}: the directory moved back into the tree stayed unreachable");
+}
+
+/// A directory whose name ends in " (deleted)" (what /proc shows for removed
+/// ones) is an ordinary directory.
+#[test]
+fn a_directory_named_deleted_is_reachable() {
+    let test = "a_directory_named_deleted_is_reachable";
+    if !require_fuse(test) {
+        return;
+    }
+    for spec in [MountSpec::default(), MountSpec::default().arg("--cache").arg("none")] {
+        let m = Mounted::with(Fs::Stackfs, test, spec, |b| {
+            fs::create_dir_all(b.join("a (deleted)/b")).unwrap();
+            fs::write(b.join("a (deleted)/b/f"), b"here\n").unwrap();
+        });
+        let out = sh("cat 'a (deleted)/b/f' && ls 'a (deleted)'", &m.mnt).timeout(STEP).run();
+        assert_eq!(format!("{}{}", out.stdout, out.stderr), "here\nb\n", "{test}");
+    }
 }
 
 #[test]

@@ -37,13 +37,15 @@ fn uring_stats_report_the_transport() {
     if !require_fuse(test) {
         return;
     }
-    // `auto` picks uring when the kernel offers it; `dev` and the plain
-    // profile keep /dev/fuse.
-    let cases: [(Fs, &[&str], &str); 4] = [
+    // `auto` picks uring when the kernel offers it, except when the daemon
+    // keeps the locks (`--locks daemon`, the plain profile): a waiting lock
+    // would hold a ring entry. `dev` keeps /dev/fuse.
+    let cases: [(Fs, &[&str], &str); 5] = [
         (Fs::Memfs, &["--transport", "uring"], "uring"),
         (Fs::Stackfs, &["--transport", "auto"], "uring"),
         (Fs::Memfs, &["--transport", "dev"], "dev"),
-        (Fs::Stackfs, &["--profile", "plain", "--transport", "auto"], "uring"),
+        (Fs::Stackfs, &["--profile", "plain", "--transport", "auto"], "dev"),
+        (Fs::Memfs, &["--locks", "daemon", "--transport", "auto"], "dev"),
     ];
     for (fs_kind, args, want) in cases {
         let spec = args.iter().fold(MountSpec::default(), |s, a| s.arg(a));

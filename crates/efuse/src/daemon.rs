@@ -73,6 +73,27 @@ pub fn serve<F: Filesystem>(
             return Err(ServeError::Path(e));
         }
     };
+    let mut opts = opts;
+    // A lock that must wait is answered later, and over FUSE-over-io_uring
+    // its request holds a ring entry meanwhile; requests that arrive while
+    // every entry of their CPU is taken wait in the kernel until an entry is
+    // committed (a fresh registration does not take them), so many waiting
+    // locks can hold back that CPU's other requests until a lock is granted.
+    let caps = fs.capabilities();
+    let daemon_locks = opts.session.features.daemon_locks && (caps.posix_locks || caps.flock_locks);
+    match opts.transport.kind {
+        transport::TransportKind::Auto if daemon_locks => {
+            tracing::info!(
+                "transport auto: dev, since locks are kept by the daemon (a waiting lock holds a ring entry)"
+            );
+            opts.transport.kind = transport::TransportKind::Dev;
+        }
+        transport::TransportKind::Uring if daemon_locks => tracing::warn!(
+            "--transport uring with locks kept by the daemon: each waiting lock holds a ring entry, and many \
+             of them on one CPU can hold back that CPU's other requests until a lock is granted"
+        ),
+        _ => {}
+    }
     if opts.transport.kind == transport::TransportKind::Uring {
         if let Err(why) = transport::uring_available() {
             let msg = format!("--transport uring: {why}");

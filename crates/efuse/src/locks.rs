@@ -119,6 +119,26 @@ fn insert_merged(held: &mut Vec<Held>, mut new: Held) {
 }
 
 impl State {
+    /// Converts `owner`'s flock lock on `ino` as Linux does before it checks
+    /// for conflicts: a lock of the same type is kept (Ok(true): nothing to
+    /// do), one of the other type dropped (a conversion is not atomic, so two
+    /// shared holders upgrading at once do not wait on each other). Returns
+    /// Ok(false) when the request must still be applied; `dropped` tells
+    /// whether a lock went (waiters may get in).
+    fn flock_convert(&mut self, ino: u64, owner: u64, lock: &FileLock, dropped: &mut bool) -> bool {
+        let Some(held) = self.held.get_mut(&ino) else { return false };
+        if held.iter().any(|h| h.owner == owner && h.typ == lock.typ) {
+            return true;
+        }
+        let before = held.len();
+        held.retain(|h| h.owner != owner);
+        *dropped = held.len() != before;
+        if held.is_empty() {
+            self.held.remove(&ino);
+        }
+        false
+    }
+
     /// Applies `lock` for `owner` if nothing conflicts; Err(EAGAIN) otherwise.
     fn try_set(&mut self, ino: u64, owner: u64, lock: &FileLock) -> Result<(), Errno> {
         if lock.typ == libc::F_UNLCK {
@@ -234,6 +254,11 @@ impl LockTable {
             return reply.error(Errno::EINVAL);
         }
         let mut st = self.state();
+        let mut dropped = false;
+        if !self.inner.posix && lock.typ != libc::F_UNLCK && st.flock_convert(ino, owner, lock, &mut dropped) {
+            drop(st);
+            return reply.ok();
+        }
         match st.try_set(ino, owner, lock) {
             Ok(()) => {
                 // An unlock or a downgrade may let waiters in.
@@ -247,18 +272,23 @@ impl LockTable {
                     drop(st);
                     return reply.error(Errno::EDEADLK);
                 }
+                // A flock conversion dropped the old lock: others may get in first.
+                let granted = if dropped { st.grant_waiters(ino) } else { Vec::new() };
                 let id = st.next_waiter;
                 st.next_waiter += 1;
                 st.waiting.entry(ino).or_default().push_back(Waiter { id, owner, lock: *lock, reply });
                 drop(st);
+                granted.into_iter().for_each(ReplyEmpty::ok);
                 let table = self.clone();
                 if let Err(cancel) = ctx.on_interrupt(move || table.cancel(ino, id)) {
                     cancel();
                 }
             }
             Err(e) => {
+                let granted = if dropped { st.grant_waiters(ino) } else { Vec::new() };
                 drop(st);
-                reply.error(e)
+                reply.error(e);
+                granted.into_iter().for_each(ReplyEmpty::ok);
             }
         }
     }
@@ -468,5 +498,33 @@ mod tests {
         r.setlk(&f, 22, 20, lk(0, u64::MAX, libc::F_WRLCK), true);
         assert_eq!(r.answer(22), None);
         assert_eq!(f.waiting(), 1);
+    }
+
+    /// Two shared flock holders upgrading at once: as on Linux, a conversion
+    /// first drops the old lock, so one gets the exclusive lock and the other
+    /// waits for it (no deadlock).
+    #[test]
+    fn flock_upgrades_do_not_deadlock() {
+        let r = Requests::new();
+        let f = LockTable::flock();
+        let whole = |typ| lk(0, u64::MAX, typ);
+        r.setlk(&f, 2, 10, whole(libc::F_RDLCK), false);
+        r.setlk(&f, 4, 20, whole(libc::F_RDLCK), false);
+        r.setlk(&f, 6, 10, whole(libc::F_WRLCK), true);
+        assert_eq!(r.answer(6), None, "10 waits for 20's shared lock");
+        r.setlk(&f, 8, 20, whole(libc::F_WRLCK), true);
+        // 10's conversion dropped its shared lock and 20's drops its own:
+        // nothing is held any more, so 20 gets the exclusive lock at once
+        // (as on Linux, where the woken waiter retries later) and 10 waits.
+        assert_eq!(r.answer(8), Some(0));
+        assert_eq!(r.answer(6), None);
+        // Asking again for the lock one holds changes nothing.
+        r.setlk(&f, 12, 20, whole(libc::F_WRLCK), false);
+        assert_eq!(r.answer(12), Some(0));
+        r.setlk(&f, 16, 20, whole(libc::F_UNLCK), false);
+        assert_eq!(r.answer(6), Some(0));
+        // Without sleep, a conflict answers at once.
+        r.setlk(&f, 14, 30, whole(libc::F_RDLCK), false);
+        assert_eq!(r.answer(14), Some(-libc::EAGAIN));
     }
 }

@@ -92,7 +92,10 @@ impl Interrupts {
     /// A request starts: track it until [`finished`](Self::finished).
     pub(crate) fn begin(&self, unique: u64) {
         self.shard(unique).push(Tracked { unique, interrupted: false, waker: None });
-        if self.has_orphans.load(Ordering::Acquire) {
+        // Pairs with the fence in `interrupt`: either this sees its orphan,
+        // or it sees this request in flight.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.has_orphans.load(Ordering::SeqCst) {
             self.adopt(unique);
         }
     }
@@ -112,9 +115,19 @@ impl Interrupts {
         if self.wake(target) || unique == 0 {
             return;
         }
-        let mut o = lock_ignoring_poison(&self.orphans);
-        o.push(Orphan { target, unique, sink: sink.clone(), since: Instant::now() });
-        self.has_orphans.store(true, Ordering::Release);
+        {
+            let mut o = lock_ignoring_poison(&self.orphans);
+            o.push(Orphan { target, unique, sink: sink.clone(), since: Instant::now() });
+            self.has_orphans.store(true, Ordering::SeqCst);
+        }
+        // The target may have begun between the look above and the push
+        // (its `begin` then missed the orphan): look again.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.wake(target) {
+            let mut o = lock_ignoring_poison(&self.orphans);
+            o.retain(|x| x.unique != unique);
+            self.has_orphans.store(!o.is_empty(), Ordering::SeqCst);
+        }
     }
 
     /// Marks `target` interrupted and runs its waker; false if not in flight.
@@ -150,7 +163,7 @@ impl Interrupts {
                     true
                 }
             });
-            self.has_orphans.store(!o.is_empty(), Ordering::Release);
+            self.has_orphans.store(!o.is_empty(), Ordering::SeqCst);
             (mine, expired)
         };
         if mine {
@@ -1084,5 +1097,37 @@ mod tests {
         let err = |u: u64| replies.iter().find(|r| r.1 == u).map(|r| r.2);
         assert_eq!(err(30), Some(-libc::EINTR));
         assert_eq!(err(32), Some(-libc::EINTR));
+    }
+
+    /// An INTERRUPT read at the very moment its request begins on another
+    /// thread still reaches it (the check and the record cross without a gap).
+    #[test]
+    fn interrupt_racing_begin_is_not_lost() {
+        let ints = Arc::new(Interrupts::default());
+        let sink: Arc<dyn ReplySink> = Arc::new(MemorySink::default());
+        let rounds = 20_000u64;
+        let (start, done) = (Arc::new(std::sync::Barrier::new(2)), Arc::new(std::sync::Barrier::new(2)));
+        let (a, s2, d2) = (ints.clone(), start.clone(), done.clone());
+        let beginner = std::thread::spawn(move || {
+            for i in 0..rounds {
+                s2.wait();
+                a.begin(2 * i + 2);
+                d2.wait();
+            }
+        });
+        let mut lost = 0;
+        for i in 0..rounds {
+            let target = 2 * i + 2;
+            start.wait();
+            ints.interrupt(target, target | 1, &sink);
+            done.wait();
+            if !ints.contains(target) {
+                lost += 1;
+            }
+            ints.finished(target);
+            assert_eq!(ints.orphans(), 0, "an orphan stayed behind its request");
+        }
+        beginner.join().unwrap();
+        assert_eq!(lost, 0, "{lost} of {rounds} interrupts never reached their request");
     }
 }

@@ -114,6 +114,17 @@ pub(super) struct InodeTable {
     reach_unlinked: Option<i32>,
 }
 
+impl Node {
+    /// Found again by name below a directory inside the tree: a directory
+    /// cut off once is back (checked again on its next use).
+    fn readmit(&mut self) {
+        if self.detached {
+            self.detached = false;
+            self.verified = 0;
+        }
+    }
+}
+
 impl Table {
     fn unlink_lru(&mut self, id: u64) {
         let Some(n) = self.nodes.get_mut(&id) else { return };
@@ -414,6 +425,7 @@ impl InodeTable {
                 if let Some(n) = t.nodes.get_mut(&id) {
                     if n.fd.is_some() {
                         n.nlookup += 1;
+                        n.readmit();
                         t.touch(id, self.bound);
                         return Ok(id);
                     }
@@ -428,12 +440,14 @@ impl InodeTable {
             if let Some(n) = t.nodes.get_mut(&id) {
                 if n.fd.is_some() {
                     n.nlookup += 1;
+                    n.readmit();
                     t.touch(id, self.bound);
                     return Ok(id);
                 }
                 if n.handle.is_none() || n.handle == handle {
                     n.nlookup += 1;
                     n.fd = Some(fd);
+                    n.readmit();
                     let evicted = t.place(id, self.bound);
                     drop(t);
                     drop(evicted);

@@ -596,11 +596,10 @@ impl StackFs {
         Ok(self.entry(id, &st))
     }
 
-    fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, Errno> {
+    fn do_lookup(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> Result<Entry, Errno> {
         let mut buf = [0u8; 256];
         let name = name_to_cstr(name, &mut buf)?;
-        let dir = self.dir_node_fd(parent)?;
-        self.lookup_in(parent, &dir, name)
+        self.lookup_in(parent, dir, name)
     }
 
     /// Runs a create-type `op` in `parent` as the caller, then looks the new name up.
@@ -1138,7 +1137,13 @@ impl Filesystem for StackFs {
     }
 
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        match self.do_lookup(parent, name) {
+        // A parent that is gone (or cut off from the tree) answers a plain
+        // error: a cached miss below it would outlive its return.
+        let dir = match self.dir_node_fd(parent) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        match self.do_lookup(parent, &dir, name) {
             Ok(e) => reply.entry(&e),
             Err(e) if e == Errno::ENOENT => {
                 // A negative entry lets the kernel cache the miss; the watcher

@@ -531,13 +531,12 @@ pub(super) fn is_beneath(dir: BorrowedFd<'_>, root: BorrowedFd<'_>) -> bool {
     let (mut d, mut r) = ([0u8; 4096], [0u8; 4096]);
     let (Some(dn), Some(rn)) = (path_of(dir, &mut d), path_of(root, &mut r)) else { return walks_up_to(dir, root) };
     let (d, r) = (&d[..dn], &r[..rn]);
-    if d.first() != Some(&b'/') || d.ends_with(b" (deleted)") || r.ends_with(b" (deleted)") {
-        return false;
-    }
-    if r == b"/" {
-        return true;
-    }
-    d == r || (d.starts_with(r) && d.get(r.len()) == Some(&b'/'))
+    let under =
+        d.first() == Some(&b'/') && (r == b"/" || d == r || (d.starts_with(r) && d.get(r.len()) == Some(&b'/')));
+    // A removed directory's path reads "<old path> (deleted)", which may
+    // still start with the root's: its link count tells (a name may end in
+    // " (deleted)" too).
+    under && statx(dir).is_ok_and(|st| st.stx_nlink > 0)
 }
 
 /// Whether walking up `..` from `dir` reaches `root` (before the root of

@@ -2,9 +2,11 @@
 //!
 //! Every member has an io_uring of its own and keeps at most one entry of
 //! its queue available to the kernel (one REGISTER or COMMIT_AND_FETCH in
-//! flight). The kernel hands a request to the oldest available entry of the
-//! CPU's queue and copies it in through task work of the thread that
-//! submitted that entry's command, so a member blocked in a handler (a slow
+//! flight). The kernel hands a new request to an available entry of the
+//! CPU's queue (the one made available last) and copies it in through task
+//! work of the thread that submitted that entry's command (a request
+//! already waiting when a member commits is copied in by the commit
+//! itself), so a member blocked in a handler (a slow
 //! backing read, a notification waiting for an inode lock that another
 //! request on the same CPU holds) holds back only its own request: the next
 //! one goes to another member's entry. Handlers run inline, on the member
@@ -47,6 +49,14 @@ pub enum UringError {
     #[error("queue {qid}: {what}")]
     Other { qid: usize, what: String },
 }
+
+/// Entries a queue may have beyond one per member, for requests answered
+/// later (each waiting lock holds its entry until granted): without room,
+/// requests of that CPU wait in the kernel behind the waiters, the unlock
+/// that would free them too. Their payload buffers are address space the
+/// kernel only writes what a request carries into, so an idle one costs a
+/// page or two.
+const HELD_ENTRIES: usize = 1024;
 
 /// Starts a crew member with no entry of its own.
 pub(super) type SpawnMember = Box<dyn Fn() -> io::Result<std::thread::JoinHandle<()>> + Send>;
@@ -91,7 +101,7 @@ impl Queue {
             crew_changed: Condvar::new(),
             stop: AtomicBool::new(false),
             max_members: members * 4,
-            max_entries: members * 4,
+            max_entries: members + HELD_ENTRIES,
             spawn: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         }
@@ -125,6 +135,12 @@ impl Queue {
     /// Counts an entry made outside [`new_entry`] (at start).
     pub(super) fn count_entry(&self) {
         self.crew().entries += 1;
+    }
+
+    /// An entry was retired (its command failed for good): room for another.
+    fn retire_entry(&self) {
+        let mut c = self.crew();
+        c.entries = c.entries.saturating_sub(1);
     }
 
     /// An answered held entry waits for a member: wake an idle one, or start one.
@@ -314,6 +330,9 @@ pub(super) fn member_thread<F: Filesystem>(start: MemberStart<F>) {
         let failed = r.is_err();
         let _ = tx.send(r);
         if failed {
+            // REGISTERs of other entries may have gone through: their
+            // buffers stay with the kernel.
+            m.leak();
             m.queue.crew().members -= 1;
             return;
         }
@@ -623,6 +642,12 @@ impl<F: Filesystem> Member<F> {
                     io::Error::from_raw_os_error(errno)
                 );
                 self.owned[i] = None;
+                self.queue.retire_entry();
+                if !self.gone && self.available() == 0 {
+                    if let Some(e) = self.queue.new_entry() {
+                        self.register(e);
+                    }
+                }
             }
             return;
         }
@@ -652,6 +677,7 @@ impl<F: Filesystem> Member<F> {
             let opcode = InHeader::read_from_prefix(&header[..]).map(|(h, _)| h.opcode).unwrap_or(0);
             tracing::error!(qid = self.queue.qid, opcode, "ring request with commit_id 0; entry retired");
             self.owned[i] = None;
+            self.queue.retire_entry();
             return;
         }
         {

@@ -22,7 +22,8 @@
 //!   remaining arguments (names, write data, extensions) in the payload, and
 //!   `ring_ent_in_out.{commit_id, payload_sz}`. The kernel copies a request
 //!   into a waiting entry through task work of the thread that submitted the
-//!   entry's command.
+//!   entry's command (or, when the request was already waiting, in the
+//!   COMMIT_AND_FETCH that makes the entry available).
 //! - The reply goes into the same buffers: `fuse_out_header` at the start of
 //!   the header area, the reply body in the payload with
 //!   `ring_ent_in_out.payload_sz` set, then `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`
