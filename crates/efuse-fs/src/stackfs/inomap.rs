@@ -16,7 +16,11 @@
 //!   reserved range `0xff << 56`, remembered for the life of the mount.
 //!
 //! The mapping is a function of (st_dev, st_ino) for the life of the mount,
-//! so a node forgotten and looked up again keeps its number.
+//! so a node forgotten and looked up again keeps its number. The price of
+//! the last case is memory: one table entry (some 40 bytes) per such inode
+//! ever reported, for the life of the mount; backing trees that use the top
+//! byte of inode numbers (overlayfs with `xino`, some NFS servers) pay it
+//! for every file.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
