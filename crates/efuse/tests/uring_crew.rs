@@ -27,15 +27,13 @@ use efuse::{
 
 const ROOT: u64 = 1;
 /// (node id, name): READ of "slow" takes SLOW; WRITE to "notify" waits a
-/// moment, then invalidates the name "newdir" in the root before answering;
-/// "lock" is for flock, whose locks the daemon keeps.
-const FILES: [(u64, &str); 4] = [(2, "slow"), (3, "fast"), (4, "notify"), (5, "lock")];
+/// moment, then invalidates the name "newdir" in the root before answering.
+const FILES: [(u64, &str); 3] = [(2, "slow"), (3, "fast"), (4, "notify")];
 const SLOW: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 struct Blocking {
     conn: OnceLock<Connection>,
-    flocks: efuse::locks::LockTable,
 }
 
 fn attr(ino: u64) -> FileAttr {
@@ -44,39 +42,6 @@ fn attr(ino: u64) -> FileAttr {
 }
 
 impl Filesystem for Blocking {
-    fn capabilities(&self) -> efuse::Capabilities {
-        efuse::Capabilities { flock_locks: true, posix_locks: true, ..Default::default() }
-    }
-
-    fn setlk(
-        &self,
-        ctx: &RequestContext<'_>,
-        ino: u64,
-        _fh: u64,
-        owner: u64,
-        lock: &efuse::FileLock,
-        _flock: bool,
-        sleep: bool,
-        reply: efuse::ReplyEmpty,
-    ) {
-        self.flocks.setlk(ctx, ino, owner, lock, sleep, reply)
-    }
-
-    fn release(
-        &self,
-        _ctx: &RequestContext<'_>,
-        ino: u64,
-        _fh: u64,
-        _flags: i32,
-        flock_owner: Option<u64>,
-        reply: efuse::ReplyEmpty,
-    ) {
-        if let Some(owner) = flock_owner {
-            self.flocks.release_owner(ino, owner);
-        }
-        reply.ok()
-    }
-
     fn init(&self, info: &InitInfo) -> Result<(), Errno> {
         if let Some(c) = &info.connection {
             let _ = self.conn.set(c.clone());
@@ -176,10 +141,7 @@ impl Mount {
         std::thread::spawn(move || {
             let opts = ServeOptions {
                 mount: MountOptions { fsname: "crew-test".into(), subtype: "efuse-test".into(), ..Default::default() },
-                session: SessionConfig {
-                    features: efuse::Features { daemon_locks: true, ..efuse::Features::DEFAULT },
-                    ..SessionConfig::default()
-                },
+                session: SessionConfig::default(),
                 transport: TransportConfig { kind: TransportKind::Uring, queue_depth: 4, threads: 1 },
                 observe: Default::default(),
             };
@@ -239,11 +201,6 @@ fn on_cpu<T: Send + 'static>(cpu: usize, limit: Duration, f: impl FnOnce() -> T 
 
 fn on_cpu0<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     on_cpu(0, limit, f)
-}
-
-/// The second CPU (the tests need two: a holder on one, waiters on the other).
-fn on_cpu1<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    on_cpu(1, limit, f)
 }
 
 #[test]
@@ -343,70 +300,4 @@ fn unmount_ends_the_session_with_commands_back() {
     }
     let took = m.unmount().expect("unmount");
     assert!(took < Duration::from_secs(10), "the session took {took:?} to end");
-}
-
-/// flock waiters answered later hold their ring entries meanwhile: 40 of
-/// them on one CPU (ten times its crew) are all granted, one after another,
-/// once the holder (on the other CPU) lets go, and the session still ends.
-#[test]
-fn many_lock_waiters_on_one_cpu_are_all_granted() {
-    if !can_run() {
-        return;
-    }
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        skip("needs two CPUs");
-        return;
-    }
-    let mut m = Mount::new("waiters");
-    let lock = m.path("lock");
-    let flock = |f: &std::fs::File, op: i32| {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a live descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    let holder = on_cpu1(Duration::from_secs(10), {
-        let lock = lock.clone();
-        move || {
-            let f = std::fs::File::open(&lock).expect("open lock");
-            flock(&f, libc::LOCK_EX).map(|()| f)
-        }
-    })
-    .expect("holder")
-    .expect("holder's lock");
-    const WAITERS: usize = 40;
-    let (tx, rx) = mpsc::channel();
-    for _ in 0..WAITERS {
-        let (lock, tx) = (lock.clone(), tx.clone());
-        std::thread::spawn(move || {
-            pin_to_cpu(0);
-            let f = std::fs::File::open(&lock).expect("open lock");
-            let r = flock(&f, libc::LOCK_EX).and_then(|()| flock(&f, libc::LOCK_UN));
-            let _ = tx.send(r.map_err(|e| e.to_string()));
-        });
-    }
-    // Let them all reach the daemon (or the kernel's queue) and wait.
-    std::thread::sleep(Duration::from_millis(500));
-    let unlocked = on_cpu1(Duration::from_secs(10), move || {
-        let r = flock(&holder, libc::LOCK_UN).map_err(|e| e.to_string());
-        drop(holder);
-        r
-    });
-    let mut granted = 0;
-    for _ in 0..WAITERS {
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(Ok(())) => granted += 1,
-            Ok(Err(e)) => panic!("a waiter failed: {e}"),
-            Err(_) => break,
-        }
-    }
-    if granted < WAITERS {
-        drop(m);
-        panic!("{granted} of {WAITERS} flock waiters on CPU 0 granted after the unlock ({unlocked:?})");
-    }
-    m.unmount().expect("unmount");
 }
