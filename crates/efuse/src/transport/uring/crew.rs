@@ -85,8 +85,6 @@ struct Crew {
     members: usize,
     idle: usize,
     entries: usize,
-    /// Entries no longer registered, for reuse.
-    spare: Vec<Arc<EntryMem>>,
 }
 
 impl Queue {
@@ -111,12 +109,9 @@ impl Queue {
         self.crew.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new entry of this queue, or a spare one; None at the bound.
+    /// A new entry of this queue; None at the bound.
     fn new_entry(&self) -> Option<Arc<EntryMem>> {
         let mut c = self.crew();
-        if let Some(e) = c.spare.pop() {
-            return Some(e);
-        }
         if c.entries >= self.max_entries {
             return None;
         }
