@@ -478,7 +478,9 @@ impl InodeTable {
                 stamp: 0,
                 io: None,
                 detached: false,
-                verified: 0,
+                // Found by name below a directory inside the tree: no move
+                // seen so far needs checking.
+                verified: self.moves.load(std::sync::atomic::Ordering::Acquire),
             },
         );
         t.by_key.insert(key, id);

@@ -334,9 +334,6 @@ struct Opened {
 fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, caller: &Caller) -> Result<(), Errno> {
     let st = sys::statx(fd)?;
     let mode = st.stx_mode as u32;
-    if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
-        return Ok(());
-    }
     let kill = efuse::kills_sgid(mode, st.stx_gid, caller);
     if kill == 0 {
         return Ok(());
@@ -753,7 +750,7 @@ impl StackFs {
 
     /// Undoes `register_file` (RELEASE): the inode's last passthrough open
     /// gives its backing file back.
-    fn release_file(&self, _ino: u64, fh: u64) {
+    fn release_file(&self, fh: u64) {
         let Some(file) = self.files.remove(fh) else { return };
         file.release();
         self.fds.remove(FdKey::Handle(fh));
@@ -1340,7 +1337,7 @@ impl Filesystem for StackFs {
         if let Some(owner) = flock_owner {
             self.flocks.release_owner(ino, owner);
         }
-        self.release_file(ino, fh);
+        self.release_file(fh);
         reply.ok()
     }
 
