@@ -1,17 +1,25 @@
 //! The request-rate microbenchmark: how many FUSE requests per second a
-//! transport carries, and how long each waits, with the kernel's caches out of
-//! the way.
+//! transport carries, how long each waits, and what each costs the daemon,
+//! with the kernel's caches out of the way.
 //!
-//! memfs is mounted with `--cache none` (every stat is a LOOKUP round trip)
+//! memfs is mounted with `--cache none` (entry and attribute timeouts 0)
 //! once per transport (`dev`: /dev/fuse workers; `uring`: FUSE-over-io_uring),
-//! and 1 and 2 client threads run for a fixed time:
-//! - `stat`: stat(2) of names never stat'ed before in the run (round robin
-//!   over a prepared set larger than what one run reaches twice in a row);
+//! and 1, 2 and 4 client threads run each operation for a fixed time:
+//! - `stat`: stat(2) of a path `s/NAME` (LOOKUP of `s`, LOOKUP of the name,
+//!   GETATTR: uncached metadata as a program sees it);
+//! - `lookup`: readlinkat(2) of a regular file's name relative to an open
+//!   directory (one LOOKUP; EINVAL without another request);
+//! - `getattr`: fstat(2) of an open file (one GETATTR);
+//! - `open`: openat(2) of a name relative to an open directory and close
+//!   (LOOKUP and OPEN waited for; RELEASE follows without a wait);
 //! - `read4k`: 4 KiB O_DIRECT preads at random aligned offsets of a 64 MiB file
 //!   (memfs answers O_DIRECT opens with FOPEN_DIRECT_IO: one READ per call).
 //!
-//! Each operation is timed on its own (CLOCK_MONOTONIC); ops/s is the total
-//! over the wall time, p50/p99 are exact order statistics of all samples.
+//! Names are walked round robin over a prepared set larger than what a run
+//! reaches twice in a row. Each operation is timed on its own
+//! (CLOCK_MONOTONIC); ops/s is the total over the wall time, p50/p99 are exact
+//! order statistics of all samples; requests per operation come from the
+//! daemon's counters and its CPU time from /proc/PID/stat.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -40,6 +48,9 @@ pub struct RateResult {
     pub p99_us: f64,
     /// FUSE requests the daemon served during the run (from `efuse stats`).
     pub requests: u64,
+    pub requests_per_op: f64,
+    /// The daemon's CPU time (user + system) over the run, per request.
+    pub daemon_cpu_us_per_request: f64,
 }
 
 /// Whether the kernel can run FUSE-over-io_uring here.
@@ -93,9 +104,136 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-fn stat_path(dir: &Path, i: usize) -> CString {
-    // Paths are built by the bench from ASCII names: no NUL inside.
-    CString::new(dir.join(format!("s{i:05}")).as_os_str().as_bytes()).unwrap_or_default()
+/// The client operations measured, each chosen to cost a known set of
+/// requests with `--cache none` (the table reports requests per operation).
+pub const WORKLOADS: [&str; 5] = ["stat", "lookup", "getattr", "open", "read4k"];
+/// Client threads per run.
+pub const THREADS: [usize; 3] = [1, 2, 4];
+
+/// The daemon's CPU time so far (user + system, all threads, exited ones
+/// included), from /proc/PID/stat.
+fn daemon_cpu_secs(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("/proc/{pid}/stat: no ')'"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    let ticks: u64 = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+fn daemon_pid(efuse: &Path, mnt: &Path) -> Result<u32> {
+    let out = exec::run(Command::new(efuse).arg("stats").arg(mnt).arg("--json"), Duration::from_secs(20))?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).context("efuse stats --json")?;
+    v["pid"].as_u64().map(|p| p as u32).ok_or_else(|| anyhow!("efuse stats: no pid"))
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("{} holds a NUL byte", p.display()))
+}
+
+fn errno_err(what: &str) -> anyhow::Error {
+    anyhow!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Runs one (workload, threads) pair once on a prepared mount.
+fn measure_once(workload: &str, threads: usize, secs: f64, mnt: &Path, names: &[CString]) -> Result<(Vec<u64>, f64)> {
+    let dir = cstr(&mnt.join("s"))?;
+    let data = cstr(&mnt.join("data"))?;
+    // Per-thread descriptors: the stat directory (for the *at calls) and the
+    // data file (O_DIRECT for read4k).
+    let mut fds: Vec<i32> = Vec::new();
+    let close_all = |fds: &[i32]| {
+        for &fd in fds {
+            // SAFETY: closing descriptors this function opened.
+            unsafe { libc::close(fd) };
+        }
+    };
+    for _ in 0..threads {
+        let (path, flags) = match workload {
+            "read4k" => (&data, libc::O_RDONLY | libc::O_DIRECT),
+            "getattr" => (&data, libc::O_RDONLY),
+            _ => (&dir, libc::O_RDONLY | libc::O_DIRECTORY),
+        };
+        // SAFETY: open(2) on a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            let e = errno_err("open");
+            close_all(&fds);
+            return Err(e);
+        }
+        fds.push(fd);
+    }
+    let stat_paths: Vec<CString> = if workload == "stat" {
+        names
+            .iter()
+            .map(|n| cstr(&mnt.join("s").join(std::ffi::OsStr::from_bytes(n.as_bytes()))))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let n = names.len();
+    let r = drive(threads, secs, |t, i| {
+        // Each thread walks its own part of the names, never the same name twice in a row.
+        let name = &names[(t * n / threads + i as usize) % n];
+        match workload {
+            "stat" => {
+                let path = &stat_paths[(t * n / threads + i as usize) % n];
+                // SAFETY: stat(2) on a NUL-terminated path into a local buffer.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                if unsafe { libc::stat(path.as_ptr(), &mut st) } != 0 {
+                    bail!("stat: {}", std::io::Error::last_os_error());
+                }
+            }
+            "lookup" => {
+                // readlinkat(2) of a regular file resolves the name (one
+                // LOOKUP) and fails with EINVAL without another request.
+                let mut buf = [0u8; 16];
+                // SAFETY: readlinkat(2) relative to an open directory into a local buffer.
+                let n = unsafe { libc::readlinkat(fds[t], name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if n >= 0 || errno != Some(libc::EINVAL) {
+                    bail!("readlinkat of a regular file: {n} ({})", std::io::Error::last_os_error());
+                }
+            }
+            "getattr" => {
+                // SAFETY: fstat(2) of an open descriptor into a local buffer.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstat(fds[t], &mut st) } != 0 {
+                    return Err(errno_err("fstat"));
+                }
+            }
+            "open" => {
+                // SAFETY: openat(2) relative to an open directory; the descriptor is closed at once.
+                let fd = unsafe { libc::openat(fds[t], name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(errno_err("openat"));
+                }
+                // SAFETY: closing the descriptor just opened.
+                unsafe { libc::close(fd) };
+            }
+            _ => {
+                // O_DIRECT needs an aligned buffer: one 4 KiB page per call, on the stack.
+                #[repr(C, align(4096))]
+                struct Page([u8; 4096]);
+                let mut page = Page([0; 4096]);
+                let x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t as u64) << 40) >> 11;
+                let off = (x % (READ_FILE / 4096)) * 4096;
+                // SAFETY: pread into a live, aligned 4 KiB buffer.
+                let n = unsafe { libc::pread(fds[t], page.0.as_mut_ptr().cast(), 4096, off as i64) };
+                if n != 4096 {
+                    bail!("pread at {off}: {n} ({})", std::io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    });
+    close_all(&fds);
+    r
 }
 
 /// Measures one transport: mounts memfs, prepares files, runs every
@@ -117,7 +255,7 @@ fn measure_transport(
     mount.args(["mount", "memfs"]).arg(&mnt).args(["--size", "1G", "--cache", "none", "--transport", transport]);
     exec::run(&mut mount, Duration::from_secs(60)).with_context(|| format!("mounting memfs with {transport}"))?;
     let conn = efuse::mount::find_mount(&mnt).and_then(|m| m.connection());
-    let result = exec::guarded(Duration::from_secs(600), conn, || {
+    let result = exec::guarded(Duration::from_secs(1200), conn, || {
         let dir = mnt.join("s");
         std::fs::create_dir_all(&dir)?;
         for i in 0..STAT_FILES {
@@ -130,58 +268,20 @@ fn measure_transport(
             std::io::Write::write_all(&mut f, &block)?;
         }
         drop(f);
-        let paths: Vec<CString> = (0..STAT_FILES).map(|i| stat_path(&dir, i)).collect();
+        let names: Vec<CString> =
+            (0..STAT_FILES).map(|i| CString::new(format!("s{i:05}")).unwrap_or_default()).collect();
+        let pid = daemon_pid(efuse, &mnt)?;
         let mut out = Vec::new();
-        for workload in ["stat", "read4k"] {
-            for threads in [1usize, 2] {
+        for workload in WORKLOADS {
+            for threads in THREADS {
                 let mut runs = Vec::new();
                 for _ in 0..reps {
                     let before = requests_total(efuse, &mnt)?;
-                    let (mut lat, wall) = match workload {
-                        "stat" => drive(threads, secs, |t, i| {
-                            // Each thread walks its own half, never the same name twice in a row.
-                            let n = (t * STAT_FILES / 2 + (i as usize)) % STAT_FILES;
-                            // SAFETY: stat(2) on a NUL-terminated path into a local buffer.
-                            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                            if unsafe { libc::stat(paths[n].as_ptr(), &mut st) } != 0 {
-                                bail!("stat {}: {}", paths[n].to_string_lossy(), std::io::Error::last_os_error());
-                            }
-                            Ok(())
-                        })?,
-                        _ => {
-                            let cpath = CString::new(data.as_os_str().as_bytes())?;
-                            let fds: Vec<i32> = (0..threads)
-                                .map(|_| {
-                                    // SAFETY: open(2) on a NUL-terminated path.
-                                    let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_DIRECT) };
-                                    if fd < 0 {
-                                        Err(anyhow!("open O_DIRECT: {}", std::io::Error::last_os_error()))
-                                    } else {
-                                        Ok(fd)
-                                    }
-                                })
-                                .collect::<Result<_>>()?;
-                            let r = drive(threads, secs, |t, i| {
-                                // O_DIRECT needs an aligned buffer: one 4 KiB page per call, on the stack.
-                                #[repr(C, align(4096))]
-                                struct Page([u8; 4096]);
-                                let mut page = Page([0; 4096]);
-                                let x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t as u64) << 40) >> 11;
-                                let off = (x % (READ_FILE / 4096)) * 4096;
-                                // SAFETY: pread into a live, aligned 4 KiB buffer.
-                                let n = unsafe { libc::pread(fds[t], page.0.as_mut_ptr().cast(), 4096, off as i64) };
-                                if n != 4096 {
-                                    bail!("pread at {off}: {n} ({})", std::io::Error::last_os_error());
-                                }
-                                Ok(())
-                            });
-                            for fd in fds {
-                                // SAFETY: closing descriptors we opened.
-                                unsafe { libc::close(fd) };
-                            }
-                            r?
-                        }
-                    };
+                    let cpu_before = daemon_cpu_secs(pid)?;
+                    let (mut lat, wall) = measure_once(workload, threads, secs, &mnt, &names)?;
+                    let cpu = daemon_cpu_secs(pid)? - cpu_before;
+                    // The stats call itself is one request to the daemon's
+                    // control socket, not a FUSE request: nothing to subtract.
                     let requests = requests_total(efuse, &mnt)?.saturating_sub(before);
                     lat.sort_unstable();
                     runs.push(RateResult {
@@ -192,12 +292,13 @@ fn measure_transport(
                         p50_us: percentile(&lat, 0.50),
                         p99_us: percentile(&lat, 0.99),
                         requests,
+                        requests_per_op: if lat.is_empty() { 0.0 } else { requests as f64 / lat.len() as f64 },
+                        daemon_cpu_us_per_request: if requests == 0 { 0.0 } else { cpu * 1e6 / requests as f64 },
                     });
                 }
                 // Median repetition by throughput.
                 runs.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
-                let median = runs.swap_remove(runs.len() / 2);
-                out.push(median);
+                out.push(runs.swap_remove(runs.len() / 2));
             }
         }
         Ok(out)
@@ -211,12 +312,18 @@ fn measure_transport(
         }
         let _ = efuse::mount::unmount(&mnt, true);
     }
+    for r in result.iter().flatten() {
+        log(format!(
+            "transport-rate {transport} {} x{}: {:.0} ops/s, p50 {:.1} µs",
+            r.workload, r.threads, r.ops_per_sec, r.p50_us
+        ));
+    }
     result
 }
 
 /// Runs the microbenchmark for every available transport.
 pub fn run(efuse: &Path, work: &Path, quick: bool, log: &mut dyn FnMut(String)) -> Result<Vec<RateResult>> {
-    let (secs, reps) = if quick { (1.0, 1) } else { (4.0, 3) };
+    let (secs, reps) = if quick { (0.5, 1) } else { (2.0, 3) };
     let mut transports = vec!["dev"];
     if uring_enabled() {
         transports.push("uring");
@@ -234,7 +341,8 @@ pub fn run(efuse: &Path, work: &Path, quick: bool, log: &mut dyn FnMut(String)) 
 /// The markdown table of the results, with uring's ratio to dev.
 pub fn markdown(results: &[RateResult]) -> String {
     let mut s = String::from(
-        "| workload | threads | transport | ops/s | p50 µs | p99 µs | FUSE requests | ops/s vs dev |\n|---|---|---|---|---|---|---|---|\n",
+        "| workload | threads | transport | ops/s | p50 µs | p99 µs | requests/op | daemon CPU µs/request | ops/s vs dev |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let dev = results
@@ -243,8 +351,16 @@ pub fn markdown(results: &[RateResult]) -> String {
             .map(|d| d.ops_per_sec);
         let ratio = dev.filter(|d| *d > 0.0).map(|d| format!("{:.2}x", r.ops_per_sec / d)).unwrap_or_default();
         s.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
-            r.workload, r.threads, r.transport, r.ops_per_sec, r.p50_us, r.p99_us, r.requests, ratio
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.1} | {} |\n",
+            r.workload,
+            r.threads,
+            r.transport,
+            r.ops_per_sec,
+            r.p50_us,
+            r.p99_us,
+            r.requests_per_op,
+            r.daemon_cpu_us_per_request,
+            ratio
         ));
     }
     s
