@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{bounded, errno, errno_name, require_fuse, require_uring, Fs, MountSpec, Mounted, Rng};
+use common::{bounded, errno, errno_name, require_fuse, require_uring, skip, Fs, MountSpec, Mounted, Rng};
 
 const FILE: &str = "data.bin";
 const FILE_LEN: usize = 8 << 20;
@@ -199,8 +199,13 @@ fn stackfs_direct(test: &str, args: &[&str]) {
     let backing = m.backing.clone().unwrap().join(FILE);
     let file = m.mnt.join(FILE);
     if dio_align(&backing).is_none() {
-        // Every file system a test directory sits on here (ext4, xfs, btrfs, tmpfs) says.
-        panic!("{test}: the backing file system reports no direct-I/O alignment (STATX_DIOALIGN)");
+        // tmpfs, for one: its page cache is all it has, so there is nothing to tell apart.
+        skip(
+            test,
+            "the test directory's file system has no direct I/O to a device (STATX_DIOALIGN); \
+             point TMPDIR at ext4, xfs or btrfs",
+        );
+        return;
     }
 
     // A: an O_DIRECT open alone (passthrough where allowed, else the direct path).
