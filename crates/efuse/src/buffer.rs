@@ -41,6 +41,7 @@ impl AlignedBuf {
         self.layout.size()
     }
 
+    /// Never: a buffer has at least one byte.
     pub fn is_empty(&self) -> bool {
         false
     }
