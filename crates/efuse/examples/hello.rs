@@ -49,7 +49,7 @@ impl Filesystem for Hello {
         reply.opened(0, 0)
     }
 
-    fn read(&self, _ctx: &RequestContext<'_>, _ino: u64, _fh: u64, offset: u64, size: u32, reply: ReplyData) {
+    fn read(&self, _ctx: &RequestContext<'_>, _ino: u64, _fh: u64, offset: u64, size: u32, _: i32, reply: ReplyData) {
         let start = (offset as usize).min(TEXT.len());
         let end = (start + size as usize).min(TEXT.len());
         reply.data(&TEXT[start..end])

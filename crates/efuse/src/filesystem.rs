@@ -170,11 +170,17 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS)
     }
 
-    fn read(&self, ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+    /// Reads up to `size` bytes at `offset`. `flags` are the open file's
+    /// `open(2)` flags as the kernel has them now (`fcntl(F_SETFL)` may have
+    /// changed O_DIRECT since the open); READs that fill the kernel's page
+    /// cache carry them too.
+    fn read(&self, ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, size: u32, flags: i32, reply: ReplyData) {
         reply.error(Errno::ENOSYS)
     }
 
-    /// `write_flags` are `efuse_abi::consts::write::*`.
+    /// `write_flags` are `efuse_abi::consts::write::*`; `flags` the open
+    /// file's `open(2)` flags as for [`read`](Self::read) (0 on a write-back
+    /// of cached pages).
     fn write(
         &self,
         ctx: &RequestContext<'_>,
@@ -183,6 +189,7 @@ pub trait Filesystem: Send + Sync + 'static {
         offset: u64,
         data: &[u8],
         write_flags: u32,
+        flags: i32,
         reply: ReplyWrite,
     ) {
         reply.error(Errno::ENOSYS)

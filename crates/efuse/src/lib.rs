@@ -9,6 +9,7 @@
 //!
 //! Data flows one way: transport -> session -> file system -> reply.
 
+pub mod buffer;
 pub mod cache;
 pub mod connection;
 pub mod control;

@@ -692,10 +692,10 @@ impl<F: Filesystem> Session<F> {
             Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32)),
             Operation::Read { arg } => {
                 let size = arg.size.min(self.shared.max_read.load(Ordering::Relaxed));
-                fs.read(&ctx, ino, arg.fh, arg.offset, size, ReplyData::new(r()))
+                fs.read(&ctx, ino, arg.fh, arg.offset, size, arg.flags as i32, ReplyData::new(r()))
             }
             Operation::Write { arg, data } => {
-                fs.write(&ctx, ino, arg.fh, arg.offset, data, arg.write_flags, ReplyWrite::new(r()))
+                fs.write(&ctx, ino, arg.fh, arg.offset, data, arg.write_flags, arg.flags as i32, ReplyWrite::new(r()))
             }
             Operation::Statfs => fs.statfs(&ctx, ino, ReplyStatfs::new(r())),
             Operation::Release { arg } => {

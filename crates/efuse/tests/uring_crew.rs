@@ -71,14 +71,14 @@ impl Filesystem for Blocking {
         reply.opened(0, fopen::DIRECT_IO)
     }
 
-    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: u64, _offset: u64, size: u32, reply: ReplyData) {
+    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: u64, _offset: u64, size: u32, _: i32, reply: ReplyData) {
         if ino == 2 {
             std::thread::sleep(SLOW);
         }
         reply.data(&vec![b'x'; size.min(4096) as usize])
     }
 
-    fn write(&self, _: &RequestContext<'_>, ino: u64, _: u64, _: u64, data: &[u8], _: u32, reply: ReplyWrite) {
+    fn write(&self, _: &RequestContext<'_>, ino: u64, _: u64, _: u64, data: &[u8], _: u32, _: i32, reply: ReplyWrite) {
         if ino == 4 {
             std::thread::sleep(Duration::from_millis(400));
             if let Some(c) = self.conn.get() {

@@ -215,7 +215,19 @@ impl Filesystem for MemFs {
         }
     }
 
-    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, _fh: u64, offset: u64, size: u32, reply: ReplyData) {
+    /// O_DIRECT (in `flags`) asks nothing more of memfs: the kernel already
+    /// sends such reads here instead of through its page cache, and memfs's
+    /// memory is its device (see the module documentation).
+    fn read(
+        &self,
+        _ctx: &RequestContext<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: u64,
+        size: u32,
+        _flags: i32,
+        reply: ReplyData,
+    ) {
         if self.paths().adaptive {
             if let Some(io) = self.io_shard(ino).get_mut(&ino) {
                 io.observe_read(offset, size);
@@ -235,6 +247,7 @@ impl Filesystem for MemFs {
         offset: u64,
         data: &[u8],
         write_flags: u32,
+        _flags: i32,
         reply: ReplyWrite,
     ) {
         if let Some(io) = self.io_shard(ino).get_mut(&ino) {

@@ -9,6 +9,13 @@
 //! An inode is freed when it has no name, the kernel holds no lookup of it
 //! and no handle is open on it. See [`node`] for the lock order.
 //!
+//! O_DIRECT: memfs has no device beneath it; its memory is where data
+//! lives. An O_DIRECT open gets what direct I/O means there, as on tmpfs:
+//! the kernel sends its reads and writes straight to memfs instead of
+//! through its page cache, so nothing is cached twice and a write is in
+//! memfs when it returns; no alignment is asked of offsets, lengths or
+//! buffers (ext4 would answer EINVAL to unaligned ones; tmpfs does not).
+//!
 //! What it is not: persistent, or a place for permission policy beyond
 //! `access` (mount with `default_permissions` to have the kernel enforce mode
 //! bits on every operation).

@@ -81,8 +81,9 @@ struct IoState {
     backing: Option<BackingId>,
     backing_refs: u32,
     /// The access mode (`O_RDWR`, `O_RDONLY` or `O_WRONLY`) of the
-    /// descriptor serving `fh` 0, once one was opened; the descriptor itself
-    /// lives in the [`FdCache`] under [`FdKey::Stateless`].
+    /// descriptors serving `fh` 0, once one was opened; they live in the
+    /// [`FdCache`] under [`FdKey::Stateless`] and, with O_DIRECT, under
+    /// [`FdKey::StatelessDirect`].
     stateless: Option<i32>,
 }
 
@@ -176,32 +177,41 @@ impl NodeIo {
     /// The descriptor serving `fh` 0 of node `ino`, opened on first use
     /// from the inode's `O_PATH` descriptor `ifd`: read-write when possible,
     /// else read-only or write-only, reopened when a request needs the other
-    /// direction, and cached in `cache` like any open's.
+    /// direction, and cached in `cache` like any open's. `direct`: for a
+    /// request that asks for O_DIRECT (a descriptor of its own).
     pub(super) fn stateless_fd(
         &self,
         cache: &FdCache,
         ino: u64,
         ifd: &OwnedFd,
         write: bool,
+        direct: bool,
     ) -> Result<Arc<OwnedFd>, Errno> {
         let need = if write { libc::O_WRONLY } else { libc::O_RDONLY };
-        let key = FdKey::Stateless(ino);
+        let (key, odirect) =
+            if direct { (FdKey::StatelessDirect(ino), libc::O_DIRECT) } else { (FdKey::Stateless(ino), 0) };
         let mut s = self.lock();
         if let Some(mode) = s.stateless {
             if mode == libc::O_RDWR || mode == need {
-                let reopen = || sys::reopen(ifd.as_fd(), mode);
+                let reopen = || sys::reopen(ifd.as_fd(), mode | odirect);
                 return Ok(cache.get_or_open(key, reopen, || true)?.fd);
             }
         }
         // Checked here, once per descriptor opened, not on every request.
         super::regular_file(ifd.as_fd())?;
-        let opened = match sys::reopen(ifd.as_fd(), libc::O_RDWR) {
+        let opened = match sys::reopen(ifd.as_fd(), libc::O_RDWR | odirect) {
             Ok(fd) => (fd, libc::O_RDWR),
             Err(e) if e == Errno::EACCES || e == Errno::EROFS || e == Errno::EPERM || e.raw() == libc::ETXTBSY => {
-                (sys::reopen(ifd.as_fd(), need)?, need)
+                (sys::reopen(ifd.as_fd(), need | odirect)?, need)
             }
             Err(e) => return Err(e),
         };
+        if s.stateless.is_some_and(|mode| mode != opened.1) {
+            // The twin (O_DIRECT the other way round) has the old access
+            // mode, which the recorded one no longer describes.
+            let twin = if direct { FdKey::Stateless(ino) } else { FdKey::StatelessDirect(ino) };
+            cache.remove_one(twin);
+        }
         s.stateless = Some(opened.1);
         Ok(cache.insert(key, opened.0).fd)
     }

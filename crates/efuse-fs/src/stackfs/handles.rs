@@ -10,6 +10,12 @@
 //! daemon's descriptors are bounded per file system, whatever number of
 //! files its clients hold open: one process holding thousands of files
 //! cannot make another process's `mkdir` fail with EMFILE.
+//!
+//! A descriptor opened with O_DIRECT serves only direct requests, and one
+//! opened without it only buffered ones: each has its own key
+//! ([`FdKey::HandleDirect`], [`FdKey::StatelessDirect`]), since a READ or
+//! WRITE asks for direct I/O by its own flags (an open with O_DIRECT, or
+//! one that `fcntl(F_SETFL)` changed since).
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
@@ -29,6 +35,8 @@ pub(super) struct OpenFile {
     pub(super) ino: u64,
     /// What a reopen passes to open(2) ([`reopen_flags`] of the open's flags).
     pub(super) flags: i32,
+    /// The open asked for O_DIRECT: its descriptor was opened with it.
+    pub(super) direct: bool,
     /// The inode's I/O state (regular files), and the path this open was given.
     pub(super) io: Option<(Arc<NodeIo>, OpenPath)>,
     released: AtomicBool,
@@ -36,7 +44,18 @@ pub(super) struct OpenFile {
 
 impl OpenFile {
     pub(super) fn new(ino: u64, open_flags: i32, io: Option<(Arc<NodeIo>, OpenPath)>) -> OpenFile {
-        OpenFile { ino, flags: reopen_flags(open_flags), io, released: AtomicBool::new(false) }
+        let direct = open_flags & libc::O_DIRECT != 0;
+        OpenFile { ino, flags: reopen_flags(open_flags), direct, io, released: AtomicBool::new(false) }
+    }
+
+    /// The cache key of this open's descriptor for direct (O_DIRECT) or
+    /// buffered requests.
+    pub(super) fn key(fh: u64, direct: bool) -> FdKey {
+        if direct {
+            FdKey::HandleDirect(fh)
+        } else {
+            FdKey::Handle(fh)
+        }
     }
 
     /// RELEASE came: no descriptor may be cached for it any more.
@@ -74,8 +93,9 @@ impl OpenDir {
 /// The flags an evicted open is reopened with: what the caller's open asked
 /// of every later read and write (access mode, O_APPEND, O_SYNC/O_DSYNC,
 /// O_NOATIME, O_NONBLOCK), never what only the first open(2) may do
-/// (O_CREAT, O_EXCL, O_TRUNC, O_TMPFILE) nor O_DIRECT (stackfs never does
-/// direct I/O on the backing file).
+/// (O_CREAT, O_EXCL, O_TRUNC, O_TMPFILE). O_DIRECT is not kept either: it
+/// is a property of the descriptor's key, added by who reopens for a
+/// direct request.
 pub(super) fn reopen_flags(open_flags: i32) -> i32 {
     const KEPT: i32 = libc::O_ACCMODE
         | libc::O_APPEND
@@ -92,8 +112,24 @@ pub(super) fn reopen_flags(open_flags: i32) -> i32 {
 pub(super) enum FdKey {
     /// An open file or directory, by `fh` (one counter for both).
     Handle(u64),
+    /// An open file's descriptor with O_DIRECT, for direct requests.
+    HandleDirect(u64),
     /// The descriptor serving `fh` 0 of a node (stateless opens), by node id.
     Stateless(u64),
+    /// The same with O_DIRECT, for direct requests on `fh` 0.
+    StatelessDirect(u64),
+}
+
+impl FdKey {
+    /// The key of the same open or node with O_DIRECT the other way round.
+    fn twin(self) -> FdKey {
+        match self {
+            FdKey::Handle(fh) => FdKey::HandleDirect(fh),
+            FdKey::HandleDirect(fh) => FdKey::Handle(fh),
+            FdKey::Stateless(ino) => FdKey::StatelessDirect(ino),
+            FdKey::StatelessDirect(ino) => FdKey::Stateless(ino),
+        }
+    }
 }
 
 /// A descriptor out of the cache. `serial` tells descriptors of the same key
@@ -271,8 +307,18 @@ impl FdCache {
         Ok(cached)
     }
 
-    /// Forgets `key` (RELEASE, FORGET); its descriptor closes once unused.
+    /// Forgets `key` (RELEASE, FORGET) and its twin with O_DIRECT the
+    /// other way round; their descriptors close once unused.
     pub(super) fn remove(&self, key: FdKey) {
+        let old = {
+            let mut s = self.lock();
+            (s.remove(key), s.remove(key.twin()))
+        };
+        drop(old);
+    }
+
+    /// Forgets only `key`, not its twin.
+    pub(super) fn remove_one(&self, key: FdKey) {
         let old = self.lock().remove(key);
         drop(old);
     }
@@ -560,6 +606,40 @@ mod tests {
         assert!(cache.get(FdKey::Stateless(1)).is_none());
     }
 
+    /// A descriptor opened with O_DIRECT never serves a buffered request,
+    /// nor the other way round; releasing an open closes both.
+    #[test]
+    fn direct_and_buffered_descriptors_are_kept_apart() {
+        let cache = FdCache::new(8);
+        let d = std::env::temp_dir().join(format!("efuse-fdcache-direct-{}", std::process::id()));
+        std::fs::write(&d, vec![1u8; 8192]).unwrap();
+        let p = CString::new(d.as_os_str().as_bytes()).unwrap();
+        let cwd = unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+        let open = |flags| sys::openat(cwd, &p, flags, 0);
+        let buffered = cache.insert(OpenFile::key(3, false), open(libc::O_RDONLY).unwrap());
+        let direct =
+            cache.get_or_open(OpenFile::key(3, true), || open(libc::O_RDONLY | libc::O_DIRECT), || true).unwrap();
+        assert!(!Arc::ptr_eq(&buffered.fd, &direct.fd));
+        let fl = |fd: &OwnedFd| unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::F_GETFL) };
+        assert_eq!(fl(&direct.fd) & libc::O_DIRECT, libc::O_DIRECT);
+        assert_eq!(fl(&buffered.fd) & libc::O_DIRECT, 0);
+        let again = cache.get_or_open(OpenFile::key(3, false), || panic!("reopened"), || true).unwrap();
+        assert!(Arc::ptr_eq(&again.fd, &buffered.fd));
+        let (wb, wd) = (Arc::downgrade(&buffered.fd), Arc::downgrade(&direct.fd));
+        drop((buffered, direct, again));
+        cache.remove(FdKey::Handle(3));
+        assert_eq!((wb.strong_count(), wd.strong_count()), (0, 0), "release closes both");
+        // Stateless slots likewise; remove_one leaves the twin.
+        cache.insert(FdKey::Stateless(5), open(libc::O_RDONLY).unwrap());
+        cache.insert(FdKey::StatelessDirect(5), open(libc::O_RDONLY | libc::O_DIRECT).unwrap());
+        cache.remove_one(FdKey::Stateless(5));
+        assert!(cache.get(FdKey::Stateless(5)).is_none());
+        assert!(cache.get(FdKey::StatelessDirect(5)).is_some());
+        cache.remove(FdKey::Stateless(5));
+        assert_eq!(cache.len(), 0);
+        std::fs::remove_file(&d).unwrap();
+    }
+
     #[test]
     fn released_handles_leave_nothing_cached() {
         let cache = FdCache::new(4);
@@ -615,5 +695,8 @@ mod tests {
         assert_eq!(reopen_flags(libc::O_WRONLY | libc::O_SYNC), libc::O_WRONLY | libc::O_SYNC);
         assert_eq!(reopen_flags(libc::O_RDWR | libc::O_TMPFILE), libc::O_RDWR);
         assert_eq!(reopen_flags(libc::O_RDONLY | libc::O_DIRECT | libc::O_NOCTTY), libc::O_RDONLY);
+        let f = OpenFile::new(1, libc::O_RDWR | libc::O_DIRECT, None);
+        assert!(f.direct);
+        assert_eq!(f.flags, libc::O_RDWR);
     }
 }

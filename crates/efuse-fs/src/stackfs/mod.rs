@@ -135,6 +135,14 @@
 //! - **Data path per open** ([`fileio`]): passthrough (the kernel does the
 //!   I/O on the backing file), cached or direct, as
 //!   [`efuse::policy::PathPolicy`] chooses from the inode's observed reads.
+//! - **O_DIRECT** is direct I/O on the backing file on every path: a
+//!   passthrough open's backing file is opened by the kernel with the
+//!   open's flags; any other open's READs and WRITEs carry the file's flags
+//!   as they are at that moment, and one with O_DIRECT is served through a
+//!   descriptor opened with O_DIRECT (its own key in the descriptor cache)
+//!   with page-aligned memory ([`efuse::buffer`]): the backing page cache is
+//!   never filled, and what the device cannot take gets the backing file
+//!   system's own errno.
 //! - **Stateless opens** (`--no-open`): READ, WRITE, ... arrive with `fh` 0
 //!   and are served by a per-inode descriptor ([`fileio::NodeIo`]); real
 //!   handles start at 1.
@@ -159,6 +167,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use efuse::abi::consts::fopen;
+use efuse::buffer::{self, AlignedBuf};
 use efuse::locks::LockTable;
 use efuse::policy::{PassthroughMode, PathPolicy};
 use efuse::{
@@ -229,23 +238,48 @@ const FD_RESERVE: u64 = 256;
 const MAX_IO: usize = 1 << 20;
 
 thread_local! {
-    /// READ and xattr data land here: one buffer per worker thread, grown to
-    /// the largest request seen, so steady-state requests allocate nothing.
-    static IO_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// READ and xattr data land here, and WRITE data that must be copied to
+    /// an aligned place first: one buffer per worker thread, grown to the
+    /// largest request seen, so steady-state requests allocate nothing.
+    /// Page-aligned, as direct I/O on the backing file needs.
+    static IO_BUFFER: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` on this thread's I/O buffer, at least `size` bytes long.
+/// Runs `f` on this thread's page-aligned I/O buffer, `size` bytes long.
 fn with_io_buffer<R>(size: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     IO_BUFFER.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < size {
-                buf.resize(size, 0);
+        Ok(mut slot) => {
+            if slot.as_ref().is_none_or(|buf| buf.len() < size) {
+                *slot = AlignedBuf::new(size.next_multiple_of(buffer::ALIGN)).ok();
             }
-            f(&mut buf[..size])
+            match slot.as_mut() {
+                Some(buf) => f(&mut buf.as_mut_slice()[..size]),
+                // Out of memory for an aligned buffer: an unaligned one serves
+                // all but O_DIRECT (whose pread then answers EINVAL).
+                None => f(&mut vec![0u8; size]),
+            }
         }
         // Re-entered (cannot happen: replies do not call back): use a fresh buffer.
-        Err(_) => f(&mut vec![0u8; size]),
+        Err(_) => match AlignedBuf::new(size) {
+            Ok(mut buf) => f(&mut buf.as_mut_slice()[..size]),
+            Err(_) => f(&mut vec![0u8; size]),
+        },
     })
+}
+
+/// Writes all of `data` at `offset`, as far as the backing file takes it.
+fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> Result<u32, Errno> {
+    let mut done = 0;
+    while done < data.len() {
+        match sys::pwrite(fd, &data[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e == Errno::EINTR => continue,
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done.min(u32::MAX as usize) as u32)
 }
 
 /// The pass-through file system; see the module documentation.
@@ -508,24 +542,39 @@ impl StackFs {
 
     /// The descriptor for I/O on `fh` (from the cache, reopened if it was
     /// evicted or never kept), or for `fh` 0 (stateless opens) the inode's
-    /// own, opened for writing when `write`.
+    /// own, opened for writing when `write`; with O_DIRECT as the open was
+    /// opened (never for `fh` 0).
     fn io_fd(&self, ino: u64, fh: u64, write: bool) -> Result<IoFd, Errno> {
+        self.data_fd(ino, fh, write, None)
+    }
+
+    /// [`io_fd`](Self::io_fd) for a READ or WRITE: `direct` says whether the
+    /// request asked for O_DIRECT (None: as the open was opened).
+    fn data_fd(&self, ino: u64, fh: u64, write: bool, direct: Option<bool>) -> Result<IoFd, Errno> {
         if fh != 0 {
             let file = self.files.get(fh)?;
-            let fd = self.file_fd(fh, &file)?;
+            let fd = self.file_fd_for(fh, &file, direct.unwrap_or(file.direct))?;
             return Ok(IoFd { fd, file: Some(file) });
         }
         self.inodes.note_stateless();
         let ifd = self.inodes.fd(ino)?;
-        let fd = self.inodes.io(ino)?.stateless_fd(&self.fds, ino, &ifd, write)?;
+        let fd = self.inodes.io(ino)?.stateless_fd(&self.fds, ino, &ifd, write, direct.unwrap_or(false))?;
         Ok(IoFd { fd, file: None })
     }
 
     /// The descriptor of open file `fh`, reopened from its node with the
     /// open's flags when the cache has none.
     fn file_fd(&self, fh: u64, file: &OpenFile) -> Result<Arc<OwnedFd>, Errno> {
-        let reopen = || sys::reopen(self.inodes.fd(file.ino)?.as_fd(), file.flags);
-        Ok(self.fds.get_or_open(FdKey::Handle(fh), reopen, || file.is_live())?.fd)
+        self.file_fd_for(fh, file, file.direct)
+    }
+
+    /// The descriptor of open file `fh` with O_DIRECT (`direct`) or without:
+    /// a request may ask otherwise than its open did (`fcntl(F_SETFL)`), and
+    /// gets a descriptor of its own then.
+    fn file_fd_for(&self, fh: u64, file: &OpenFile, direct: bool) -> Result<Arc<OwnedFd>, Errno> {
+        let flags = file.flags | if direct { libc::O_DIRECT } else { 0 };
+        let reopen = || sys::reopen(self.inodes.fd(file.ino)?.as_fd(), flags);
+        Ok(self.fds.get_or_open(OpenFile::key(fh, direct), reopen, || file.is_live())?.fd)
     }
 
     /// The descriptor of open directory `fh`, reopened when the cache has none.
@@ -690,10 +739,11 @@ impl StackFs {
     /// Opens node `ino` for I/O with `flags`, registering a new `fh`.
     fn open_file(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let ifd = self.inodes.fd(ino)?;
-        // O_DIRECT would demand aligned buffers of our reads and writes; the
-        // kernel already gives the caller direct-I/O semantics on the mount.
+        // O_DIRECT stays: the backing file is opened for direct I/O as the
+        // caller asked (see `do_read`); a file system without it refuses
+        // the open with EINVAL, as it would refuse the caller.
         let app_direct = flags & libc::O_DIRECT != 0;
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_PATH);
         regular_file(ifd.as_fd())?;
         let fd = self.fds.open_with_room(|| sys::reopen(ifd.as_fd(), flags))?;
         self.register_file(ino, &ifd, fd, flags, app_direct)
@@ -741,7 +791,7 @@ impl StackFs {
             }
         }
         if !passthrough {
-            self.fds.insert(FdKey::Handle(fh), fd);
+            self.fds.insert(OpenFile::key(fh, app_direct), fd);
         }
         // A passthrough open drops `fd` here: the kernel holds the backing
         // file, and requests that still need a descriptor reopen one.
@@ -775,7 +825,7 @@ impl StackFs {
         let app_direct = flags & libc::O_DIRECT != 0;
         // O_PATH (which the kernel never sends) would drop O_CREAT and open
         // whatever the name is, of any type.
-        let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH);
+        let flags = (flags | libc::O_CREAT | libc::O_NOFOLLOW) & !(libc::O_NOCTTY | libc::O_PATH);
         let mut buf = [0u8; 256];
         let name = new_name(name, &mut buf)?;
         let dir = self.dir_node_fd(parent)?;
@@ -801,8 +851,7 @@ impl StackFs {
     ) -> Result<(Entry, Opened), Errno> {
         let app_direct = flags & libc::O_DIRECT != 0;
         let dir = self.dir_node_fd(parent)?;
-        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_PATH))
-            | libc::O_TMPFILE;
+        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_PATH)) | libc::O_TMPFILE;
         let fd = {
             let _as_caller = CallerCreds::assume(ctx, self.act_as_caller)?;
             self.fds.open_with_room(|| sys::openat(dir.as_fd(), c".", flags, mode & 0o7777))?
@@ -830,8 +879,14 @@ impl StackFs {
         }
     }
 
-    fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        let file = match self.io_fd(ino, fh, false) {
+    /// A READ; `flags` are the open file's flags now. With O_DIRECT in
+    /// them the backing file is read with O_DIRECT too, into a page-aligned
+    /// buffer: the backing device serves it, not the backing page cache,
+    /// and an offset or size the device cannot take gets the backing file
+    /// system's own answer (EINVAL on ext4), as the caller would there.
+    fn do_read(&self, ino: u64, fh: u64, offset: u64, size: u32, flags: i32, reply: ReplyData) {
+        let direct = flags & libc::O_DIRECT != 0;
+        let file = match self.data_fd(ino, fh, false, Some(direct)) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
@@ -841,12 +896,18 @@ impl StackFs {
         let size = (size as usize).min(MAX_IO);
         with_io_buffer(size, |buf| {
             // Fill the request unless at end of file: FUSE treats a short
-            // read as end of file.
+            // read as end of file. A short direct read has met the end (the
+            // rest would start at an unaligned offset).
             let mut done = 0;
             while done < buf.len() {
                 match sys::pread(file.fd(), &mut buf[done..], offset + done as u64) {
                     Ok(0) => break,
-                    Ok(n) => done += n,
+                    Ok(n) => {
+                        done += n;
+                        if direct {
+                            break;
+                        }
+                    }
                     Err(e) if e == Errno::EINTR => continue,
                     Err(e) if done == 0 => return reply.error(e),
                     Err(_) => break,
@@ -856,8 +917,21 @@ impl StackFs {
         })
     }
 
-    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], kill: Option<Caller>) -> Result<u32, Errno> {
-        let file = self.io_fd(ino, fh, true)?;
+    /// A WRITE; with O_DIRECT in `flags` the backing file is written with
+    /// O_DIRECT (see [`do_read`](Self::do_read)), from `data` where it lies
+    /// when it is page-aligned (both transports place it so), else from a
+    /// page-aligned copy.
+    fn do_write(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        flags: i32,
+        kill: Option<Caller>,
+    ) -> Result<u32, Errno> {
+        let direct = flags & libc::O_DIRECT != 0;
+        let file = self.data_fd(ino, fh, true, Some(direct))?;
         if let Some(caller) = &kill {
             // The daemon writes with CAP_FSETID, so the backing file system
             // would keep suid/sgid: clear them as the caller's write would.
@@ -866,17 +940,13 @@ impl StackFs {
         if let Some(io) = file.io() {
             io.observe_write();
         }
-        let mut done = 0;
-        while done < data.len() {
-            match sys::pwrite(file.fd(), &data[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e == Errno::EINTR => continue,
-                Err(e) if done == 0 => return Err(e),
-                Err(_) => break,
-            }
+        if direct && !buffer::is_aligned(data, buffer::ALIGN) {
+            return with_io_buffer(data.len(), |buf| {
+                buf.copy_from_slice(data);
+                pwrite_all(file.fd(), buf, offset)
+            });
         }
-        Ok(done.min(u32::MAX as usize) as u32)
+        pwrite_all(file.fd(), data, offset)
     }
 
     fn do_opendir(&self, ino: u64) -> Result<u64, Errno> {
@@ -1291,8 +1361,8 @@ impl Filesystem for StackFs {
         }
     }
 
-    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        self.do_read(ino, fh, offset, size, reply)
+    fn read(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, size: u32, flags: i32, reply: ReplyData) {
+        self.do_read(ino, fh, offset, size, flags, reply)
     }
 
     fn write(
@@ -1303,10 +1373,11 @@ impl Filesystem for StackFs {
         offset: u64,
         data: &[u8],
         write_flags: u32,
+        flags: i32,
         reply: ReplyWrite,
     ) {
         let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then(|| ctx.caller());
-        match self.do_write(ino, fh, offset, data, kill) {
+        match self.do_write(ino, fh, offset, data, flags, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }

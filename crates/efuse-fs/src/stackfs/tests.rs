@@ -158,7 +158,12 @@ impl Harness {
     }
 
     fn read(&self, nodeid: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
-        let r = abi::ReadIn { fh, offset, size, ..Default::default() };
+        self.read_flags(nodeid, fh, offset, size, 0)
+    }
+
+    /// A READ whose open file has `flags` now (O_DIRECT).
+    fn read_flags(&self, nodeid: u64, fh: u64, offset: u64, size: u32, flags: i32) -> Result<Vec<u8>, i32> {
+        let r = abi::ReadIn { fh, offset, size, flags: flags as u32, ..Default::default() };
         match self.call(Opcode::Read, nodeid, &[r.as_bytes()]) {
             (0, data) => Ok(data),
             (err, _) => Err(err),
@@ -166,7 +171,13 @@ impl Harness {
     }
 
     fn write(&self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
-        let w = abi::WriteIn { fh, offset, size: data.len() as u32, ..Default::default() };
+        self.write_flags(nodeid, fh, offset, data, 0)
+    }
+
+    /// A WRITE whose open file has `flags` now. The request is encoded into
+    /// a fresh vector, so its data is not page-aligned.
+    fn write_flags(&self, nodeid: u64, fh: u64, offset: u64, data: &[u8], flags: i32) -> Result<u32, i32> {
+        let w = abi::WriteIn { fh, offset, size: data.len() as u32, flags: flags as u32, ..Default::default() };
         match self.call(Opcode::Write, nodeid, &[w.as_bytes(), data]) {
             (0, out) => Ok(abi::WriteOut::read_from_prefix(&out).unwrap().0.size),
             (err, _) => Err(err),
@@ -703,4 +714,69 @@ fn unlinked_behind_the_mount_answers_right_data_or_estale() {
     for (id, fh) in [(a, fa), (b, fb), (c, fc)] {
         h.release(id, fh);
     }
+}
+
+/// The backing file system's direct-I/O offset alignment (`STATX_DIOALIGN`).
+fn dio_offset_align(p: &Path) -> u32 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: statx writes one struct statx.
+    assert_eq!(unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_DIOALIGN, st.as_mut_ptr()) }, 0);
+    // SAFETY: zeroed and filled by the kernel.
+    let st = unsafe { st.assume_init() };
+    if st.stx_mask & libc::STATX_DIOALIGN != 0 {
+        st.stx_dio_offset_align
+    } else {
+        0
+    }
+}
+
+fn has_o_direct(fd: &OwnedFd) -> bool {
+    // SAFETY: fcntl on a live descriptor.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::F_GETFL) & libc::O_DIRECT != 0 }
+}
+
+#[test]
+fn o_direct_requests_do_direct_io_on_the_backing_file() {
+    let h = Harness::new("direct", None);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(h.backing().join("d"), &data).unwrap();
+    let id = h.lookup(ROOT_ID, "d").unwrap().nodeid;
+    let fh = h.open(id, libc::O_RDWR | libc::O_DIRECT);
+    let fds = &h.session.fs().fds;
+    let direct = fds.get(FdKey::HandleDirect(fh)).expect("the open's descriptor, kept under its direct key");
+    assert!(has_o_direct(&direct.fd));
+    assert!(fds.get(FdKey::Handle(fh)).is_none());
+    // The WRITE's data sits 80 bytes into a vector: copied to an aligned
+    // buffer, or O_DIRECT would refuse it (EINVAL).
+    let fresh = vec![0xA5u8; 8192];
+    assert_eq!(h.write_flags(id, fh, 4096, &fresh, libc::O_DIRECT), Ok(8192));
+    assert_eq!(h.read_flags(id, fh, 4096, 8192, libc::O_DIRECT).unwrap(), fresh);
+    // At the end of the file a direct read comes back short, as on the file.
+    assert_eq!(h.read_flags(id, fh, 61440, 8192, libc::O_DIRECT).unwrap(), &data[61440..]);
+    if dio_offset_align(&h.backing().join("d")) > 1 {
+        assert_eq!(h.read_flags(id, fh, 1, 4096, libc::O_DIRECT), Err(-libc::EINVAL), "unaligned direct read");
+        assert_eq!(h.write_flags(id, fh, 0, &fresh[..100], libc::O_DIRECT), Err(-libc::EINVAL), "unaligned write");
+    }
+    // A buffered request on the same open (fcntl turned O_DIRECT off) gets a
+    // descriptor of its own, without O_DIRECT; it takes any alignment.
+    assert_eq!(h.read_flags(id, fh, 1, 10, 0).unwrap(), &data[1..11]);
+    let buffered = fds.get(FdKey::Handle(fh)).expect("a buffered descriptor for the buffered request");
+    assert!(!has_o_direct(&buffered.fd));
+    drop((direct, buffered));
+    h.release(id, fh);
+    assert!(fds.get(FdKey::Handle(fh)).is_none() && fds.get(FdKey::HandleDirect(fh)).is_none());
+    // fh 0 (stateless opens): the same, per inode.
+    assert_eq!(h.read_flags(id, 0, 4096, 4096, libc::O_DIRECT).unwrap(), &fresh[..4096]);
+    assert_eq!(h.write_flags(id, 0, 0, &fresh[..4096], 0), Ok(4096));
+    let sd = fds.get(FdKey::StatelessDirect(id)).expect("a direct descriptor for fh 0");
+    let sb = fds.get(FdKey::Stateless(id)).expect("a buffered descriptor for fh 0");
+    assert!(has_o_direct(&sd.fd) && !has_o_direct(&sb.fd));
+    drop((sd, sb));
+    h.forget(id, 1);
+    assert_eq!(h.open_fds(), 0);
+    let mut want = data;
+    want[..4096].copy_from_slice(&fresh[..4096]);
+    want[4096..12288].copy_from_slice(&fresh);
+    assert_eq!(std::fs::read(h.backing().join("d")).unwrap(), want);
 }

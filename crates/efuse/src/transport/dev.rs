@@ -1,5 +1,10 @@
 //! The /dev/fuse transport: one thread and one cloned descriptor per worker,
 //! one request buffer per worker, reused for every request.
+//!
+//! A request is read into its buffer at an offset chosen so that a WRITE's
+//! data, which follows its two headers, starts on a page: a file system can
+//! write it to a backing file opened with O_DIRECT without copying it first
+//! ([`RequestBuf`]).
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -7,12 +12,37 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use efuse_abi::consts::ioctl::DEV_IOC_CLONE;
-use efuse_abi::structs::OutHeader;
+use efuse_abi::structs::{InHeader, OutHeader, WriteIn};
 use zerocopy::IntoBytes;
 
+use crate::buffer::{AlignedBuf, ALIGN};
 use crate::filesystem::Filesystem;
 use crate::reply::{Reply, ReplySink};
 use crate::session::{InitError, InitOutcome, Negotiated, Session, SessionShared, REQUEST_BUFFER_SIZE};
+
+/// Bytes before a WRITE's data: `fuse_in_header` and `fuse_write_in`.
+const WRITE_HEADERS: usize = std::mem::size_of::<InHeader>() + std::mem::size_of::<WriteIn>();
+
+/// One worker's request buffer: `REQUEST_BUFFER_SIZE` bytes that start
+/// `WRITE_HEADERS` bytes before a page boundary, so a WRITE's data lands
+/// page-aligned (the kernel copies a request in one piece, headers first).
+/// Every other request is just as contiguous; only its place moved.
+pub(crate) struct RequestBuf {
+    mem: AlignedBuf,
+}
+
+impl RequestBuf {
+    const LEAD: usize = ALIGN - WRITE_HEADERS;
+
+    fn new() -> io::Result<RequestBuf> {
+        Ok(RequestBuf { mem: AlignedBuf::new(Self::LEAD + REQUEST_BUFFER_SIZE)? })
+    }
+
+    /// Where requests are read to.
+    fn area(&mut self) -> &mut [u8] {
+        &mut self.mem.as_mut_slice()[Self::LEAD..]
+    }
+}
 
 /// Where replies of one worker go: its /dev/fuse descriptor.
 pub struct DevChannel {
@@ -135,12 +165,13 @@ fn clone_fd(session_fd: &OwnedFd) -> io::Result<OwnedFd> {
 pub(crate) fn handshake<F: Filesystem>(
     session: &Arc<Session<F>>,
     fd: OwnedFd,
-) -> Result<(Arc<DevChannel>, Negotiated, Vec<u8>), InitError> {
+) -> Result<(Arc<DevChannel>, Negotiated, RequestBuf), InitError> {
     let shared = session.shared().clone();
     let main = Arc::new(DevChannel::new(fd, shared));
-    let mut buf = vec![0u8; REQUEST_BUFFER_SIZE];
+    let mut req = RequestBuf::new().map_err(|e| InitError::NotInit(format!("request buffer: {e}")))?;
     loop {
-        let n = match main.read(&mut buf) {
+        let buf = req.area();
+        let n = match main.read(buf) {
             Ok(Some(n)) => n,
             Ok(None) => return Err(InitError::NotInit("end of connection".into())),
             Err(e) => return Err(InitError::NotInit(format!("read error: {e}"))),
@@ -148,7 +179,7 @@ pub(crate) fn handshake<F: Filesystem>(
         let sink: Arc<dyn ReplySink> = main.clone();
         let connection = crate::connection::Connection::new(main.fd.clone());
         match session.handle_init(&buf[..n], &sink, Some(connection))? {
-            InitOutcome::Done(negotiated) => return Ok((main, negotiated, buf)),
+            InitOutcome::Done(negotiated) => return Ok((main, negotiated, req)),
             InitOutcome::Retry => continue,
         }
     }
@@ -165,12 +196,13 @@ pub(crate) fn start_workers<F: Filesystem>(
     session: &Arc<Session<F>>,
     main: &Arc<DevChannel>,
     threads: usize,
-    mut buf: Vec<u8>,
+    buf: RequestBuf,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, InitError> {
     let shared = session.shared().clone();
     let threads = threads.max(1);
     let mut workers = Vec::with_capacity(threads);
     let mut clone_failed = false;
+    let mut first = Some(buf);
     for i in 0..threads {
         let chan = if i == 0 {
             main.clone()
@@ -187,10 +219,13 @@ pub(crate) fn start_workers<F: Filesystem>(
             }
         };
         let session = session.clone();
-        let mut wbuf = if i == 0 { std::mem::take(&mut buf) } else { vec![0u8; REQUEST_BUFFER_SIZE] };
+        let mut wbuf = match first.take() {
+            Some(b) => b,
+            None => RequestBuf::new().map_err(|e| InitError::NotInit(format!("request buffer: {e}")))?,
+        };
         let handle = std::thread::Builder::new()
             .name(format!("efuse-dev-{i}"))
-            .spawn(move || worker(session, chan, &mut wbuf))
+            .spawn(move || worker(session, chan, wbuf.area()))
             .map_err(|e| InitError::NotInit(format!("cannot start worker: {e}")))?;
         workers.push(handle);
     }
@@ -220,6 +255,44 @@ mod tests {
     use crate::reply::{ReplyData, Responder};
     use efuse_abi::Opcode;
     use std::io::Read;
+
+    /// A WRITE read into a worker's buffer has its data on a page boundary
+    /// (what O_DIRECT on a backing file needs), through a real read(2).
+    #[test]
+    fn write_data_lands_page_aligned() {
+        use efuse_abi::{Operation, ProtocolOptions, Request};
+        let data = vec![0x5au8; 8192];
+        let arg = WriteIn { size: data.len() as u32, ..Default::default() };
+        let len = WRITE_HEADERS + data.len();
+        let h = InHeader { len: len as u32, opcode: Opcode::Write as u32, unique: 9, nodeid: 2, ..Default::default() };
+        let mut msg = h.as_bytes().to_vec();
+        msg.extend_from_slice(arg.as_bytes());
+        msg.extend_from_slice(&data);
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fresh descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are ours.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            std::fs::File::from(wr).write_all(&msg).unwrap();
+        });
+        let chan = DevChannel::new(rd, Arc::default());
+        let mut req = RequestBuf::new().unwrap();
+        let buf = req.area();
+        let mut n = 0;
+        while n < len {
+            n += chan.read(&mut buf[n..]).unwrap().unwrap();
+        }
+        writer.join().unwrap();
+        match Request::parse(&buf[..n], ProtocolOptions::default()).unwrap().op {
+            Operation::Write { data: got, .. } => {
+                assert_eq!(got, &data[..]);
+                assert_eq!(got.as_ptr() as usize % ALIGN, 0, "WRITE data not page-aligned");
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
 
     /// A reply in more parts than one writev takes is coalesced: the header's
     /// length is what is written, so the kernel accepts it.

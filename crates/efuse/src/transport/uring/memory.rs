@@ -3,7 +3,6 @@
 
 use std::io::{self, IoSlice};
 use std::mem::{offset_of, size_of};
-use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
 use efuse_abi::structs::{OutHeader, UringEntInOut, UringReqHeader};
@@ -19,43 +18,10 @@ pub(super) const OP_IN: usize = offset_of!(UringReqHeader, op_in);
 /// Page-aligned, zeroed memory that the kernel reads and writes through the
 /// user pointers we registered. Only ever accessed through raw pointers,
 /// except for the payload slice lent to the session while a request is being
-/// dispatched (see [`EntryMem::lend`]).
-pub(super) struct RawBuf {
-    ptr: NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-// SAFETY: a RawBuf is plain memory; who may touch it when is governed by the
-// entry protocol (see EntryMem), not by the type.
-unsafe impl Send for RawBuf {}
-// SAFETY: as above.
-unsafe impl Sync for RawBuf {}
-
-impl RawBuf {
-    pub(super) fn new(len: usize) -> io::Result<RawBuf> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(RawBuf { ptr, layout })
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.layout.size()
-    }
-
-    pub(super) fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl Drop for RawBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
+/// dispatched (see [`EntryState::lent`]). Page-aligned, so a WRITE's data
+/// (the kernel puts it at the start of the payload) can go to a backing file
+/// opened with O_DIRECT as it is.
+pub(super) type RawBuf = crate::buffer::AlignedBuf;
 
 /// Where the request on an entry is, as far as replies are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +116,13 @@ impl EntryMem {
 mod tests {
     use super::*;
     use efuse_abi::consts::uring as cmd;
+
+    #[test]
+    fn write_data_starts_page_aligned() {
+        let entry = EntryMem::new(0, 1 << 20).unwrap();
+        assert_eq!(entry.payload.as_ptr() as usize % crate::buffer::ALIGN, 0);
+        assert_eq!(entry.iovecs()[1].iov_base as usize % crate::buffer::ALIGN, 0);
+    }
 
     #[test]
     fn header_layout_matches_the_kernel() {
