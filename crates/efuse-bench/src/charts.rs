@@ -41,8 +41,8 @@ fn load_font() -> Result<()> {
         .map_err(|e| anyhow!(e))
 }
 
-/// Distinct colours for up to 8 systems.
-const COLORS: [RGBColor; 8] = [
+/// Distinct colours for up to 10 systems.
+const COLORS: [RGBColor; 10] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
     RGBColor(108, 174, 214),
@@ -51,6 +51,8 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
 ];
 
 /// Draws one PNG per group into `out`; returns the file names written.

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::exec;
 use crate::scale::{FioShape, Scale};
@@ -23,9 +24,42 @@ pub const FIO_W3: &str = "fio/w3";
 pub const SMALL: &str = "small";
 pub const STAT: &str = "stat";
 pub const TREE: &str = "tree";
+/// The sequential read's file.
+pub const SEQ: &str = "seq";
+pub const SEQ_FILE: &str = "seq/file";
+/// A copy of (part of) the system's C headers: `grep -r`, `cp -r`.
+pub const SRC_TREE: &str = "src";
+/// The same files committed to a git repository: `git status`.
+pub const GIT_REPO: &str = "git";
+/// The source tree packed with tar, kept in the work directory (on ext4,
+/// outside every system): the real untar. Not a backing subdirectory.
+pub const SRC_TARBALL: &str = "src-tarball";
+/// The generated tarball of `untar-rm`, in the work directory.
+pub const TARBALL: &str = "tarball";
+
+/// Where the source tree's files come from.
+pub const HEADERS_DIR: &str = "/usr/include";
+/// The string `grep -r` looks for: planted in [`NEEDLE_FILES`] files of the
+/// source tree, found nowhere else.
+pub const NEEDLE: &str = "efuse-bench-needle-4f2a9c";
+pub const NEEDLE_FILES: usize = 3;
 
 /// The one small file of the cat storm and the open/read/close loop.
 pub const SMALL_FILE: &str = "small/file";
+
+/// The order datasets are made in: a later one may be made from an earlier one.
+const ORDER: [&str; 11] = [FIO_W1, FIO_W2, FIO_W3, SMALL, STAT, TREE, SEQ, SRC_TREE, GIT_REPO, SRC_TARBALL, TARBALL];
+
+/// What the datasets turned out to hold, where that depends on the machine.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Made {
+    /// Regular files in the source tree (and the git repository's work tree).
+    pub src_files: u32,
+    /// Their total size in bytes.
+    pub src_bytes: u64,
+    /// The datasets made (not reused) by this run.
+    pub made_now: Vec<String>,
+}
 
 /// A fast deterministic generator: datasets are the same on every run.
 pub struct Rng(u64);
@@ -96,15 +130,32 @@ fn tree_layout(entries: u32) -> (Vec<String>, Vec<String>) {
     (dirs, files)
 }
 
-/// Makes every dataset under `backing` and the tarball at `tarball`; `log` hears progress.
+/// The datasets to make for workloads that read `wanted`, with what they
+/// are made from, in the order they must be made.
+pub fn with_dependencies(wanted: &[&str]) -> Vec<&'static str> {
+    let needs_src = wanted.iter().any(|w| [SRC_TREE, GIT_REPO, SRC_TARBALL].contains(w));
+    ORDER.into_iter().filter(|d| wanted.contains(d) || (*d == SRC_TREE && needs_src)).collect()
+}
+
+/// Where the two tarballs live (in the work directory, outside every system).
+pub fn tarball_path(work: &Path, name: &str) -> PathBuf {
+    match name {
+        SRC_TARBALL => work.join("src.tar"),
+        _ => work.join("untar.tar"),
+    }
+}
+
+/// Makes every dataset in `wanted` under `backing` (tarballs in `work`);
+/// `log` hears progress. Datasets another one is made from must come first
+/// ([`with_dependencies`]).
 pub fn prepare(
     scale: &Scale,
     backing: &Path,
     work: &Path,
-    tarball: &Path,
     wanted: &[&str],
     log: &mut dyn FnMut(String),
-) -> Result<()> {
+) -> Result<Made> {
+    let mut made = Made::default();
     let marker_path = work.join("prepared.json");
     let mut marker: BTreeMap<String, String> =
         fs::read_to_string(&marker_path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
@@ -117,17 +168,41 @@ pub fn prepare(
             _ => None,
         }
     };
+    // The headers are listed whenever the source tree is wanted: their
+    // count and size are part of its parameters (a changed headers
+    // directory remakes it).
+    let sources = if wanted.contains(&SRC_TREE) {
+        let list = select_sources(Path::new(HEADERS_DIR), scale.src_files)?;
+        if list.len() < 100 {
+            bail!(
+                "{HEADERS_DIR} has only {} regular files; the source-tree workloads need a few thousand \
+                 (apt-get install linux-libc-dev libc6-dev)",
+                list.len()
+            );
+        }
+        made.src_files = list.len() as u32;
+        made.src_bytes = list.iter().map(|(_, n)| n).sum();
+        Some(list)
+    } else {
+        None
+    };
+    let src_params = format!("{}f-{}B", made.src_files, made.src_bytes);
     for &name in wanted {
         let params = match name {
             FIO_W1 | FIO_W2 | FIO_W3 => fio_shape(name).map(|(s, _)| format!("{}x{}K", s.files, s.file_kib)),
             SMALL => Some(format!("{}B", scale.small_file_bytes)),
             STAT => Some(format!("{}", scale.stat_files)),
             TREE => Some(format!("{}", scale.find_entries)),
-            "tarball" => Some(format!("{}f-{}M", scale.tar_files, scale.tar_target_mib)),
+            SEQ => Some(format!("{}M", scale.seq_mib)),
+            SRC_TREE | GIT_REPO | SRC_TARBALL => Some(src_params.clone()),
+            TARBALL => Some(format!("{}f-{}M", scale.tar_files, scale.tar_target_mib)),
             _ => None,
         };
         let Some(params) = params else { continue };
-        let target = if name == "tarball" { tarball.to_path_buf() } else { backing.join(name) };
+        let target = match name {
+            SRC_TARBALL | TARBALL => tarball_path(work, name),
+            _ => backing.join(name),
+        };
         if marker.get(name) == Some(&params) && target.exists() {
             continue;
         }
@@ -136,6 +211,8 @@ pub fn prepare(
         let _ = fs::write(&marker_path, serde_json::to_string(&marker)?);
         if target.is_dir() {
             fs::remove_dir_all(&target).with_context(|| format!("removing old {}", target.display()))?;
+        } else if target.exists() {
+            fs::remove_file(&target).with_context(|| format!("removing old {}", target.display()))?;
         }
         let mut rng = Rng::new(name.len() as u64 * 7919 + params.len() as u64);
         match name {
@@ -168,13 +245,168 @@ pub fn prepare(
                     File::create(backing.join(&f)).with_context(|| format!("creating {f}"))?;
                 }
             }
-            "tarball" => make_tarball(scale, work, tarball, &mut rng, &mut buf)?,
+            SEQ => {
+                fs::create_dir_all(&target)?;
+                write_file(&backing.join(SEQ_FILE), scale.seq_mib << 20, &mut rng, &mut buf)?;
+            }
+            SRC_TREE => {
+                let Some(list) = &sources else { continue };
+                let files: Vec<PathBuf> = list.iter().map(|(p, _)| p.clone()).collect();
+                copy_files(Path::new(HEADERS_DIR), &files, &target)?;
+                plant_needle(&target, &files)?;
+            }
+            GIT_REPO => {
+                copy_tree(&backing.join(SRC_TREE), &target)?;
+                make_git_repo(&target)?;
+            }
+            SRC_TARBALL => {
+                let mut tar = Command::new("tar");
+                tar.arg("-cf").arg(&target).arg("-C").arg(backing).arg(SRC_TREE);
+                exec::run(&mut tar, Duration::from_secs(1800))?;
+            }
+            TARBALL => make_tarball(scale, work, &target, &mut rng, &mut buf)?,
             _ => {}
         }
         marker.insert(name.to_string(), params);
         fs::write(&marker_path, serde_json::to_string_pretty(&marker)?)?;
+        made.made_now.push(name.to_string());
+    }
+    Ok(made)
+}
+
+/// Regular files under `root` (relative paths, with their sizes), in sorted
+/// walk order, at most `max`: the same selection on every run of a machine.
+/// Symbolic links and special files are left out.
+pub fn select_sources(root: &Path, max: u32) -> Result<Vec<(PathBuf, u64)>> {
+    fn walk(root: &Path, rel: &Path, max: usize, out: &mut Vec<(PathBuf, u64)>) -> Result<()> {
+        let dir = root.join(rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.sort();
+        for name in names {
+            if out.len() >= max {
+                return Ok(());
+            }
+            let rel = rel.join(&name);
+            let Ok(meta) = fs::symlink_metadata(root.join(&rel)) else { continue };
+            if meta.is_dir() {
+                walk(root, &rel, max, out)?;
+            } else if meta.is_file() {
+                out.push((rel, meta.len()));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), max as usize, &mut out)?;
+    Ok(out)
+}
+
+/// Copies `files` (relative to `from`) to the same places under `to`.
+fn copy_files(from: &Path, files: &[PathBuf], to: &Path) -> Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for f in files {
+        let dst = to.join(f);
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        fs::copy(from.join(f), &dst)
+            .with_context(|| format!("copying {} to {}", from.join(f).display(), dst.display()))?;
     }
     Ok(())
+}
+
+/// Copies the directory tree `from` to `to` (directories and regular files).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let files: Vec<PathBuf> = select_sources(from, u32::MAX)?.into_iter().map(|(p, _)| p).collect();
+    copy_files(from, &files, to)
+}
+
+/// Which of `n` files get the needle: three spread over the tree.
+pub fn needle_indexes(n: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (1..=NEEDLE_FILES).map(|k| k * n / (NEEDLE_FILES + 1)).filter(|&i| i < n).collect();
+    v.dedup();
+    v
+}
+
+/// Appends a comment holding [`NEEDLE`] to the chosen files.
+fn plant_needle(dir: &Path, files: &[PathBuf]) -> Result<()> {
+    for i in needle_indexes(files.len()) {
+        let path = dir.join(&files[i]);
+        let mut f =
+            fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "\n/* {NEEDLE} */").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A git command that reads no configuration but the repository's own.
+pub fn git(repo: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C").arg(repo).env("GIT_CONFIG_NOSYSTEM", "1").env("GIT_CONFIG_GLOBAL", "/dev/null");
+    c
+}
+
+/// `git init`, add and commit of everything in `dir`. The repository checks
+/// only whole-second mtimes and sizes (`core.checkStat minimal`, no ctime):
+/// the same files seen through another file system (other inode and device
+/// numbers, memfs's copies' ctimes) are then clean, as they are on the file
+/// system that made them, and `git status` compares stat data, not content.
+fn make_git_repo(dir: &Path) -> Result<()> {
+    let t = Duration::from_secs(600);
+    // Files as old as the index would be "racily clean" and re-read by
+    // every `git status`: let the clock move past them first.
+    std::thread::sleep(Duration::from_millis(1100));
+    exec::run(git(dir).args(["init", "-q", "-b", "main"]), t)?;
+    for (k, v) in [
+        ("core.checkStat", "minimal"),
+        ("core.trustCtime", "false"),
+        ("gc.auto", "0"),
+        ("user.name", "efuse bench"),
+        ("user.email", "bench@efuse.invalid"),
+        ("commit.gpgSign", "false"),
+    ] {
+        exec::run(git(dir).args(["config", k, v]), t)?;
+    }
+    exec::run(git(dir).args(["add", "-A"]), t)?;
+    exec::run(git(dir).args(["commit", "-q", "-m", "dataset"]), t)?;
+    let out = exec::run(git(dir).args(["--no-optional-locks", "status", "--porcelain"]), t)?;
+    if !out.stdout.trim().is_empty() {
+        bail!("the new repository in {} is not clean: {}", dir.display(), exec::one_line(&out.stdout));
+    }
+    Ok(())
+}
+
+/// Bytes of `path` in the page cache (mincore(2)).
+pub fn resident_bytes(path: &Path) -> Result<u64> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let pages = len.div_ceil(page) as usize;
+    // SAFETY: a fresh read-only shared mapping of a file we hold open; no
+    // page of it is touched (mincore only asks about residency), and it is
+    // unmapped below whatever mincore answers.
+    let addr =
+        unsafe { libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("mmap {}", path.display()));
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `addr` maps `len` bytes; `vec` has one byte per page of it.
+    let rc = unsafe { libc::mincore(addr, len as usize, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len as usize) };
+    if rc != 0 {
+        return Err(err).with_context(|| format!("mincore {}", path.display()));
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page)
 }
 
 /// ~`tar_files` files of varied size (80% under 8 KiB, 19% 8-32 KiB, 1%
@@ -219,6 +451,83 @@ mod tests {
         assert_eq!(d.len() + f.len(), 50_000);
         let (d, f) = tree_layout(10_000);
         assert_eq!(d.len() + f.len(), 10_000);
+    }
+
+    #[test]
+    fn sources_are_sorted_limited_regular_files() {
+        let d = crate::TestDir::new("sources");
+        for f in ["b/z.h", "b/a.h", "a.h", "c/d/e.h"] {
+            let p = d.0.join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, f).unwrap();
+        }
+        std::os::unix::fs::symlink("a.h", d.0.join("b/link.h")).unwrap();
+        let all = select_sources(&d.0, 100).unwrap();
+        let names: Vec<String> = all.iter().map(|(p, _)| p.display().to_string()).collect();
+        assert_eq!(names, ["a.h", "b/a.h", "b/z.h", "c/d/e.h"], "sorted walk, no symbolic link");
+        assert_eq!(all[3].1, 7);
+        assert_eq!(select_sources(&d.0, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_needle_goes_into_three_files() {
+        assert_eq!(needle_indexes(2000), [500, 1000, 1500]);
+        assert_eq!(needle_indexes(7990).len(), NEEDLE_FILES);
+        assert!(needle_indexes(2).iter().all(|&i| i < 2));
+        assert!(needle_indexes(0).is_empty());
+        let d = crate::TestDir::new("needle");
+        let files: Vec<PathBuf> = (0..8).map(|i| PathBuf::from(format!("f{i}"))).collect();
+        for f in &files {
+            fs::write(d.0.join(f), "int x;\n").unwrap();
+        }
+        plant_needle(&d.0, &files).unwrap();
+        let hits = files.iter().filter(|f| fs::read_to_string(d.0.join(f)).unwrap().contains(NEEDLE)).count();
+        assert_eq!(hits, needle_indexes(8).len());
+    }
+
+    #[test]
+    fn dependencies_come_first() {
+        assert_eq!(with_dependencies(&[GIT_REPO]), [SRC_TREE, GIT_REPO]);
+        assert_eq!(with_dependencies(&[TARBALL, SRC_TARBALL, FIO_W1]), [FIO_W1, SRC_TREE, SRC_TARBALL, TARBALL]);
+        assert_eq!(with_dependencies(&[STAT, STAT]), [STAT]);
+    }
+
+    #[test]
+    fn the_git_repository_is_clean() {
+        let d = crate::TestDir::new("git");
+        fs::create_dir_all(d.0.join("sub")).unwrap();
+        fs::write(d.0.join("a.h"), "a").unwrap();
+        fs::write(d.0.join("sub/b.h"), "b").unwrap();
+        make_git_repo(&d.0).unwrap();
+        let out = exec::run(git(&d.0).args(["ls-files"]), Duration::from_secs(30)).unwrap();
+        assert_eq!(out.stdout.lines().count(), 2);
+        // A copy elsewhere (other inode numbers and ctimes, same mtimes) is clean too.
+        let copy = crate::TestDir::new("git-copy");
+        exec::run(Command::new("cp").arg("-a").arg(d.0.join(".")).arg(&copy.0), Duration::from_secs(30)).unwrap();
+        let st =
+            exec::run(git(&copy.0).args(["--no-optional-locks", "status", "--porcelain"]), Duration::from_secs(30));
+        assert_eq!(st.unwrap().stdout, "");
+        fs::write(copy.0.join("a.h"), "changed").unwrap();
+        let st =
+            exec::run(git(&copy.0).args(["--no-optional-locks", "status", "--porcelain"]), Duration::from_secs(30));
+        assert!(st.unwrap().stdout.contains("a.h"), "a change is seen");
+    }
+
+    #[test]
+    fn resident_bytes_follows_the_page_cache() {
+        let d = crate::TestDir::new("resident");
+        let p = d.0.join("f");
+        fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let f = File::open(&p).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: advice on a descriptor we hold; it changes no data.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        let before = resident_bytes(&p).unwrap();
+        assert!(before < 1 << 19, "{before} bytes still cached after DONTNEED");
+        assert_eq!(fs::read(&p).unwrap().len(), 1 << 20);
+        assert_eq!(resident_bytes(&p).unwrap(), 1 << 20);
+        fs::write(d.0.join("empty"), b"").unwrap();
+        assert_eq!(resident_bytes(&d.0.join("empty")).unwrap(), 0);
     }
 
     #[test]

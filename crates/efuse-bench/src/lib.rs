@@ -54,9 +54,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub only: Vec<String>,
     /// Systems to run, comma-separated (default: all): ext4, libfuse,
-    /// libfuse-cache, efuse-plain, efuse, memfs. ext4 is always included.
+    /// libfuse-cache, libfuse-hp, libfuse-hp-uring, efuse-plain, efuse,
+    /// efuse-dev, memfs. ext4 is always included.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub systems: Vec<String>,
+    /// An already built passthrough_hp (libfuse 3.17+, example/passthrough_hp)
+    /// for the systems libfuse-hp and libfuse-hp-uring; the bench does not
+    /// build it. Without it those two are skipped.
+    #[arg(long, value_name = "PATH")]
+    pub libfuse_hp: Option<PathBuf>,
     /// Repetitions per workload (default: 3, or 1 with --quick).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub reps: Option<u32>,
@@ -106,7 +112,16 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     if let Some(t) = args.fio_runtime {
         scale.fio_runtime_s = t;
     }
-    let systems = select_systems(&args.systems)?;
+    // A peer that cannot run fails the bench here, before anything is made.
+    let hp = match &args.libfuse_hp {
+        Some(p) => {
+            let exe = std::fs::canonicalize(p).with_context(|| format!("--libfuse-hp {}", p.display()))?;
+            let features = systems::probe_libfuse_hp(&exe)?;
+            Some(HpPeer { exe, io_uring: features.io_uring, kernel_uring: rate::uring_enabled() })
+        }
+        None => None,
+    };
+    let (systems, mut skipped) = select_systems(&args.systems, hp.as_ref())?;
     let workloads: Vec<Workload> = Workload::all(&scale)
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
@@ -151,21 +166,20 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     let plan = MountPlan {
         efuse_exe: efuse_exe.to_path_buf(),
         libfuse_exe,
+        libfuse_hp_exe: hp.as_ref().map(|h| h.exe.clone()).ok_or_else(|| "no --libfuse-hp PATH".to_string()),
         backing: backing.clone(),
         mnt_root,
         logs: logs.clone(),
         memfs_size: scale.memfs_size.to_string(),
+        mount_timeout: systems::MOUNT_TIMEOUT,
     };
 
     // Datasets, once, before anything is mounted.
-    let mut wanted: Vec<&str> = workloads.iter().flat_map(|w| w.datasets().iter().copied()).collect();
-    if workloads.iter().any(|w| w.kind == workloads::Kind::UntarRm) {
-        wanted.push("tarball");
-    }
-    wanted.dedup();
-    let tarball = work.join("untar.tar");
+    let used: Vec<&str> =
+        workloads.iter().flat_map(|w| w.datasets().iter().chain(w.outside_datasets()).copied()).collect();
+    let wanted = datasets::with_dependencies(&used);
     let t = Instant::now();
-    datasets::prepare(&scale, &backing, &work, &tarball, &wanted, &mut |s| say(s)).context("preparing datasets")?;
+    let made = datasets::prepare(&scale, &backing, &work, &wanted, &mut |s| say(s)).context("preparing datasets")?;
     say(format!("datasets ready in {:.0} s", t.elapsed().as_secs_f64()));
 
     let mut mounts = Mounts::new(efuse_exe);
@@ -178,13 +192,27 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     );
     let mut results = Vec::new();
     for w in &workloads {
+        if w.cache == workloads::CacheState::Cold && !interrupted() {
+            // Below the guest's page cache the virtual disk may have a cache
+            // of its own, which drop_caches cannot reach: the first system
+            // to read a dataset (ext4) would pay its misses alone. One read
+            // of the dataset first puts every system in the same place.
+            pb.set_message(format!("{}: reading its dataset once (disk cache)", w.name));
+            let mut buf = vec![0u8; 1 << 20];
+            for set in w.datasets() {
+                if let Err(e) = guarded_read(&backing.join(set), &mut buf) {
+                    say(format!("{}: reading {set} once beforehand failed: {e:#}", w.name));
+                }
+            }
+        }
         let mut runs = Vec::new();
         for &s in &systems {
             if interrupted() {
                 break;
             }
             pb.set_message(format!("{} on {}", w.name, s.name()));
-            let run = run_one(w, s, &scale, &plan, &mut mounts, &tarball, &logs, &pb);
+            let ctx = RunCtx { scale: &scale, plan: &plan, work: &work, made: &made, logs: &logs, pb: &pb };
+            let run = run_one(w, s, &ctx, &mut mounts);
             let line = match &run.error {
                 Some(e) => format!("FAILED {} on {}: {e}", w.name, s.name()),
                 None => format!("{:<18} {:<14} {} ({:.0} s)", w.name, s.name(), headline(w, &run), run.elapsed_s),
@@ -205,6 +233,7 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     }
     pb.finish_and_clear();
     let cleanup_errors = mounts.unmount_all();
+    let init_notes: Vec<String> = mounts.init_notes.iter().map(|(_, n)| n.clone()).collect();
 
     // The transports' request rate (memfs, --cache none), beside the workloads.
     let rate = if rate_wanted && !interrupted() {
@@ -223,12 +252,25 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     };
 
     let mut notes = vec![
-        "ext4 is the backing directory itself; libfuse and efuse stackfs mount that same directory; memfs gets a \
-         copy of each workload's dataset (copied in, untimed, after mounting)."
+        "ext4 is the backing directory itself; the libfuse examples and efuse stackfs mount that same directory; \
+         memfs gets a copy of each workload's dataset (copied in, untimed, after mounting)."
             .to_string(),
-        "Workloads run one after another; for each, every system is mounted fresh, measured, and unmounted."
+        "Workloads run one after another; for each, every system is mounted fresh, measured, and unmounted. Every \
+         workload starts each repetition from the same cache state on every system, stated per workload: **cold** \
+         (FUSE systems unmounted, `sync; echo 3 > /proc/sys/vm/drop_caches`, mounted again; memfs: caches dropped \
+         only, since remounting would empty it) or **warm** (`sync`, then everything the workload reads read once \
+         through the system, untimed; fio with `--invalidate=0`). Same `direct=` for every system."
             .to_string(),
     ];
+    notes.append(&mut skipped);
+    if !made.made_now.is_empty() {
+        notes.push(format!(
+            "Datasets made by this run: {}. The disk may still have been writing them back while the first \
+             system (ext4) ran the first workloads that use them; a later run with the same `--dir` reuses them.",
+            made.made_now.join(", ")
+        ));
+    }
+    notes.extend(init_notes);
     let direct_failed = |sys: &str| {
         results.iter().any(|w: &WorkloadResult| {
             matches!(w.workload.kind, workloads::Kind::Fio { direct: true, .. })
@@ -243,24 +285,38 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
                 .into(),
         );
     }
-    if systems.iter().any(|s| matches!(s, System::Libfuse | System::LibfuseCache)) {
+    if systems.iter().any(|s| s.is_libfuse()) {
         notes.push(format!(
-            "passthrough_ll keeps one O_PATH descriptor per inode the kernel holds, so the bench starts it with \
+            "The libfuse examples keep one O_PATH descriptor per inode the kernel holds, so the bench starts them with \
              RLIMIT_NOFILE raised to {} (fs.nr_open), or to the hard limit ({}) where it may not raise that \
-             (no CAP_SYS_RESOURCE); on a tree with more inodes than that, its calls fail with EMFILE (\"Too many open \
-             files\"). efuse daemons keep the bench's own limit (stackfs bounds its descriptors itself).",
+             (no CAP_SYS_RESOURCE); on a tree with more inodes than that, their calls fail with EMFILE (\"Too many \
+             open files\"). efuse daemons keep the bench's own limit (stackfs bounds its descriptors itself).",
             systems::nofile_limit(),
             systems::nofile_hard()
         ));
     }
-    if systems.iter().any(|s| s.is_efuse() && *s != System::Memfs) {
-        notes.push(
-            "Read direct=1 figures with care: efuse stackfs drops O_DIRECT when it opens the backing file (the kernel \
-             gives the application direct-I/O semantics on the mount), so on `efuse-plain` (no passthrough) a direct=1 \
-             run reaches the backing file's page cache, not the disk, while ext4 and passthrough opens on `efuse` do \
-             real direct I/O. The `opens` column of the requests table shows which path each open took."
-                .into(),
-        );
+    let scale_ref = &scale;
+    let direct_cached: Vec<String> = results
+        .iter()
+        .filter_map(|w| match w.workload.kind {
+            workloads::Kind::Fio { n, direct: true } => Some((w, n)),
+            _ => None,
+        })
+        .flat_map(|(w, n)| {
+            w.runs
+                .iter()
+                .filter(move |r| r.ok && workloads::went_through_page_cache(scale_ref, n, &r.median))
+                .map(move |r| format!("{} on {}", w.workload.name, r.system))
+        })
+        .collect();
+    if !direct_cached.is_empty() {
+        notes.push(format!(
+            "`(cached)` marks a direct=1 run after which more than a tenth of the dataset sat in the backing files' \
+             page cache (the workload starts cold, so it got there during the run): that system does not do direct \
+             I/O on its backing file, so its figure is page-cache speed, not comparable with ext4's direct I/O. \
+             Here: {}.",
+            direct_cached.join(", ")
+        ));
     }
     let load_end = loadavg();
     notes.push(format!(
@@ -273,7 +329,8 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     for e in &cleanup_errors {
         notes.push(format!("Cleanup problem: {e}"));
     }
-    let meta = collect_meta(&args, &scale, &plan, &systems, &work, installed, started.elapsed().as_secs_f64(), notes);
+    let meta =
+        collect_meta(&args, &scale, &plan, &systems, &work, &made, installed, started.elapsed().as_secs_f64(), notes);
     let mut res = Results { meta, results };
     let json_path = out.join("results.json");
     let chart_result = charts::draw_all(&res, &out);
@@ -334,9 +391,56 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     Ok(())
 }
 
-fn select_systems(list: &[String]) -> Result<Vec<System>> {
+/// The passthrough_hp given with `--libfuse-hp`, and where its io_uring can run.
+struct HpPeer {
+    exe: PathBuf,
+    /// Its libfuse has `-o io_uring`.
+    io_uring: bool,
+    /// The kernel offers FUSE-over-io_uring (enable_uring = Y).
+    kernel_uring: bool,
+}
+
+/// Why `s` cannot run here, if it cannot (a passthrough_hp system without
+/// the binary, or without io_uring in it or in the kernel).
+fn unavailable(s: System, hp: Option<&HpPeer>) -> Option<String> {
+    if !s.is_libfuse_hp() {
+        return None;
+    }
+    let Some(hp) = hp else {
+        return Some(format!(
+            "{} needs --libfuse-hp PATH (an already built passthrough_hp of libfuse 3.17+; the bench does not build it)",
+            s.name()
+        ));
+    };
+    if s == System::LibfuseHpUring && !hp.io_uring {
+        return Some(format!(
+            "{}: {} has no `-o io_uring` (libfuse 3.18+ built with liburing)",
+            s.name(),
+            hp.exe.display()
+        ));
+    }
+    if s == System::LibfuseHpUring && !hp.kernel_uring {
+        return Some(format!(
+            "{}: this kernel does not offer FUSE-over-io_uring (/sys/module/fuse/parameters/enable_uring is not Y)",
+            s.name()
+        ));
+    }
+    None
+}
+
+/// The systems to run, and a note for each default system left out. A
+/// system named with `--systems` that cannot run is an error.
+fn select_systems(list: &[String], hp: Option<&HpPeer>) -> Result<(Vec<System>, Vec<String>)> {
     if list.is_empty() {
-        return Ok(System::ALL.to_vec());
+        let mut notes = Vec::new();
+        let mut v = Vec::new();
+        for s in System::ALL {
+            match unavailable(s, hp) {
+                Some(why) => notes.push(format!("Skipped: {why}.")),
+                None => v.push(s),
+            }
+        }
+        return Ok((v, notes));
     }
     let mut v = vec![System::Ext4];
     for name in list {
@@ -346,12 +450,15 @@ fn select_systems(list: &[String]) -> Result<Vec<System>> {
                 System::ALL.iter().chain(&System::ON_REQUEST).map(|s| s.name()).collect::<Vec<_>>().join(", ")
             )
         })?;
+        if let Some(why) = unavailable(s, hp) {
+            bail!("--systems {}: {why}", s.name());
+        }
         if !v.contains(&s) {
             v.push(s);
         }
     }
     v.sort();
-    Ok(v)
+    Ok((v, Vec::new()))
 }
 
 fn headline(w: &Workload, run: &SystemRun) -> String {
@@ -389,18 +496,59 @@ fn populate(backing: &Path, root: &Path, sets: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Reads a dataset on ext4 (outside every system) whole, with a time limit.
+fn guarded_read(path: &Path, buf: &mut [u8]) -> Result<u64> {
+    exec::guarded(Duration::from_secs(1800), None, || workloads::read_all(path, buf))
+}
+
+/// What every (workload, system) step shares.
+struct RunCtx<'a> {
+    scale: &'a Scale,
+    plan: &'a MountPlan,
+    work: &'a Path,
+    made: &'a datasets::Made,
+    logs: &'a Path,
+    pb: &'a ProgressBar,
+}
+
+/// Puts system `s` (mounted) into the cache state workload `w` starts each
+/// repetition from; untimed. Cold remounts a FUSE system over the backing
+/// directory (memfs is only dropped: remounting would empty it).
+fn prepare_caches(w: &Workload, s: System, ctx: &RunCtx, mounts: &mut Mounts, root: &Path) -> Result<()> {
+    match w.cache {
+        workloads::CacheState::Cold => {
+            if s.is_fuse() && s.shows_backing() {
+                mounts.unmount(s)?;
+                workloads::drop_caches()?;
+                mounts.mount(ctx.plan, s)?;
+            } else {
+                workloads::drop_caches()?;
+            }
+            Ok(())
+        }
+        workloads::CacheState::Warm => {
+            workloads::sync_all()?;
+            let mut scratch_cmds = Vec::new();
+            let backing = s.shows_backing().then_some(ctx.plan.backing.as_path());
+            let mut env = RepEnv {
+                root,
+                backing,
+                scale: ctx.scale,
+                work: ctx.work,
+                made: ctx.made,
+                scratch: ctx.logs,
+                commands: &mut scratch_cmds,
+                daemon: mounts.daemon_pid(s),
+            };
+            exec::guarded(w.rep_timeout(ctx.scale), mounts.connection(s), || w.warm_up(&mut env))
+        }
+    }
+}
+
 /// One workload on one system: mount, (fill), repetitions, unmount. Never
 /// returns with the system still mounted; a failure names its step.
-fn run_one(
-    w: &Workload,
-    s: System,
-    scale: &Scale,
-    plan: &MountPlan,
-    mounts: &mut Mounts,
-    tarball: &Path,
-    logs: &Path,
-    pb: &ProgressBar,
-) -> SystemRun {
+fn run_one(w: &Workload, s: System, ctx: &RunCtx, mounts: &mut Mounts) -> SystemRun {
+    let (scale, plan) = (ctx.scale, ctx.plan);
     let mut reps = Vec::new();
     let mut deltas = Vec::new();
     let mut switches: Vec<f64> = Vec::new();
@@ -414,32 +562,32 @@ fn run_one(
             step = "copying the dataset into memfs";
             populate(&plan.backing, &root, w.datasets())?;
         }
-        if w.warm_up() {
-            step = "warm-up run";
-            let mut scratch_cmds = Vec::new();
-            let mut env = RepEnv { root: &root, scale, tarball, scratch: logs, commands: &mut scratch_cmds };
-            exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))?;
-        }
         for rep in 0..scale.reps {
             if interrupted() {
                 bail!("interrupted");
             }
-            pb.set_message(format!("{} on {} (rep {}/{})", w.name, s.name(), rep + 1, scale.reps));
-            if w.remount_each_rep() && s.is_fuse() && s.shows_backing() {
-                step = "remount";
-                mounts.unmount(s)?;
-                workloads::drop_caches()?;
-                mounts.mount(plan, s)?;
-            } else if w.drop_caches_first() {
-                step = "drop caches";
-                workloads::drop_caches()?;
-            }
+            ctx.pb.set_message(format!("{} on {} (rep {}/{})", w.name, s.name(), rep + 1, scale.reps));
+            step = match w.cache {
+                workloads::CacheState::Cold => "cold caches (unmount, drop caches, mount)",
+                workloads::CacheState::Warm => "warming the caches",
+            };
+            prepare_caches(w, s, ctx, mounts, &root)?;
             step = "efuse stats (before)";
             let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
             let top_before = if s.is_efuse() { read_top(&plan.efuse_exe, &root).ok() } else { None };
             step = "workload";
             let mut cmds = Vec::new();
-            let mut env = RepEnv { root: &root, scale, tarball, scratch: logs, commands: &mut cmds };
+            let backing = s.shows_backing().then_some(plan.backing.as_path());
+            let mut env = RepEnv {
+                root: &root,
+                backing,
+                scale,
+                work: ctx.work,
+                made: ctx.made,
+                scratch: ctx.logs,
+                commands: &mut cmds,
+                daemon: mounts.daemon_pid(s),
+            };
             let figures = exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
                 .with_context(|| format!("repetition {}", rep + 1))?;
             if commands.is_empty() {
@@ -501,6 +649,7 @@ fn collect_meta(
     plan: &MountPlan,
     systems: &[System],
     work: &Path,
+    made: &datasets::Made,
     installed: Vec<String>,
     duration_s: f64,
     notes: Vec<String>,
@@ -539,6 +688,9 @@ fn collect_meta(
     if let Some(t) = args.fio_runtime {
         command_line.push_str(&format!(" --fio-runtime {t}"));
     }
+    if let Some(p) = &args.libfuse_hp {
+        command_line.push_str(&format!(" --libfuse-hp {}", p.display()));
+    }
     let systems = systems
         .iter()
         .map(|&s| {
@@ -561,6 +713,12 @@ fn collect_meta(
         efuse: cmd_stdout(&plan.efuse_exe.display().to_string(), &["--version"]),
         fio: cmd_stdout("fio", &["--version"]),
         libfuse: format!("{} (passthrough_ll example, built with gcc -O2)", systems::libfuse_version()),
+        libfuse_hp: plan
+            .libfuse_hp_exe
+            .as_ref()
+            .map(|p| format!("{} linked against {}", p.display(), systems::linked_libfuse(p)))
+            .unwrap_or_else(|e| format!("not run ({e})")),
+        datasets: made.clone(),
         command_line,
         installed,
         duration_s,
@@ -568,5 +726,89 @@ fn collect_meta(
         scale_text: scale.describe(),
         systems,
         notes,
+    }
+}
+
+/// A directory under the system's temporary directory, removed when dropped.
+#[cfg(test)]
+pub(crate) struct TestDir(pub PathBuf);
+
+#[cfg(test)]
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("efuse-bench-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a test directory");
+        TestDir(p)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn parses_the_flags() {
+        let a = parse(&["--quick", "--libfuse-hp", "/opt/hp", "--systems", "libfuse-hp,efuse", "--only", "grep,git"])
+            .unwrap();
+        assert!(a.quick);
+        assert_eq!(a.libfuse_hp.as_deref(), Some(Path::new("/opt/hp")));
+        assert_eq!(a.systems, ["libfuse-hp", "efuse"]);
+        assert_eq!(a.only, ["grep", "git"]);
+        let a = parse(&[]).unwrap();
+        assert!(a.libfuse_hp.is_none() && !a.quick && a.systems.is_empty());
+        assert_eq!(a.out, Path::new("bench/results"));
+        assert!(parse(&["--libfuse-hp"]).is_err(), "the flag takes a path");
+        assert!(parse(&["--reps", "0"]).is_err());
+    }
+
+    fn hp(io_uring: bool, kernel_uring: bool) -> HpPeer {
+        HpPeer { exe: PathBuf::from("/opt/passthrough_hp"), io_uring, kernel_uring }
+    }
+
+    #[test]
+    fn libfuse_hp_systems_need_the_flag() {
+        // Default list without the flag: both skipped, each with a note.
+        let (v, notes) = select_systems(&[], None).unwrap();
+        assert!(v.contains(&System::Libfuse) && !v.iter().any(|s| s.is_libfuse_hp()));
+        assert_eq!(notes.len(), 2);
+        assert!(notes.iter().all(|n| n.contains("--libfuse-hp PATH")), "{notes:?}");
+        // Asked for by name without the flag: a clear error.
+        let e = select_systems(&["libfuse-hp".into()], None).unwrap_err().to_string();
+        assert!(e.contains("libfuse-hp needs --libfuse-hp PATH"), "{e}");
+        // With the flag: both run.
+        let (v, notes) = select_systems(&[], Some(&hp(true, true))).unwrap();
+        assert!(v.contains(&System::LibfuseHp) && v.contains(&System::LibfuseHpUring));
+        assert!(notes.is_empty());
+        // io_uring missing in the binary or the kernel: only the uring one is left out.
+        for peer in [hp(false, true), hp(true, false)] {
+            let (v, notes) = select_systems(&[], Some(&peer)).unwrap();
+            assert!(v.contains(&System::LibfuseHp) && !v.contains(&System::LibfuseHpUring));
+            assert_eq!(notes.len(), 1);
+            assert!(select_systems(&["libfuse-hp-uring".into()], Some(&peer)).is_err());
+        }
+        let (v, _) = select_systems(&["efuse".into(), "libfuse-hp".into()], Some(&hp(true, true))).unwrap();
+        assert_eq!(v, [System::Ext4, System::LibfuseHp, System::Efuse]);
+        assert!(select_systems(&["nonesuch".into()], None).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::scale::Scale;
-use crate::workloads::{Figures, Metric, Workload};
+use crate::workloads::{Figures, Kind, Metric, Workload};
 
 /// Counters read from `efuse stats --json`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -208,6 +208,10 @@ pub struct Meta {
     pub efuse: String,
     pub fio: String,
     pub libfuse: String,
+    /// The passthrough_hp given with `--libfuse-hp`, and its libfuse.
+    pub libfuse_hp: String,
+    /// What the machine-dependent datasets hold.
+    pub datasets: crate::datasets::Made,
     pub command_line: String,
     pub installed: Vec<String>,
     pub duration_s: f64,
@@ -274,13 +278,23 @@ pub fn markdown(res: &Results, charts: &[String]) -> String {
         ("efuse", &m.efuse),
         ("fio", &m.fio),
         ("libfuse", &m.libfuse),
+        ("libfuse passthrough_hp", &m.libfuse_hp),
     ] {
         let _ = writeln!(o, "| {k} | {} |", md_escape(v));
     }
     if !m.installed.is_empty() {
         let _ = writeln!(o, "| installed by the bench | {} |", m.installed.join(", "));
     }
-    let _ = writeln!(o, "\n## Scale\n\n{}\n", m.scale_text);
+    let _ = writeln!(o, "\n## Scale\n\n{}", m.scale_text);
+    if m.datasets.src_files > 0 {
+        let _ = writeln!(
+            o,
+            "\nThe source tree here: {} files, {} MiB.",
+            m.datasets.src_files,
+            fmt_num(m.datasets.src_bytes as f64 / 1048576.0)
+        );
+    }
+    let _ = writeln!(o);
     let _ = writeln!(o, "## Systems\n");
     let _ = writeln!(o, "| system | mounted with |\n|---|---|");
     for (name, cmd) in &m.systems {
@@ -292,22 +306,23 @@ pub fn markdown(res: &Results, charts: &[String]) -> String {
 
     let systems: Vec<&str> = m.systems.iter().map(|(s, _)| s.as_str()).collect();
     let _ = writeln!(o, "\n## Summary: speed relative to ext4 (median; higher is better)\n");
-    let _ = write!(o, "| workload | metric |");
+    let _ = write!(o, "| workload | cache | metric |");
     for s in &systems {
         let _ = write!(o, " {s} |");
     }
-    let _ = write!(o, "\n|---|---|");
+    let _ = write!(o, "\n|---|---|---|");
     for _ in &systems {
         let _ = write!(o, "---:|");
     }
     let _ = writeln!(o);
     for w in &res.results {
         for met in w.workload.metrics.iter().filter(|x| x.chart.is_some()) {
-            let _ = write!(o, "| {} | {} |", w.workload.name, met.label);
+            let _ = write!(o, "| {} | {} | {} |", w.workload.name, w.workload.cache.label(), met.label);
             for s in &systems {
                 let cell = match w.run(s) {
                     None => "not run".to_string(),
                     Some(r) if !r.ok => "**failed**".to_string(),
+                    Some(r) if via_page_cache(w, r, &m.scale) => format!("{} (cached)", fmt_ratio(w.ratio(s, met.key))),
                     Some(_) => fmt_ratio(w.ratio(s, met.key)),
                 };
                 let _ = write!(o, " {cell} |");
@@ -329,9 +344,17 @@ pub fn markdown(res: &Results, charts: &[String]) -> String {
     o
 }
 
+/// A direct=1 fio run that went through the backing page cache.
+fn via_page_cache(w: &WorkloadResult, r: &SystemRun, scale: &Scale) -> bool {
+    match w.workload.kind {
+        Kind::Fio { n, direct: true } => crate::workloads::went_through_page_cache(scale, n, &r.median),
+        _ => false,
+    }
+}
+
 fn workload_section(o: &mut String, w: &WorkloadResult, systems: &[&str]) {
     let wl = &w.workload;
-    let _ = writeln!(o, "### {}\n\n{}.\n", wl.name, wl.description);
+    let _ = writeln!(o, "### {}\n\n{}.\n\nCache state: {}\n", wl.name, wl.description, wl.cache_text());
     let charted: Vec<&Metric> = wl.metrics.iter().filter(|m| m.chart.is_some()).collect();
     let _ = write!(o, "| system |");
     for met in &wl.metrics {
@@ -432,6 +455,70 @@ mod tests {
         assert_eq!(d.paths["passthrough"], 3);
         let r = Requests::from_deltas(&[d.clone(), d]).unwrap();
         assert_eq!(r.total_per_rep, 15.0);
+    }
+
+    fn meta(scale: Scale, systems: &[&str]) -> Meta {
+        Meta {
+            date_utc: "now".into(),
+            host: "h".into(),
+            kernel: "k".into(),
+            cpu: "c".into(),
+            cpus: 2,
+            memory: "m".into(),
+            disk: "d".into(),
+            work_dir: "w".into(),
+            efuse: "e".into(),
+            fio: "f".into(),
+            libfuse: "l".into(),
+            libfuse_hp: "not run".into(),
+            datasets: Default::default(),
+            command_line: "efuse bench".into(),
+            installed: vec![],
+            duration_s: 1.0,
+            scale_text: scale.describe(),
+            scale,
+            systems: systems.iter().map(|s| (s.to_string(), format!("mount {s}"))).collect(),
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn the_report_states_cache_states_and_page_cache_runs() {
+        let scale = Scale::quick();
+        let all = Workload::all(&scale);
+        let pick = |n: &str| all.iter().find(|w| w.name == n).cloned().unwrap();
+        let fig = |iops: f64, cached: Option<f64>| {
+            let mut f = Figures::from([("iops".to_string(), iops)]);
+            if let Some(c) = cached {
+                f.insert(crate::workloads::BACKING_CACHED.into(), c);
+            }
+            f
+        };
+        let run = |sys: &str, f: Figures| SystemRun::finish(sys, vec![f], None, None, vec![]);
+        let res = Results {
+            meta: meta(scale.clone(), &["ext4", "efuse-plain", "efuse"]),
+            results: vec![
+                WorkloadResult {
+                    workload: pick("fio-w1-direct"),
+                    runs: vec![
+                        run("ext4", fig(1000.0, Some(0.0))),
+                        run("efuse-plain", fig(2000.0, Some(200.0))),
+                        run("efuse", fig(900.0, Some(0.0))),
+                    ],
+                },
+                WorkloadResult {
+                    workload: pick("fio-w1-buffered"),
+                    runs: vec![run("ext4", fig(1000.0, None)), run("efuse", fig(500.0, None))],
+                },
+            ],
+        };
+        let md = markdown(&res, &[]);
+        assert!(md.contains("| workload | cache | metric | ext4 | efuse-plain | efuse |"), "{md}");
+        assert!(md.contains("| fio-w1-direct | cold | IOPS (r+w) | 1.00x | 2.00x (cached) | 0.90x |"), "{md}");
+        assert!(md.contains("| fio-w1-buffered | warm | IOPS (r+w) | 1.00x | not run | 0.50x |"), "{md}");
+        assert!(md.contains("Cache state: **cold** ("), "{md}");
+        assert!(md.contains("Cache state: **warm** ("), "{md}");
+        assert!(md.contains("`--invalidate=0`"), "{md}");
     }
 
     #[test]

@@ -40,8 +40,12 @@ pub struct Scale {
     /// Files in the tarball, and their total size aimed at (MiB).
     pub tar_files: u32,
     pub tar_target_mib: u64,
-    /// Sequential write-then-read file size (MiB), in 1 MiB blocks.
+    /// Sequential write and read file size (MiB), in 1 MiB blocks.
     pub seq_mib: u64,
+    /// Regular files of the system's C headers copied into the source tree
+    /// (`grep -r`, the real untar, `cp -r`, `git status`); fewer if the
+    /// headers directory has fewer.
+    pub src_files: u32,
     /// memfs capacity (everything above fits).
     pub memfs_size: &'static str,
 }
@@ -64,6 +68,7 @@ impl Scale {
             tar_files: 30_000,
             tar_target_mib: 300,
             seq_mib: 2048,
+            src_files: 20_000,
             memfs_size: "6G",
         }
     }
@@ -85,6 +90,7 @@ impl Scale {
             tar_files: 3_000,
             tar_target_mib: 30,
             seq_mib: 256,
+            src_files: 2_000,
             memfs_size: "2G",
         }
     }
@@ -105,7 +111,8 @@ impl Scale {
             "Scale `{}`: {} repetition(s), median reported. fio (randrw, rwmixread=70, libaio, {} s per run): {}; {}; {} \
              (eFUSE used 1 x 1 GiB / 50 x 512 KiB / 5 x 2 GiB with 8-16 jobs and iodepth 64-256 for 60-120 s). \
              cat storm: {} fresh `cat`s of one {}-byte file; open/read/close: {} in-process; stat storm: {} files x {} passes; \
-             find: {} entries; untar/rm: {} files, ~{} MiB; sequential: {} MiB in 1 MiB blocks. memfs capacity {}.",
+             find: {} entries; untar/rm: {} files, ~{} MiB; sequential: {} MiB in 1 MiB blocks; source tree (grep -r, \
+             untar, cp -r, git status): up to {} files of the C headers. memfs capacity {}.",
             self.name,
             self.reps,
             self.fio_runtime_s,
@@ -121,6 +128,7 @@ impl Scale {
             self.tar_files,
             self.tar_target_mib,
             self.seq_mib,
+            self.src_files,
             self.memfs_size,
         )
     }
