@@ -104,6 +104,8 @@ const IN_EVENT_LEN: usize = 16;
 const WATCH_ENV: &str = "EFUSE_STACKFS_WATCH";
 /// Bytes read from the watch descriptor at once.
 const EVENT_BUFFER: usize = 64 * 1024;
+/// How long the watcher lets events gather before it reads them.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum WatchKind {
@@ -409,6 +411,13 @@ impl Shared {
                     return;
                 }
             }
+            // Let a burst gather before reading it: a program writing
+            // through the mount (passthrough writes are reported as the
+            // program's, not ours) would otherwise wake this thread, and
+            // invalidate the same inode, once per write. Bounds the wake-ups
+            // to COALESCE^-1 per second and adds at most COALESCE to how
+            // soon a change made behind the mount's back is seen.
+            std::thread::sleep(COALESCE);
             let n = match sys::read(self.fd.as_fd(), &mut buf) {
                 Ok(n) => n,
                 Err(e) if e == Errno::EAGAIN => continue,
