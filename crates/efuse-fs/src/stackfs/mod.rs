@@ -138,9 +138,11 @@
 //! - **Stateless opens** (`--no-open`): READ, WRITE, ... arrive with `fh` 0
 //!   and are served by a per-inode descriptor ([`fileio::NodeIo`]); real
 //!   handles start at 1.
-//! - **FLUSH** is answered without a system call unless the backing file
-//!   system acts on close (network file systems); it still releases the
-//!   closing process's POSIX locks.
+//! - **FLUSH** reaches stackfs only when it carries something: the closing
+//!   process's POSIX locks (`--locks daemon`), or a backing file system that
+//!   acts on close (network file systems), where it closes a duplicate
+//!   descriptor as the caller's close(2) would. Otherwise the session keeps
+//!   it off the mount ([`efuse::Capabilities::flush_only_unlocks`]).
 
 mod creds;
 mod fileio;
@@ -284,9 +286,9 @@ struct Accel {
     paths: PathPolicy,
     /// Registers backing files, when the kernel granted passthrough.
     passthrough: Option<Passthrough>,
-    /// Opens carry FOPEN_NOFLUSH: FLUSH would do nothing (locks live in the
-    /// kernel and the backing file system does nothing on close).
-    noflush: bool,
+    /// OPEN is answered ENOSYS (`--no-open`): files opened by CREATE and
+    /// TMPFILE keep no per-open state either ([`InitInfo::stateless_opens`]).
+    stateless_opens: bool,
 }
 
 /// Before INIT (never reached by the kernel): cache nothing.
@@ -295,7 +297,7 @@ static BEFORE_INIT: Accel = Accel {
     watcher: None,
     paths: PathPolicy { mode: PassthroughMode::Off, passthrough_granted: false, adaptive: false },
     passthrough: None,
-    noflush: false,
+    stateless_opens: false,
 };
 
 /// File systems whose close(2) does work (flushing, reporting write errors):
@@ -449,8 +451,7 @@ impl StackFs {
             passthrough_granted: passthrough.is_some(),
             adaptive: !self.plain,
         };
-        let noflush = info.flags & efuse::abi::consts::init::POSIX_LOCKS == 0 && !self.flush_backing;
-        Accel { cache, watcher, paths, passthrough, noflush }
+        Accel { cache, watcher, paths, passthrough, stateless_opens: info.stateless_opens() }
     }
 
     /// The attributes reported for a backing inode ([`inomap`]: `st_ino`
@@ -711,6 +712,9 @@ impl StackFs {
     ) -> Result<Opened, Errno> {
         let st = sys::statx(fd.as_fd())?;
         let writable = open_flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if self.accel().stateless_opens {
+            return Ok(self.register_stateless(ino, ifd, &st, writable));
+        }
         let (io, keep) = if st.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG {
             let io = self.inodes.io(ino)?;
             let a = self.accel();
@@ -719,16 +723,13 @@ impl StackFs {
         } else {
             (None, true)
         };
-        let (mut flags, backing) = match io.as_ref().map(|(_, p)| *p) {
+        let (flags, backing) = match io.as_ref().map(|(_, p)| *p) {
             Some(OpenPath::Passthrough(id)) => (0, Some(id)),
             Some(OpenPath::Direct) => (fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES, None),
             // Pages stay across opens only when every change reaches us.
             Some(OpenPath::Cached) | None if keep && self.cache().keep_cache => (fopen::KEEP_CACHE, None),
             Some(OpenPath::Cached) | None => (0, None),
         };
-        if self.accel().noflush {
-            flags |= fopen::NOFLUSH;
-        }
         let fh = self.fhs.next();
         let passthrough = backing.is_some();
         self.files.insert(fh, OpenFile::new(ino, open_flags, io));
@@ -746,6 +747,22 @@ impl StackFs {
         // A passthrough open drops `fd` here: the kernel holds the backing
         // file, and requests that still need a descriptor reopen one.
         Ok(Opened { fh, flags, backing })
+    }
+
+    /// A file opened by CREATE or TMPFILE on a mount with stateless opens:
+    /// once the kernel has learnt that OPEN is not implemented it sends no
+    /// RELEASE, also not for these, so they get `fh` 0 and keep nothing per
+    /// open. The node's `fh` 0 descriptor is opened now, for the writes that
+    /// follow; it also keeps an unnamed (O_TMPFILE) file alive until FORGET.
+    fn register_stateless(&self, ino: u64, ifd: &Arc<OwnedFd>, st: &libc::statx, writable: bool) -> Opened {
+        // A failure here is met again, and reported, by the first READ or WRITE.
+        if self.io_fd(ino, 0, writable).is_ok() && st.stx_nlink == 0 {
+            if let Ok(path) = sys::dup(ifd.as_fd()) {
+                self.inodes.pin_if_open(path, st);
+            }
+        }
+        let flags = if self.cache().keep_cache { fopen::KEEP_CACHE } else { 0 };
+        Opened { fh: 0, flags, backing: None }
     }
 
     /// Undoes `register_file` (RELEASE): the inode's last passthrough open
@@ -1102,6 +1119,9 @@ impl Filesystem for StackFs {
             stateless_open: true,
             stateless_opendir: false,
             writeback_cache: false,
+            // FLUSH releases daemon-kept POSIX locks; and on a backing file
+            // system that acts on close(2), it closes a duplicate descriptor.
+            flush_only_unlocks: !self.flush_backing,
         }
     }
 

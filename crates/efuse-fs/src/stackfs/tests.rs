@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use efuse::abi::structs as abi;
 use efuse::abi::Opcode;
-use efuse::{MemorySink, ReplySink, Session, SessionConfig};
+use efuse::{Features, MemorySink, ReplySink, Session, SessionConfig};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::*;
@@ -32,14 +32,26 @@ impl Harness {
     }
 
     /// With both descriptor caches bounded: `O_PATH` (`handles`) and open files (`files`).
+    /// Directories are opened with OPENDIR.
     fn bounded(tag: &str, max_open_handles: Option<usize>, max_open_files: Option<usize>) -> Harness {
+        let features = Features { no_opendir: false, ..Features::DEFAULT };
+        Harness::with_features(tag, max_open_handles, max_open_files, features)
+    }
+
+    /// A session asking the kernel for `features`.
+    fn with_features(
+        tag: &str,
+        max_open_handles: Option<usize>,
+        max_open_files: Option<usize>,
+        features: Features,
+    ) -> Harness {
         let dir = tempdir(tag);
         let mut cfg = StackFsConfig::new(dir.join("backing"));
         std::fs::create_dir_all(&cfg.backing).unwrap();
         cfg.max_open_handles = max_open_handles;
         cfg.max_open_files = max_open_files;
         let fs = StackFs::new(cfg).unwrap();
-        let session = Session::new(fs, SessionConfig::default());
+        let session = Session::new(fs, SessionConfig { features, ..SessionConfig::default() });
         let mem = Arc::new(MemorySink::default());
         let sink: Arc<dyn ReplySink> = mem.clone();
         let h = Harness { session, mem, sink, unique: std::cell::Cell::new(1), dir };
@@ -703,4 +715,46 @@ fn unlinked_behind_the_mount_answers_right_data_or_estale() {
     for (id, fh) in [(a, fa), (b, fb), (c, fc)] {
         h.release(id, fh);
     }
+}
+
+/// With stateless opens the kernel sends no RELEASE once it has seen OPEN
+/// answered ENOSYS, also not for files opened by CREATE: those get fh 0
+/// and leave nothing behind but the node, which FORGET takes.
+#[test]
+fn stateless_creates_keep_no_per_open_state() {
+    let features = Features { no_open: true, passthrough: false, ..Features::DEFAULT };
+    let h = Harness::with_features("statelesscreate", None, None, features);
+    std::fs::write(h.backing().join("old"), b"old").unwrap();
+    let old = h.lookup(ROOT_ID, "old").unwrap().nodeid;
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Open, old, &[o.as_bytes()]).0, -libc::ENOSYS);
+    let mut made = Vec::new();
+    for i in 0..20 {
+        let c = abi::CreateIn { flags: libc::O_WRONLY as u32, mode: libc::S_IFREG | 0o644, umask: 0, open_flags: 0 };
+        let name = format!("new{i}\0");
+        let (err, data) = h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), name.as_bytes()]);
+        assert_eq!(err, 0);
+        let (e, rest) = abi::EntryOut::read_from_prefix(&data).unwrap();
+        let (o, _) = abi::OpenOut::read_from_prefix(rest).unwrap();
+        assert_eq!(o.fh, 0, "a stateless CREATE hands out no handle");
+        assert_eq!(h.write(e.nodeid, 0, 0, b"stateless").unwrap(), 9);
+        made.push(e.nodeid);
+    }
+    // A TMPFILE's unnamed inode stays alive for its fh 0 I/O.
+    let t = abi::CreateIn { flags: libc::O_RDWR as u32, mode: libc::S_IFREG | 0o600, umask: 0, open_flags: 0 };
+    let (err, data) = h.call(Opcode::Tmpfile, ROOT_ID, &[t.as_bytes(), b"\0"]);
+    assert_eq!(err, 0);
+    let (tmp, _) = abi::EntryOut::read_from_prefix(&data).unwrap();
+    assert_eq!(h.write(tmp.nodeid, 0, 0, b"unnamed").unwrap(), 7);
+    assert_eq!(h.read(tmp.nodeid, 0, 0, 100).unwrap(), b"unnamed");
+    assert_eq!(std::fs::read(h.backing().join("new7")).unwrap(), b"stateless");
+    assert_eq!(h.session.fs().files.len(), 0, "per-open state kept for a stateless CREATE");
+    // A RELEASE that comes all the same (CREATEs before the kernel's first
+    // OPEN) finds nothing to undo.
+    h.release(made[0], 0);
+    for id in made.into_iter().chain([old, tmp.nodeid]) {
+        h.forget(id, 1);
+    }
+    assert_eq!(h.counts().nodes, 1);
+    assert_eq!(h.open_fds(), 0);
 }
