@@ -229,7 +229,8 @@ pub struct Features {
     /// No OPEN/RELEASE round trips (excludes passthrough); needs a file system
     /// with stateless opens.
     pub no_open: bool,
-    /// No OPENDIR/RELEASEDIR round trips.
+    /// No OPENDIR/RELEASEDIR round trips (the kernel caches listings); needs
+    /// a file system with stateless directory opens.
     pub no_opendir: bool,
     /// POSIX and flock locks are kept by the daemon (when the file system
     /// implements them) rather than by the kernel locally.
@@ -249,14 +250,16 @@ impl Features {
     };
 
     /// Everything that keeps answers exact and saves round trips. Locks are
-    /// kept by the kernel (exact on a local mount), so a close needs no FLUSH.
+    /// kept by the kernel (exact on a local mount), so a close needs no FLUSH;
+    /// directories are listed without OPENDIR/RELEASEDIR where the file
+    /// system's listings may be cached.
     pub const DEFAULT: Features = Features {
         readdirplus: true,
         cache_symlinks: true,
         writeback_cache: false,
         passthrough: true,
         no_open: false,
-        no_opendir: false,
+        no_opendir: true,
         daemon_locks: false,
     };
 }

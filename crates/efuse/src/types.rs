@@ -398,7 +398,10 @@ pub struct Capabilities {
     /// without OPEN and RELEASE requests (FUSE_NO_OPEN_SUPPORT).
     pub stateless_open: bool,
     /// READDIR works without OPENDIR (fh 0), so the mount may run without
-    /// OPENDIR and RELEASEDIR requests.
+    /// OPENDIR and RELEASEDIR requests. The kernel then caches every listing
+    /// (as with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`, checked against the
+    /// directory's mtime at each opendir), so set it only where listings may
+    /// be cached.
     pub stateless_opendir: bool,
     /// WRITE handles the kernel's writeback cache (writes with a guessed fh,
     /// the kernel authoritative for size and mtime).

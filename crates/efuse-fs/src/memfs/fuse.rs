@@ -115,6 +115,10 @@ impl Filesystem for MemFs {
             handle_killpriv_v2: true,
             // READ and WRITE name the inode, not the open: no per-open state.
             stateless_open: true,
+            // READDIR names the inode and a cookie. Without OPENDIR the
+            // kernel caches every listing: only when listings may be cached
+            // (changes all pass through the mount, which keeps them right).
+            stateless_opendir: self.cache().cache_dir,
             // Writes may come from the kernel's writeback cache with any fh;
             // memfs ignores fh and takes size and times as the kernel sets them.
             writeback_cache: true,

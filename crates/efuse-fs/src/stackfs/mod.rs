@@ -255,6 +255,8 @@ pub struct StackFs {
     inodes: Arc<InodeTable>,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<OpenDir>,
+    /// Listing state of directories read without OPENDIR (`fh` 0), by node id.
+    stateless_dirs: HandleTable<OpenDir>,
     /// The descriptors of open files and directories, bounded.
     fds: FdCache,
     fhs: FhCounter,
@@ -387,6 +389,7 @@ impl StackFs {
             inodes: Arc::new(InodeTable::new(root, &st, mount_fd, bound, handles)),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
+            stateless_dirs: HandleTable::default(),
             fds: FdCache::new(file_bound),
             fhs: FhCounter::default(),
             backing_dir,
@@ -482,13 +485,16 @@ impl StackFs {
         }
     }
 
-    /// Drops lookups; nodes that go away lose their watch and the
-    /// descriptor that served their `fh` 0.
+    /// Drops lookups; nodes that go away lose their watch, and the
+    /// descriptor and listing state that served their `fh` 0.
     fn forget_nodes(&self, nodes: &[(u64, u64)]) {
         let watcher = self.accel().watcher.as_ref();
         self.inodes.forget_many(nodes, |id| {
             if let Some(w) = watcher {
                 w.forgotten(id);
+            }
+            if let Some(dir) = self.stateless_dirs.remove(id) {
+                dir.release();
             }
             self.fds.remove(FdKey::Stateless(id));
         })
@@ -906,15 +912,34 @@ impl StackFs {
         Ok(fh)
     }
 
-    /// The open directory `fh` and its descriptor.
-    fn open_dir(&self, fh: u64) -> Result<(Arc<OpenDir>, CachedFd), Errno> {
-        let dir = self.dirs.get(fh)?;
-        let fd = self.dir_fd(fh, &dir)?;
-        Ok((dir, fd))
+    /// The open directory `fh` of node `ino` and its descriptor. For `fh` 0
+    /// (stateless directory opens) the node's own listing state, shared by
+    /// every reader of the directory: each READDIR names its position, and
+    /// the stream seeks there when it is elsewhere.
+    fn open_dir(&self, ino: u64, fh: u64) -> Result<(Arc<OpenDir>, CachedFd), Errno> {
+        if fh != 0 {
+            let dir = self.dirs.get(fh)?;
+            let fd = self.dir_fd(fh, &dir)?;
+            return Ok((dir, fd));
+        }
+        // Only a node the kernel holds, inside the backing tree.
+        let ifd = self.dir_node_fd(ino)?;
+        let dir = self.stateless_dirs.get_or_insert_with(ino, || OpenDir::new(ino));
+        let reopen = || sys::reopen(ifd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY);
+        match self.fds.get_or_open(FdKey::Stateless(ino), reopen, || dir.is_live()) {
+            Ok(fd) => Ok((dir, fd)),
+            Err(e) => {
+                // Not a directory (or gone): keep no state for it.
+                if let Some(d) = self.stateless_dirs.remove(ino) {
+                    d.release();
+                }
+                Err(e)
+            }
+        }
     }
 
-    fn do_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
-        let (dir, fd) = match self.open_dir(fh) {
+    fn do_readdir(&self, ino: u64, fh: u64, offset: u64, mut reply: ReplyDirectory) {
+        let (dir, fd) = match self.open_dir(ino, fh) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -946,7 +971,7 @@ impl StackFs {
     }
 
     fn do_readdirplus(&self, parent: u64, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let (dir, fd) = match self.dir_node_fd(parent).and_then(|_| self.open_dir(fh)) {
+        let (dir, fd) = match self.dir_node_fd(parent).and_then(|_| self.open_dir(parent, fh)) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -1117,7 +1142,9 @@ impl Filesystem for StackFs {
             // A symlink's target never changes in place: a new target is a new inode.
             cache_symlinks: true,
             stateless_open: true,
-            stateless_opendir: false,
+            // Without OPENDIR the kernel caches every listing: only where
+            // the cached listings are kept exact.
+            stateless_opendir: self.cache_mode != CacheMode::None && !self.plain,
             writeback_cache: false,
             // FLUSH releases daemon-kept POSIX locks; and on a backing file
             // system that acts on close(2), it closes a duplicate descriptor.
@@ -1376,8 +1403,8 @@ impl Filesystem for StackFs {
         }
     }
 
-    fn readdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, reply: ReplyDirectory) {
-        self.do_readdir(fh, offset, reply)
+    fn readdir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, reply: ReplyDirectory) {
+        self.do_readdir(ino, fh, offset, reply)
     }
 
     fn readdirplus(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, reply: ReplyDirectoryPlus) {
@@ -1393,8 +1420,8 @@ impl Filesystem for StackFs {
         reply.ok()
     }
 
-    fn fsyncdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
-        let r = self.open_dir(fh).and_then(|(_, fd)| sys::fsync(fd.fd.as_fd(), datasync));
+    fn fsyncdir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let r = self.open_dir(ino, fh).and_then(|(_, fd)| sys::fsync(fd.fd.as_fd(), datasync));
         reply_empty(reply, r)
     }
 

@@ -717,6 +717,63 @@ fn unlinked_behind_the_mount_answers_right_data_or_estale() {
     }
 }
 
+/// Directories listed without OPENDIR (fh 0): each READDIR names its
+/// position, the node's stream resumes there (also after its descriptor
+/// was evicted), and FORGET drops the node's listing state.
+#[test]
+fn stateless_listing_resumes_and_goes_with_its_node() {
+    let h = Harness::with_features("statelessdir", Some(4), Some(1), Features::DEFAULT);
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Opendir, ROOT_ID, &[o.as_bytes()]).0, -libc::ENOSYS, "OPENDIR is stateless");
+    std::fs::create_dir(h.backing().join("d")).unwrap();
+    write_files(&h.backing().join("d"), 300);
+    let d = h.lookup(ROOT_ID, "d").unwrap().nodeid;
+    let mut names = Vec::new();
+    let mut offset = 0;
+    let mut i = 0;
+    loop {
+        let r = abi::ReadIn { fh: 0, offset, size: 512, ..Default::default() };
+        let (err, data) = h.call(Opcode::Readdir, d, &[r.as_bytes()]);
+        assert_eq!(err, 0);
+        if data.is_empty() {
+            break;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (e, _) = abi::Dirent::read_from_prefix(rest).unwrap();
+            let hdr = std::mem::size_of::<abi::Dirent>();
+            names.push(String::from_utf8(rest[hdr..hdr + e.namelen as usize].to_vec()).unwrap());
+            offset = e.off;
+            rest = &rest[efuse::abi::encode::dirent_size(e.namelen as usize)..];
+        }
+        assert!(names.len() <= 302, "{} entries listed from a directory of 302", names.len());
+        // Another reader starts over at 0 meanwhile; an open file takes the
+        // one descriptor slot.
+        let r = abi::ReadIn { fh: 0, offset: 0, size: 512, ..Default::default() };
+        assert_eq!(h.call(Opcode::Readdir, d, &[r.as_bytes()]).0, 0);
+        let id = h.lookup(d, &format!("f{:04}", i % 300)).unwrap().nodeid;
+        let fh = h.open(id, libc::O_RDONLY);
+        h.release(id, fh);
+        h.forget(id, 1);
+        i += 1;
+    }
+    assert!(i > 10, "the listing took {i} READDIRs; too few to test resumption");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "an entry came twice");
+    assert_eq!(names.len(), 302);
+    // A regular file cannot be listed, and leaves no state behind.
+    let f = h.lookup(d, "f0001").unwrap().nodeid;
+    let r = abi::ReadIn { fh: 0, offset: 0, size: 512, ..Default::default() };
+    assert_eq!(h.call(Opcode::Readdir, f, &[r.as_bytes()]).0, -libc::ENOTDIR);
+    h.forget(f, 1);
+    h.forget(d, 1);
+    assert_eq!(h.counts().nodes, 1);
+    assert_eq!(h.open_fds(), 0, "a forgotten directory's descriptor stays");
+    assert_eq!(h.session.fs().stateless_dirs.len(), 0, "a forgotten directory's listing state stays");
+}
+
 /// With stateless opens the kernel sends no RELEASE once it has seen OPEN
 /// answered ENOSYS, also not for files opened by CREATE: those get fh 0
 /// and leave nothing behind but the node, which FORGET takes.
