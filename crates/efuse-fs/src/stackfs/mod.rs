@@ -162,7 +162,7 @@ use std::time::Duration;
 
 use efuse::abi::consts::fopen;
 use efuse::locks::LockTable;
-use efuse::policy::{PassthroughMode, PathPolicy};
+use efuse::policy::{ListingPolicy, PassthroughMode, PathPolicy};
 use efuse::{
     name_to_cstr, Caller, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
@@ -257,6 +257,8 @@ pub struct StackFs {
     dirs: HandleTable<OpenDir>,
     /// Listing state of directories read without OPENDIR (`fh` 0), by node id.
     stateless_dirs: HandleTable<OpenDir>,
+    /// Whether READDIRPLUS looks up the entries of cold directories.
+    listings: ListingPolicy,
     /// The descriptors of open files and directories, bounded.
     fds: FdCache,
     fhs: FhCounter,
@@ -390,6 +392,7 @@ impl StackFs {
             files: HandleTable::default(),
             dirs: HandleTable::default(),
             stateless_dirs: HandleTable::default(),
+            listings: ListingPolicy::default(),
             fds: FdCache::new(file_bound),
             fhs: FhCounter::default(),
             backing_dir,
@@ -979,11 +982,16 @@ impl StackFs {
         if let Err(e) = s.seek(&fd.fd, fd.serial, offset) {
             return reply.error(e);
         }
-        // Attributes are sent only for inodes stackfs already holds: opening
-        // and statting every entry of a cold directory would cost more than
-        // the LOOKUPs it might save (`find` needs no attributes at all).
-        // Unknown entries go out with node id 0, which the kernel lists
-        // without instantiating.
+        // Entries stackfs holds already go out with their attributes and a
+        // lookup. The others too when the program uses what it lists
+        // ([`ListingPolicy`]): each costs the daemon a lookup here and saves
+        // a LOOKUP round trip when it is opened or stat'ed (grep -r, ls -l,
+        // du); else they go out bare (node id 0, which the kernel lists
+        // without instantiating), as a lookup of each would be wasted (find).
+        // Entries that cannot be looked up go out bare too, so the kernel
+        // looks them up itself when they are used and meets the error there.
+        let fill = self.listings.fill();
+        let mut bare = 0;
         let dir_dev = match sys::statx(fd.fd.as_fd()) {
             Ok(st) => sys::statx_key(&st).0,
             Err(e) => return reply.error(e),
@@ -1001,38 +1009,40 @@ impl StackFs {
                 break;
             }
             let name_os = OsStr::from_bytes(name);
-            let known = self.inodes.node_by_key((dir_dev, e.ino)).is_some();
-            if name == b"." || name == b".." || !known {
+            let dots = name == b"." || name == b"..";
+            let looked_up = if dots {
                 // The kernel takes neither attributes nor a lookup for these.
-                let attr = FileAttr { ino: self.inos.st_ino(dir_dev, e.ino), mode: e.kind(), ..Default::default() };
-                let entry =
-                    Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
-                if !reply.add(&entry, e.off, name_os) {
-                    break;
-                }
+                Err(Errno::EINVAL)
+            } else if !fill && self.inodes.node_by_key((dir_dev, e.ino)).is_none() {
+                bare += 1;
+                Err(Errno::EINVAL)
             } else {
                 let mut buf = [0u8; 256];
-                let looked_up = name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &fd.fd, c));
-                match looked_up {
-                    Ok(entry) => {
-                        if !reply.add(&entry, e.off, name_os) {
-                            self.forget_nodes(&[(entry.nodeid, 1)]);
-                            break;
-                        }
+                name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &fd.fd, c))
+            };
+            match looked_up {
+                Ok(entry) => {
+                    if !reply.add(&entry, e.off, name_os) {
+                        self.forget_nodes(&[(entry.nodeid, 1)]);
+                        break;
                     }
-                    // Removed since it was listed: skip it.
-                    Err(err) if err == Errno::ENOENT => {}
-                    Err(err) if added == 0 => {
-                        drop(s);
-                        return reply.error(err);
+                }
+                // Removed since it was listed: skip it.
+                Err(err) if err == Errno::ENOENT => {}
+                Err(_) => {
+                    let attr = FileAttr { ino: self.inos.st_ino(dir_dev, e.ino), mode: e.kind(), ..Default::default() };
+                    let entry =
+                        Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
+                    if !reply.add(&entry, e.off, name_os) {
+                        break;
                     }
-                    Err(_) => break,
                 }
             }
             s.consume(&e);
             added += 1;
         }
         drop(s);
+        self.listings.listed_bare(parent, bare);
         reply.ok()
     }
 
@@ -1181,6 +1191,7 @@ impl Filesystem for StackFs {
     }
 
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        self.listings.looked_up(parent);
         // A parent that is gone (or cut off from the tree) answers a plain
         // error: a cached miss below it would outlive its return.
         let dir = match self.dir_node_fd(parent) {
