@@ -137,6 +137,10 @@ struct CommonMount {
     /// Stateless opens: the kernel sends no OPEN/RELEASE (turns passthrough off).
     #[arg(long)]
     no_open: bool,
+    /// Send OPENDIR/RELEASEDIR for every directory listing (default profile:
+    /// directories are listed without them where listings are cached).
+    #[arg(long)]
+    open_dirs: bool,
     /// Where POSIX and flock locks live: kernel (default profile; no FLUSH on
     /// close) or daemon (plain profile; SETLK/SETLKW/GETLK reach the daemon).
     #[arg(long, value_enum, value_name = "WHERE")]
@@ -200,6 +204,9 @@ fn features(common: &CommonMount) -> Features {
     if common.no_open {
         f.no_open = true;
         f.passthrough = false;
+    }
+    if common.open_dirs {
+        f.no_opendir = false;
     }
     if let Some(l) = common.locks {
         f.daemon_locks = l == LockPlace::Daemon;
@@ -593,6 +600,7 @@ mod tests {
             passthrough: None,
             writeback_cache: false,
             no_open: false,
+            open_dirs: false,
             locks: None,
             threads: None,
             transport: None,

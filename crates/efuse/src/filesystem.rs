@@ -37,6 +37,15 @@ impl InitInfo {
     pub fn writeback_cache(&self) -> bool {
         self.flags & efuse_abi::consts::init::WRITEBACK_CACHE != 0
     }
+
+    /// Stateless opens: the session answers OPEN with ENOSYS. Once the
+    /// kernel has seen that answer it sends no RELEASE, also not for files
+    /// opened by CREATE or TMPFILE, so a file system must keep no per-open
+    /// state for those either: answer them with `fh` 0 (a RELEASE may still
+    /// come for the ones created before the kernel's first OPEN).
+    pub fn stateless_opens(&self) -> bool {
+        self.flags & efuse_abi::consts::init::NO_OPEN_SUPPORT != 0
+    }
 }
 
 #[allow(unused_variables)]

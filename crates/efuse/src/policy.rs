@@ -35,6 +35,11 @@
 //! stale. The path changes only when no open is live, and the first cached
 //! open after writes that bypassed the FUSE page cache does not keep the
 //! cache ([`InodeIo::keep_cache`]), so no stale page is ever served.
+//!
+//! Listings get the same probe-then-predict treatment ([`ListingPolicy`]):
+//! whether a READDIRPLUS answer carries the attributes of entries the file
+//! system must look up to get them (a cold directory) depends on whether the
+//! program then looks those entries up.
 
 /// One of the three data paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -268,6 +273,108 @@ impl PathPolicy {
     }
 }
 
+/// Entries sent without attributes before the usage ratio is trusted.
+pub const LISTING_SAMPLES: u32 = 64;
+/// Every this many READDIRPLUS answers, one is sent without looking entries
+/// up, to measure again whether the program uses them.
+pub const LISTING_PROBE_EVERY: u32 = 8;
+/// Directories whose bare listings are followed, most recent first.
+const LISTING_RECENT: usize = 64;
+/// The counts halve beyond this many entries, so the recent past decides.
+const LISTING_DECAY: u32 = 512;
+
+/// Whether READDIRPLUS answers should carry the attributes (and a lookup)
+/// of entries the file system would have to look up to fill them: worth it
+/// when the program opens or stats most entries it lists (`grep -r`, `ls
+/// -l`, `du`, `cp -r`), since each entry it uses would otherwise cost a
+/// LOOKUP round trip; wasted when it uses few (`find`, `ls`), since the file
+/// system then looks up every entry for nothing.
+///
+/// The policy watches what follows listings sent without attributes: the
+/// LOOKUPs of names in those directories, against the entries sent bare.
+/// Once at least one in four bare entries was looked up, answers carry
+/// attributes, except every [`LISTING_PROBE_EVERY`]th, which goes out bare
+/// to keep measuring (entries that came with attributes are never looked
+/// up, so only bare ones tell). A new mount starts bare, as the kernel's own
+/// READDIRPLUS_AUTO does. Entries the file system knows already cost little
+/// and are not its concern.
+#[derive(Debug, Default)]
+pub struct ListingPolicy {
+    state: std::sync::Mutex<ListingState>,
+}
+
+#[derive(Debug, Default)]
+struct ListingState {
+    /// Always fill (true) or never (false), whatever the program does.
+    fixed: Option<bool>,
+    /// Entries sent bare, and LOOKUPs in their directories since (decayed).
+    bare: u32,
+    used: u32,
+    /// Directories listed bare lately: (node id, entries sent bare, LOOKUPs
+    /// counted), newest last. A directory counts at most its bare entries.
+    recent: std::collections::VecDeque<(u64, u32, u32)>,
+    answers: u32,
+}
+
+impl ListingPolicy {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ListingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A policy that always (or never) fills, whatever the program does.
+    pub fn fixed(fill: bool) -> ListingPolicy {
+        ListingPolicy { state: std::sync::Mutex::new(ListingState { fixed: Some(fill), ..Default::default() }) }
+    }
+
+    /// Whether the READDIRPLUS answer about to be built fills entries.
+    pub fn fill(&self) -> bool {
+        let mut s = self.lock();
+        if let Some(fill) = s.fixed {
+            return fill;
+        }
+        s.answers = s.answers.wrapping_add(1);
+        let used_enough = s.bare >= LISTING_SAMPLES && s.used * 4 >= s.bare;
+        used_enough && !s.answers.is_multiple_of(LISTING_PROBE_EVERY)
+    }
+
+    /// `n` entries of directory `dir` went out without attributes.
+    pub fn listed_bare(&self, dir: u64, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.bare = s.bare.saturating_add(n);
+        if s.bare > LISTING_DECAY {
+            s.bare /= 2;
+            s.used /= 2;
+        }
+        match s.recent.iter().position(|r| r.0 == dir) {
+            Some(i) => {
+                if let Some(mut r) = s.recent.remove(i) {
+                    r.1 = r.1.saturating_add(n);
+                    s.recent.push_back(r);
+                }
+            }
+            None => {
+                if s.recent.len() == LISTING_RECENT {
+                    s.recent.pop_front();
+                }
+                s.recent.push_back((dir, n, 0));
+            }
+        }
+    }
+
+    /// The kernel looked a name up in directory `dir`.
+    pub fn looked_up(&self, dir: u64) {
+        let mut s = self.lock();
+        let Some(r) = s.recent.iter_mut().rev().find(|r| r.0 == dir) else { return };
+        if r.2 < r.1 {
+            r.2 += 1;
+            s.used = s.used.saturating_add(1).min(s.bare);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,5 +481,68 @@ mod tests {
         seq.opened(DataPath::Cached, true);
         seq.observe_write();
         assert!(seq.keep_cache(), "writes through a cached open keep the cache right");
+    }
+
+    /// Lists `dirs` directories of `per_dir` bare entries each (as answers
+    /// that did not fill them come) and looks up `used` of each; returns how
+    /// many of the answers that followed would fill.
+    fn run_listings(p: &ListingPolicy, first_dir: u64, dirs: u64, per_dir: u32, used: u32) -> u32 {
+        let mut filled = 0;
+        for d in first_dir..first_dir + dirs {
+            if p.fill() {
+                filled += 1;
+                continue;
+            }
+            p.listed_bare(d, per_dir);
+            for _ in 0..used {
+                p.looked_up(d);
+            }
+        }
+        filled
+    }
+
+    #[test]
+    fn listings_fill_when_entries_are_used() {
+        let p = ListingPolicy::default();
+        // A new mount starts bare.
+        assert!(!p.fill());
+        // grep -r: every entry opened.
+        let filled = run_listings(&p, 10, 100, 50, 50);
+        assert!(filled >= 80, "filled {filled} of 100 listings of used entries");
+        // Every probe goes bare.
+        let mut bare = 0;
+        for _ in 0..LISTING_PROBE_EVERY * 4 {
+            bare += u32::from(!p.fill());
+        }
+        assert_eq!(bare, 4);
+    }
+
+    #[test]
+    fn listings_stay_bare_when_few_entries_are_used() {
+        let p = ListingPolicy::default();
+        // find: only the subdirectories (a tenth) are looked up.
+        assert_eq!(run_listings(&p, 10, 100, 50, 5), 0);
+        // LOOKUPs elsewhere (creating files in a new directory) do not count.
+        for _ in 0..1000 {
+            p.looked_up(999);
+        }
+        assert!(!p.fill());
+    }
+
+    #[test]
+    fn listings_follow_a_change_of_workload() {
+        let p = ListingPolicy::default();
+        assert!(run_listings(&p, 10, 100, 50, 50) > 80);
+        // Then a find-like walk: the probes see it and filling stops.
+        let filled = run_listings(&p, 1000, 400, 50, 2);
+        assert!(filled < 400 - 100, "kept filling: {filled} of 400");
+        assert_eq!(run_listings(&p, 5000, 50, 50, 2), 0, "still filling at the end");
+        // A directory counts no more LOOKUPs than entries it sent bare.
+        let q = ListingPolicy::default();
+        q.listed_bare(1, 100);
+        for _ in 0..1000 {
+            q.looked_up(1);
+        }
+        assert_eq!(q.lock().used, 100);
     }
 }

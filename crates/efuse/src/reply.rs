@@ -294,11 +294,13 @@ pub struct ReplyOpen {
     /// The node opened and the open flags, to release a refused handle.
     ino: u64,
     flags: i32,
+    /// `FOPEN_*` flags the session adds to the file system's (FOPEN_NOFLUSH).
+    session_flags: u32,
 }
 
 impl ReplyOpen {
-    pub(crate) fn new(r: Responder, ino: u64, flags: i32) -> ReplyOpen {
-        ReplyOpen { r, ino, flags }
+    pub(crate) fn new(r: Responder, ino: u64, flags: i32, session_flags: u32) -> ReplyOpen {
+        ReplyOpen { r, ino, flags, session_flags }
     }
 
     /// Answers with an error.
@@ -317,7 +319,7 @@ impl ReplyOpen {
     }
 
     fn send(self, fh: u64, open_flags: u32, backing_id: i32) {
-        let out = abi::OpenOut { fh, open_flags, backing_id };
+        let out = abi::OpenOut { fh, open_flags: open_flags | self.session_flags, backing_id };
         self.r.count_open_path(open_flags);
         let dir = self.r.opcode == Opcode::Opendir;
         let grant = Grant::Open { ino: self.ino, fh, flags: self.flags, dir };
@@ -330,11 +332,13 @@ pub struct ReplyCreate {
     r: Responder,
     /// The open flags, to release a refused handle.
     flags: i32,
+    /// `FOPEN_*` flags the session adds to the file system's (FOPEN_NOFLUSH).
+    session_flags: u32,
 }
 
 impl ReplyCreate {
-    pub(crate) fn new(r: Responder, flags: i32) -> ReplyCreate {
-        ReplyCreate { r, flags }
+    pub(crate) fn new(r: Responder, flags: i32, session_flags: u32) -> ReplyCreate {
+        ReplyCreate { r, flags, session_flags }
     }
 
     /// Answers with an error.
@@ -353,7 +357,7 @@ impl ReplyCreate {
 
     fn send(self, entry: &Entry, fh: u64, open_flags: u32, backing_id: i32) {
         let e = entry.to_abi();
-        let o = abi::OpenOut { fh, open_flags, backing_id };
+        let o = abi::OpenOut { fh, open_flags: open_flags | self.session_flags, backing_id };
         self.r.count_open_path(open_flags);
         let grant = Grant::Create { nodeid: entry.nodeid, fh, flags: self.flags };
         self.r.granting(&[IoSlice::new(e.as_bytes()), IoSlice::new(o.as_bytes())], grant)

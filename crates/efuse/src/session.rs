@@ -229,7 +229,8 @@ pub struct Features {
     /// No OPEN/RELEASE round trips (excludes passthrough); needs a file system
     /// with stateless opens.
     pub no_open: bool,
-    /// No OPENDIR/RELEASEDIR round trips.
+    /// No OPENDIR/RELEASEDIR round trips (the kernel caches listings); needs
+    /// a file system with stateless directory opens.
     pub no_opendir: bool,
     /// POSIX and flock locks are kept by the daemon (when the file system
     /// implements them) rather than by the kernel locally.
@@ -249,14 +250,16 @@ impl Features {
     };
 
     /// Everything that keeps answers exact and saves round trips. Locks are
-    /// kept by the kernel (exact on a local mount), so a close needs no FLUSH.
+    /// kept by the kernel (exact on a local mount), so a close needs no FLUSH;
+    /// directories are listed without OPENDIR/RELEASEDIR where the file
+    /// system's listings may be cached.
     pub const DEFAULT: Features = Features {
         readdirplus: true,
         cache_symlinks: true,
         writeback_cache: false,
         passthrough: true,
         no_open: false,
-        no_opendir: false,
+        no_opendir: true,
         daemon_locks: false,
     };
 }
@@ -328,6 +331,10 @@ pub struct SessionShared {
     /// OPEN / OPENDIR are answered ENOSYS by the session (stateless opens).
     no_open: AtomicBool,
     no_opendir: AtomicBool,
+    /// FLUSH carries no information on this mount ([`Capabilities::flush_only_unlocks`]
+    /// and the kernel keeps the locks): opens carry FOPEN_NOFLUSH and a
+    /// FLUSH is answered ENOSYS.
+    noflush: AtomicBool,
     /// Grants of replies the kernel refused, for the file system to undo.
     refused: Mutex<Vec<Refused>>,
     any_refused: AtomicBool,
@@ -354,6 +361,7 @@ impl Default for SessionShared {
             max_read: AtomicU32::new(MAX_WRITE),
             no_open: AtomicBool::new(false),
             no_opendir: AtomicBool::new(false),
+            noflush: AtomicBool::new(false),
             refused: Mutex::new(Vec::new()),
             any_refused: AtomicBool::new(false),
         }
@@ -426,23 +434,24 @@ impl<F: Filesystem> Session<F> {
                 f |= flag;
             }
         };
+        let stateless_open = feat.no_open && caps.stateless_open;
         want(caps.posix_locks && feat.daemon_locks, init::POSIX_LOCKS);
-        want(caps.flock_locks && feat.daemon_locks, init::FLOCK_LOCKS);
+        // flock locks go at RELEASE, which the kernel never sends without
+        // OPEN: with stateless opens the kernel keeps them (exact locally).
+        want(caps.flock_locks && feat.daemon_locks && !stateless_open, init::FLOCK_LOCKS);
         // Without OPEN the kernel truncates with SETATTR itself.
-        want(caps.atomic_o_trunc && !(feat.no_open && caps.stateless_open), init::ATOMIC_O_TRUNC);
+        want(caps.atomic_o_trunc && !stateless_open, init::ATOMIC_O_TRUNC);
         want(caps.export_support, init::EXPORT_SUPPORT);
         want(caps.readdirplus && feat.readdirplus, init::DO_READDIRPLUS | init::READDIRPLUS_AUTO);
         want(caps.handle_killpriv_v2, init::HANDLE_KILLPRIV_V2);
         want(caps.cache_symlinks && feat.cache_symlinks, init::CACHE_SYMLINKS);
         want(caps.writeback_cache && feat.writeback_cache, init::WRITEBACK_CACHE);
-        want(caps.stateless_open && feat.no_open, init::NO_OPEN_SUPPORT);
+        want(stateless_open, init::NO_OPEN_SUPPORT);
         want(caps.stateless_opendir && feat.no_opendir, init::NO_OPENDIR_SUPPORT);
         // The kernel refuses passthrough with the writeback cache, and without
         // OPEN there is no reply to carry a backing file.
-        let passthrough = caps.passthrough
-            && feat.passthrough
-            && !(caps.writeback_cache && feat.writeback_cache)
-            && !(caps.stateless_open && feat.no_open);
+        let passthrough =
+            caps.passthrough && feat.passthrough && !(caps.writeback_cache && feat.writeback_cache) && !stateless_open;
         want(passthrough, init::PASSTHROUGH);
         want(self.config.over_io_uring, init::OVER_IO_URING);
         f
@@ -511,6 +520,9 @@ impl<F: Filesystem> Session<F> {
         self.shared.setxattr_ext.store(flags & init::SETXATTR_EXT != 0, Ordering::Relaxed);
         self.shared.no_open.store(flags & init::NO_OPEN_SUPPORT != 0, Ordering::Relaxed);
         self.shared.no_opendir.store(flags & init::NO_OPENDIR_SUPPORT != 0, Ordering::Relaxed);
+        // With daemon-kept POSIX locks, FLUSH is how a closing process's locks go.
+        let noflush = self.fs.capabilities().flush_only_unlocks && flags & init::POSIX_LOCKS == 0;
+        self.shared.noflush.store(noflush, Ordering::Relaxed);
         self.shared.max_read.store(max_write, Ordering::Relaxed);
         let out = abi::InitOut {
             major: efuse_abi::KERNEL_VERSION,
@@ -689,7 +701,10 @@ impl<F: Filesystem> Session<F> {
             Operation::Link { arg, name } => fs.link(&ctx, arg.oldnodeid, ino, name, ReplyEntry::new(r())),
             // Stateless opens: ENOSYS tells the kernel to stop sending OPEN and RELEASE.
             Operation::Open { .. } if self.shared.no_open.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
-            Operation::Open { arg } => fs.open(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32)),
+            Operation::Open { arg } => {
+                let reply = ReplyOpen::new(r(), ino, arg.flags as i32, self.file_open_flags());
+                fs.open(&ctx, ino, arg.flags as i32, reply)
+            }
             Operation::Read { arg } => {
                 let size = arg.size.min(self.shared.max_read.load(Ordering::Relaxed));
                 fs.read(&ctx, ino, arg.fh, arg.offset, size, arg.flags as i32, ReplyData::new(r()))
@@ -711,6 +726,8 @@ impl<F: Filesystem> Session<F> {
             Operation::Getxattr { arg, name } => fs.getxattr(&ctx, ino, name, arg.size, ReplyXattr::new(r())),
             Operation::Listxattr { arg } => fs.listxattr(&ctx, ino, arg.size, ReplyXattr::new(r())),
             Operation::Removexattr { name } => fs.removexattr(&ctx, ino, name, ReplyEmpty::new(r())),
+            // ENOSYS: the kernel sends no FLUSH on this mount again.
+            Operation::Flush { .. } if self.shared.noflush.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
             Operation::Flush { arg } => fs.flush(&ctx, ino, arg.fh, arg.lock_owner, ReplyEmpty::new(r())),
             Operation::Init { .. } => {
                 // A second INIT on a live session is a kernel bug; refuse it.
@@ -718,7 +735,7 @@ impl<F: Filesystem> Session<F> {
             }
             Operation::Opendir { .. } if self.shared.no_opendir.load(Ordering::Relaxed) => r().error_raw(libc::ENOSYS),
             Operation::Opendir { arg } => {
-                fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32))
+                fs.opendir(&ctx, ino, arg.flags as i32, ReplyOpen::new(r(), ino, arg.flags as i32, 0))
             }
             Operation::Readdir { arg } => {
                 let limit = (arg.size as usize).min(REQUEST_BUFFER_SIZE);
@@ -742,10 +759,12 @@ impl<F: Filesystem> Session<F> {
             }
             Operation::Access { arg } => fs.access(&ctx, ino, arg.mask as i32, ReplyEmpty::new(r())),
             Operation::Create { arg, name } => {
-                fs.create(&ctx, ino, name, arg.mode, arg.flags as i32, ReplyCreate::new(r(), arg.flags as i32))
+                let reply = ReplyCreate::new(r(), arg.flags as i32, self.file_open_flags());
+                fs.create(&ctx, ino, name, arg.mode, arg.flags as i32, reply)
             }
             Operation::Tmpfile { arg, .. } => {
-                fs.tmpfile(&ctx, ino, arg.mode, arg.flags as i32, ReplyCreate::new(r(), arg.flags as i32))
+                let reply = ReplyCreate::new(r(), arg.flags as i32, self.file_open_flags());
+                fs.tmpfile(&ctx, ino, arg.mode, arg.flags as i32, reply)
             }
             Operation::Interrupt { arg } => {
                 tracing::debug!(target_unique = arg.unique, "INTERRUPT");
@@ -785,6 +804,15 @@ impl<F: Filesystem> Session<F> {
             Operation::Poll { .. } | Operation::SetupMapping { .. } | Operation::RemoveMapping { .. } => {
                 r().error_raw(libc::ENOSYS)
             }
+        }
+    }
+
+    /// `FOPEN_*` flags the session adds to every answer to OPEN, CREATE and TMPFILE.
+    fn file_open_flags(&self) -> u32 {
+        if self.shared.noflush.load(Ordering::Relaxed) {
+            efuse_abi::consts::fopen::NOFLUSH
+        } else {
+            0
         }
     }
 

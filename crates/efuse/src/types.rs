@@ -398,11 +398,23 @@ pub struct Capabilities {
     /// without OPEN and RELEASE requests (FUSE_NO_OPEN_SUPPORT).
     pub stateless_open: bool,
     /// READDIR works without OPENDIR (fh 0), so the mount may run without
-    /// OPENDIR and RELEASEDIR requests.
+    /// OPENDIR and RELEASEDIR requests. The kernel then caches every listing
+    /// (as with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`, checked against the
+    /// directory's mtime at each opendir), so set it only where listings may
+    /// be cached.
     pub stateless_opendir: bool,
     /// WRITE handles the kernel's writeback cache (writes with a guessed fh,
     /// the kernel authoritative for size and mtime).
     pub writeback_cache: bool,
+    /// `flush` does nothing but release the closing process's POSIX locks:
+    /// close(2) does no work and reports no error of this file system's.
+    /// With the locks kept by the kernel, FLUSH then carries no
+    /// information, and the session keeps it off the mount: opens are
+    /// answered with `FOPEN_NOFLUSH`, and a FLUSH that comes all the same
+    /// (stateless opens, the writeback cache) is answered ENOSYS, after
+    /// which the kernel sends none. Off by default: a file system that
+    /// acts on close must see every FLUSH.
+    pub flush_only_unlocks: bool,
 }
 
 /// Who sent a request.

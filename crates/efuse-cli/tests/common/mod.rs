@@ -87,13 +87,15 @@ pub fn test_transport() -> Option<String> {
 
 /// Extra mount arguments for every mount of this test binary: the suites are
 /// compiled again under other names to run in other profiles
-/// (tests/profile_plain.rs, tests/passthrough_off.rs); `EFUSE_TEST_MOUNT_ARGS`
+/// (tests/profile_plain.rs, tests/passthrough_off.rs, tests/writeback.rs,
+/// tests/no_open.rs); `EFUSE_TEST_MOUNT_ARGS`
 /// (space-separated) adds more to any binary.
 pub fn test_mount_args() -> Vec<String> {
     let mut args: Vec<String> = match env!("CARGO_CRATE_NAME") {
         "profile_plain" => vec!["--profile".into(), "plain".into()],
         "passthrough_off" => vec!["--passthrough".into(), "off".into()],
         "writeback" => vec!["--writeback-cache".into()],
+        "no_open" => vec!["--no-open".into()],
         _ => Vec::new(),
     };
     if let Ok(extra) = std::env::var("EFUSE_TEST_MOUNT_ARGS") {

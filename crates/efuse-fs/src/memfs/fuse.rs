@@ -64,6 +64,21 @@ fn path_of_handle(fh: u64) -> DataPath {
 }
 
 impl MemFs {
+    /// Answers CREATE and TMPFILE for the new (or existing) regular file `e`,
+    /// opened (counted) by the caller.
+    fn reply_created(&self, e: &efuse::Entry, flags: i32, reply: ReplyCreate) {
+        if self.stateless_opens.load(std::sync::atomic::Ordering::Relaxed) {
+            // No RELEASE will come (the kernel learnt that OPEN is not
+            // implemented): count no open and keep no state; fh 0 tells
+            // RELEASE, when one comes all the same, that nothing was counted.
+            MemFs::release(self, e.nodeid);
+            let keep = if self.cache().keep_cache { fopen::KEEP_CACHE } else { 0 };
+            return reply.created(e, 0, keep);
+        }
+        let (fh, open_flags) = self.choose_path(e.nodeid, self.next_handle(), flags);
+        reply.created(e, fh, open_flags)
+    }
+
     /// Chooses cached or direct I/O for a new open of `ino` (memfs has no
     /// backing file, so never passthrough) and returns the handle and
     /// `FOPEN_*` flags to answer with.
@@ -73,14 +88,11 @@ impl MemFs {
         let io = shard.entry(ino).or_default();
         let path = self.paths().choose_open(io, size, false, flags);
         io.opened(path, flags & libc::O_ACCMODE != libc::O_RDONLY);
-        let mut open_flags = match path {
+        let open_flags = match path {
             DataPath::Direct => fopen::DIRECT_IO,
             _ if self.cache().keep_cache && io.keep_cache() => fopen::KEEP_CACHE,
             _ => 0,
         };
-        if self.noflush.load(std::sync::atomic::Ordering::Relaxed) {
-            open_flags |= fopen::NOFLUSH;
-        }
         (handle_with_path(counter, path), open_flags)
     }
 }
@@ -103,16 +115,21 @@ impl Filesystem for MemFs {
             handle_killpriv_v2: true,
             // READ and WRITE name the inode, not the open: no per-open state.
             stateless_open: true,
+            // READDIR names the inode and a cookie. Without OPENDIR the
+            // kernel caches every listing: only when listings may be cached
+            // (changes all pass through the mount, which keeps them right).
+            stateless_opendir: self.cache().cache_dir,
             // Writes may come from the kernel's writeback cache with any fh;
             // memfs ignores fh and takes size and times as the kernel sets them.
             writeback_cache: true,
+            // Nothing happens on close but releasing daemon-kept POSIX locks.
+            flush_only_unlocks: true,
             ..Default::default()
         }
     }
 
     fn init(&self, info: &InitInfo) -> Result<(), Errno> {
-        let daemon_locks = info.flags & efuse::abi::consts::init::POSIX_LOCKS != 0;
-        self.noflush.store(!daemon_locks, std::sync::atomic::Ordering::Relaxed);
+        self.stateless_opens.store(info.stateless_opens(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -278,10 +295,13 @@ impl Filesystem for MemFs {
         if let Some(owner) = flock_owner {
             self.flock_locks.release_owner(ino, owner);
         }
-        if let Some(io) = self.io_shard(ino).get_mut(&ino) {
-            io.released(path_of_handle(fh));
+        // fh 0: a stateless CREATE, which counted nothing.
+        if fh != 0 {
+            if let Some(io) = self.io_shard(ino).get_mut(&ino) {
+                io.released(path_of_handle(fh));
+            }
+            MemFs::release(self, ino);
         }
-        MemFs::release(self, ino);
         reply.ok()
     }
 
@@ -362,10 +382,7 @@ impl Filesystem for MemFs {
             Err(e) => Err(e),
         };
         match made {
-            Ok(e) => {
-                let (fh, open_flags) = self.choose_path(e.nodeid, self.next_handle(), flags);
-                reply.created(&e, fh, open_flags)
-            }
+            Ok(e) => self.reply_created(&e, flags, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -433,10 +450,7 @@ impl Filesystem for MemFs {
 
     fn tmpfile(&self, ctx: &RequestContext<'_>, parent: u64, mode: u32, flags: i32, reply: ReplyCreate) {
         match self.create_node(caller(ctx), parent, None, mode, NewKind::Node { rdev: 0 }, true) {
-            Ok(e) => {
-                let (fh, open_flags) = self.choose_path(e.nodeid, self.next_handle(), flags);
-                reply.created(&e, fh, open_flags)
-            }
+            Ok(e) => self.reply_created(&e, flags, reply),
             Err(e) => reply.error(e),
         }
     }

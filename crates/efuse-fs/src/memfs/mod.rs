@@ -114,11 +114,11 @@ pub struct MemFs {
     flock_locks: LockTable,
     cache: CachePolicy,
     paths: PathPolicy,
-    /// FLUSH does nothing here unless the daemon keeps POSIX locks (released
-    /// on FLUSH): set at INIT when it does not, so opens carry FOPEN_NOFLUSH.
-    pub(crate) noflush: std::sync::atomic::AtomicBool,
     /// What each regular file's I/O looked like, for the per-open path choice.
     io: Box<[Mutex<HashMap<u64, InodeIo>>]>,
+    /// OPEN is answered ENOSYS (`--no-open`): files opened by CREATE and
+    /// TMPFILE count no open either ([`efuse::InitInfo::stateless_opens`]).
+    pub(crate) stateless_opens: std::sync::atomic::AtomicBool,
 }
 
 /// Shards of the per-inode I/O observations.
@@ -226,8 +226,8 @@ impl MemFs {
             flock_locks: LockTable::flock(),
             cache: cfg.cache,
             paths: cfg.paths,
-            noflush: std::sync::atomic::AtomicBool::new(false),
             io: (0..IO_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            stateless_opens: std::sync::atomic::AtomicBool::new(false),
         };
         // SAFETY: geteuid and getegid cannot fail and touch no memory of ours.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };

@@ -114,7 +114,8 @@ pub(super) enum FdKey {
     Handle(u64),
     /// An open file's descriptor with O_DIRECT, for direct requests.
     HandleDirect(u64),
-    /// The descriptor serving `fh` 0 of a node (stateless opens), by node id.
+    /// The descriptor serving `fh` 0 of a node (stateless opens of a file or
+    /// a directory), by node id.
     Stateless(u64),
     /// The same with O_DIRECT, for direct requests on `fh` 0.
     StatelessDirect(u64),
@@ -365,6 +366,15 @@ impl FhCounter {
 impl<T> HandleTable<T> {
     pub(super) fn insert(&self, fh: u64, value: T) {
         self.map.write().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(value));
+    }
+
+    /// The handle under `key`, made by `make` when there is none.
+    pub(super) fn get_or_insert_with(&self, key: u64, make: impl FnOnce() -> T) -> Arc<T> {
+        if let Ok(found) = self.get(key) {
+            return found;
+        }
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(key).or_insert_with(|| Arc::new(make())).clone()
     }
 
     /// The handle; EBADF for an `fh` we never gave out or already released.

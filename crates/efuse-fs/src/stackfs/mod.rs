@@ -146,9 +146,11 @@
 //! - **Stateless opens** (`--no-open`): READ, WRITE, ... arrive with `fh` 0
 //!   and are served by a per-inode descriptor ([`fileio::NodeIo`]); real
 //!   handles start at 1.
-//! - **FLUSH** is answered without a system call unless the backing file
-//!   system acts on close (network file systems); it still releases the
-//!   closing process's POSIX locks.
+//! - **FLUSH** reaches stackfs only when it carries something: the closing
+//!   process's POSIX locks (`--locks daemon`), or a backing file system that
+//!   acts on close (network file systems), where it closes a duplicate
+//!   descriptor as the caller's close(2) would. Otherwise the session keeps
+//!   it off the mount ([`efuse::Capabilities::flush_only_unlocks`]).
 
 mod creds;
 mod fileio;
@@ -169,7 +171,7 @@ use std::time::Duration;
 use efuse::abi::consts::fopen;
 use efuse::buffer::{self, AlignedBuf};
 use efuse::locks::LockTable;
-use efuse::policy::{PassthroughMode, PathPolicy};
+use efuse::policy::{ListingPolicy, PassthroughMode, PathPolicy};
 use efuse::{
     name_to_cstr, Caller, Capabilities, Entry, Errno, FileAttr, FileLock, Filesystem, ReplyAttr, ReplyCopy,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
@@ -287,6 +289,10 @@ pub struct StackFs {
     inodes: Arc<InodeTable>,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<OpenDir>,
+    /// Listing state of directories read without OPENDIR (`fh` 0), by node id.
+    stateless_dirs: HandleTable<OpenDir>,
+    /// Whether READDIRPLUS looks up the entries of cold directories.
+    listings: ListingPolicy,
     /// The descriptors of open files and directories, bounded.
     fds: FdCache,
     fhs: FhCounter,
@@ -318,9 +324,9 @@ struct Accel {
     paths: PathPolicy,
     /// Registers backing files, when the kernel granted passthrough.
     passthrough: Option<Passthrough>,
-    /// Opens carry FOPEN_NOFLUSH: FLUSH would do nothing (locks live in the
-    /// kernel and the backing file system does nothing on close).
-    noflush: bool,
+    /// OPEN is answered ENOSYS (`--no-open`): files opened by CREATE and
+    /// TMPFILE keep no per-open state either ([`InitInfo::stateless_opens`]).
+    stateless_opens: bool,
 }
 
 /// Before INIT (never reached by the kernel): cache nothing.
@@ -329,7 +335,7 @@ static BEFORE_INIT: Accel = Accel {
     watcher: None,
     paths: PathPolicy { mode: PassthroughMode::Off, passthrough_granted: false, adaptive: false },
     passthrough: None,
-    noflush: false,
+    stateless_opens: false,
 };
 
 /// File systems whose close(2) does work (flushing, reporting write errors):
@@ -419,6 +425,8 @@ impl StackFs {
             inodes: Arc::new(InodeTable::new(root, &st, mount_fd, bound, handles)),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
+            stateless_dirs: HandleTable::default(),
+            listings: ListingPolicy::default(),
             fds: FdCache::new(file_bound),
             fhs: FhCounter::default(),
             backing_dir,
@@ -483,8 +491,7 @@ impl StackFs {
             passthrough_granted: passthrough.is_some(),
             adaptive: !self.plain,
         };
-        let noflush = info.flags & efuse::abi::consts::init::POSIX_LOCKS == 0 && !self.flush_backing;
-        Accel { cache, watcher, paths, passthrough, noflush }
+        Accel { cache, watcher, paths, passthrough, stateless_opens: info.stateless_opens() }
     }
 
     /// The attributes reported for a backing inode ([`inomap`]: `st_ino`
@@ -515,13 +522,16 @@ impl StackFs {
         }
     }
 
-    /// Drops lookups; nodes that go away lose their watch and the
-    /// descriptor that served their `fh` 0.
+    /// Drops lookups; nodes that go away lose their watch, and the
+    /// descriptor and listing state that served their `fh` 0.
     fn forget_nodes(&self, nodes: &[(u64, u64)]) {
         let watcher = self.accel().watcher.as_ref();
         self.inodes.forget_many(nodes, |id| {
             if let Some(w) = watcher {
                 w.forgotten(id);
+            }
+            if let Some(dir) = self.stateless_dirs.remove(id) {
+                dir.release();
             }
             self.fds.remove(FdKey::Stateless(id));
         })
@@ -761,6 +771,9 @@ impl StackFs {
     ) -> Result<Opened, Errno> {
         let st = sys::statx(fd.as_fd())?;
         let writable = open_flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if self.accel().stateless_opens {
+            return Ok(self.register_stateless(ino, ifd, &st, writable));
+        }
         let (io, keep) = if st.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG {
             let io = self.inodes.io(ino)?;
             let a = self.accel();
@@ -769,16 +782,13 @@ impl StackFs {
         } else {
             (None, true)
         };
-        let (mut flags, backing) = match io.as_ref().map(|(_, p)| *p) {
+        let (flags, backing) = match io.as_ref().map(|(_, p)| *p) {
             Some(OpenPath::Passthrough(id)) => (0, Some(id)),
             Some(OpenPath::Direct) => (fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES, None),
             // Pages stay across opens only when every change reaches us.
             Some(OpenPath::Cached) | None if keep && self.cache().keep_cache => (fopen::KEEP_CACHE, None),
             Some(OpenPath::Cached) | None => (0, None),
         };
-        if self.accel().noflush {
-            flags |= fopen::NOFLUSH;
-        }
         let fh = self.fhs.next();
         let passthrough = backing.is_some();
         self.files.insert(fh, OpenFile::new(ino, open_flags, io));
@@ -796,6 +806,22 @@ impl StackFs {
         // A passthrough open drops `fd` here: the kernel holds the backing
         // file, and requests that still need a descriptor reopen one.
         Ok(Opened { fh, flags, backing })
+    }
+
+    /// A file opened by CREATE or TMPFILE on a mount with stateless opens:
+    /// once the kernel has learnt that OPEN is not implemented it sends no
+    /// RELEASE, also not for these, so they get `fh` 0 and keep nothing per
+    /// open. The node's `fh` 0 descriptor is opened now, for the writes that
+    /// follow; it also keeps an unnamed (O_TMPFILE) file alive until FORGET.
+    fn register_stateless(&self, ino: u64, ifd: &Arc<OwnedFd>, st: &libc::statx, writable: bool) -> Opened {
+        // A failure here is met again, and reported, by the first READ or WRITE.
+        if self.io_fd(ino, 0, writable).is_ok() && st.stx_nlink == 0 {
+            if let Ok(path) = sys::dup(ifd.as_fd()) {
+                self.inodes.pin_if_open(path, st);
+            }
+        }
+        let flags = if self.cache().keep_cache { fopen::KEEP_CACHE } else { 0 };
+        Opened { fh: 0, flags, backing: None }
     }
 
     /// Undoes `register_file` (RELEASE): the inode's last passthrough open
@@ -959,15 +985,34 @@ impl StackFs {
         Ok(fh)
     }
 
-    /// The open directory `fh` and its descriptor.
-    fn open_dir(&self, fh: u64) -> Result<(Arc<OpenDir>, CachedFd), Errno> {
-        let dir = self.dirs.get(fh)?;
-        let fd = self.dir_fd(fh, &dir)?;
-        Ok((dir, fd))
+    /// The open directory `fh` of node `ino` and its descriptor. For `fh` 0
+    /// (stateless directory opens) the node's own listing state, shared by
+    /// every reader of the directory: each READDIR names its position, and
+    /// the stream seeks there when it is elsewhere.
+    fn open_dir(&self, ino: u64, fh: u64) -> Result<(Arc<OpenDir>, CachedFd), Errno> {
+        if fh != 0 {
+            let dir = self.dirs.get(fh)?;
+            let fd = self.dir_fd(fh, &dir)?;
+            return Ok((dir, fd));
+        }
+        // Only a node the kernel holds, inside the backing tree.
+        let ifd = self.dir_node_fd(ino)?;
+        let dir = self.stateless_dirs.get_or_insert_with(ino, || OpenDir::new(ino));
+        let reopen = || sys::reopen(ifd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY);
+        match self.fds.get_or_open(FdKey::Stateless(ino), reopen, || dir.is_live()) {
+            Ok(fd) => Ok((dir, fd)),
+            Err(e) => {
+                // Not a directory (or gone): keep no state for it.
+                if let Some(d) = self.stateless_dirs.remove(ino) {
+                    d.release();
+                }
+                Err(e)
+            }
+        }
     }
 
-    fn do_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
-        let (dir, fd) = match self.open_dir(fh) {
+    fn do_readdir(&self, ino: u64, fh: u64, offset: u64, mut reply: ReplyDirectory) {
+        let (dir, fd) = match self.open_dir(ino, fh) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -999,7 +1044,7 @@ impl StackFs {
     }
 
     fn do_readdirplus(&self, parent: u64, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let (dir, fd) = match self.dir_node_fd(parent).and_then(|_| self.open_dir(fh)) {
+        let (dir, fd) = match self.dir_node_fd(parent).and_then(|_| self.open_dir(parent, fh)) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -1007,11 +1052,16 @@ impl StackFs {
         if let Err(e) = s.seek(&fd.fd, fd.serial, offset) {
             return reply.error(e);
         }
-        // Attributes are sent only for inodes stackfs already holds: opening
-        // and statting every entry of a cold directory would cost more than
-        // the LOOKUPs it might save (`find` needs no attributes at all).
-        // Unknown entries go out with node id 0, which the kernel lists
-        // without instantiating.
+        // Entries stackfs holds already go out with their attributes and a
+        // lookup. The others too when the program uses what it lists
+        // ([`ListingPolicy`]): each costs the daemon a lookup here and saves
+        // a LOOKUP round trip when it is opened or stat'ed (grep -r, ls -l,
+        // du); else they go out bare (node id 0, which the kernel lists
+        // without instantiating), as a lookup of each would be wasted (find).
+        // Entries that cannot be looked up go out bare too, so the kernel
+        // looks them up itself when they are used and meets the error there.
+        let fill = self.listings.fill();
+        let mut bare = 0;
         let dir_dev = match sys::statx(fd.fd.as_fd()) {
             Ok(st) => sys::statx_key(&st).0,
             Err(e) => return reply.error(e),
@@ -1029,38 +1079,40 @@ impl StackFs {
                 break;
             }
             let name_os = OsStr::from_bytes(name);
-            let known = self.inodes.node_by_key((dir_dev, e.ino)).is_some();
-            if name == b"." || name == b".." || !known {
+            let dots = name == b"." || name == b"..";
+            let looked_up = if dots {
                 // The kernel takes neither attributes nor a lookup for these.
-                let attr = FileAttr { ino: self.inos.st_ino(dir_dev, e.ino), mode: e.kind(), ..Default::default() };
-                let entry =
-                    Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
-                if !reply.add(&entry, e.off, name_os) {
-                    break;
-                }
+                Err(Errno::EINVAL)
+            } else if !fill && self.inodes.node_by_key((dir_dev, e.ino)).is_none() {
+                bare += 1;
+                Err(Errno::EINVAL)
             } else {
                 let mut buf = [0u8; 256];
-                let looked_up = name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &fd.fd, c));
-                match looked_up {
-                    Ok(entry) => {
-                        if !reply.add(&entry, e.off, name_os) {
-                            self.forget_nodes(&[(entry.nodeid, 1)]);
-                            break;
-                        }
+                name_to_cstr(name_os, &mut buf).and_then(|c| self.lookup_in(parent, &fd.fd, c))
+            };
+            match looked_up {
+                Ok(entry) => {
+                    if !reply.add(&entry, e.off, name_os) {
+                        self.forget_nodes(&[(entry.nodeid, 1)]);
+                        break;
                     }
-                    // Removed since it was listed: skip it.
-                    Err(err) if err == Errno::ENOENT => {}
-                    Err(err) if added == 0 => {
-                        drop(s);
-                        return reply.error(err);
+                }
+                // Removed since it was listed: skip it.
+                Err(err) if err == Errno::ENOENT => {}
+                Err(_) => {
+                    let attr = FileAttr { ino: self.inos.st_ino(dir_dev, e.ino), mode: e.kind(), ..Default::default() };
+                    let entry =
+                        Entry { nodeid: 0, generation: 0, attr, entry_ttl: Duration::ZERO, attr_ttl: Duration::ZERO };
+                    if !reply.add(&entry, e.off, name_os) {
+                        break;
                     }
-                    Err(_) => break,
                 }
             }
             s.consume(&e);
             added += 1;
         }
         drop(s);
+        self.listings.listed_bare(parent, bare);
         reply.ok()
     }
 
@@ -1170,8 +1222,13 @@ impl Filesystem for StackFs {
             // A symlink's target never changes in place: a new target is a new inode.
             cache_symlinks: true,
             stateless_open: true,
-            stateless_opendir: false,
+            // Without OPENDIR the kernel caches every listing: only where
+            // the cached listings are kept exact.
+            stateless_opendir: self.cache_mode != CacheMode::None && !self.plain,
             writeback_cache: false,
+            // FLUSH releases daemon-kept POSIX locks; and on a backing file
+            // system that acts on close(2), it closes a duplicate descriptor.
+            flush_only_unlocks: !self.flush_backing,
         }
     }
 
@@ -1204,6 +1261,7 @@ impl Filesystem for StackFs {
     }
 
     fn lookup(&self, _ctx: &RequestContext<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        self.listings.looked_up(parent);
         // A parent that is gone (or cut off from the tree) answers a plain
         // error: a cached miss below it would outlive its return.
         let dir = match self.dir_node_fd(parent) {
@@ -1427,8 +1485,8 @@ impl Filesystem for StackFs {
         }
     }
 
-    fn readdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, offset: u64, reply: ReplyDirectory) {
-        self.do_readdir(fh, offset, reply)
+    fn readdir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, reply: ReplyDirectory) {
+        self.do_readdir(ino, fh, offset, reply)
     }
 
     fn readdirplus(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, offset: u64, reply: ReplyDirectoryPlus) {
@@ -1444,8 +1502,8 @@ impl Filesystem for StackFs {
         reply.ok()
     }
 
-    fn fsyncdir(&self, _ctx: &RequestContext<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
-        let r = self.open_dir(fh).and_then(|(_, fd)| sys::fsync(fd.fd.as_fd(), datasync));
+    fn fsyncdir(&self, _ctx: &RequestContext<'_>, ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let r = self.open_dir(ino, fh).and_then(|(_, fd)| sys::fsync(fd.fd.as_fd(), datasync));
         reply_empty(reply, r)
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use efuse::abi::structs as abi;
 use efuse::abi::Opcode;
-use efuse::{MemorySink, ReplySink, Session, SessionConfig};
+use efuse::{Features, MemorySink, ReplySink, Session, SessionConfig};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::*;
@@ -32,14 +32,39 @@ impl Harness {
     }
 
     /// With both descriptor caches bounded: `O_PATH` (`handles`) and open files (`files`).
+    /// Directories are opened with OPENDIR.
     fn bounded(tag: &str, max_open_handles: Option<usize>, max_open_files: Option<usize>) -> Harness {
+        let features = Features { no_opendir: false, ..Features::DEFAULT };
+        Harness::with_features(tag, max_open_handles, max_open_files, features)
+    }
+
+    /// A session asking the kernel for `features`; listings fill every
+    /// entry, whatever the requests before them (the adaptive choice has
+    /// its own test).
+    fn with_features(
+        tag: &str,
+        max_open_handles: Option<usize>,
+        max_open_files: Option<usize>,
+        features: Features,
+    ) -> Harness {
+        Harness::with_listings(tag, max_open_handles, max_open_files, features, ListingPolicy::fixed(true))
+    }
+
+    fn with_listings(
+        tag: &str,
+        max_open_handles: Option<usize>,
+        max_open_files: Option<usize>,
+        features: Features,
+        listings: ListingPolicy,
+    ) -> Harness {
         let dir = tempdir(tag);
         let mut cfg = StackFsConfig::new(dir.join("backing"));
         std::fs::create_dir_all(&cfg.backing).unwrap();
         cfg.max_open_handles = max_open_handles;
         cfg.max_open_files = max_open_files;
-        let fs = StackFs::new(cfg).unwrap();
-        let session = Session::new(fs, SessionConfig::default());
+        let mut fs = StackFs::new(cfg).unwrap();
+        fs.listings = listings;
+        let session = Session::new(fs, SessionConfig { features, ..SessionConfig::default() });
         let mem = Arc::new(MemorySink::default());
         let sink: Arc<dyn ReplySink> = mem.clone();
         let h = Harness { session, mem, sink, unique: std::cell::Cell::new(1), dir };
@@ -215,32 +240,23 @@ fn write_files(dir: &Path, n: usize) {
 fn readdirplus_counts_lookups_and_forget_releases_them() {
     let h = Harness::new("rdp", Some(16));
     write_files(&h.backing(), 500);
-    // A cold directory: no entry is known, so none is instantiated (node id
-    // 0) and nothing is opened or counted.
+    // A cold directory: every entry but "." and ".." comes with its
+    // attributes and one lookup, whatever the descriptor bound.
     let fh = h.opendir(ROOT_ID);
     let listed = h.readdirplus(ROOT_ID, fh);
     assert_eq!(listed.len(), 502);
     let mut names: Vec<_> = listed.iter().map(|(n, _)| n.clone()).collect();
     names.sort();
     assert_eq!(&names[..3], &[".", "..", "f0000"]);
-    assert!(listed.iter().all(|(_, id)| *id == 0), "cold entries carry no node");
-    assert_eq!(h.counts().nodes, 1);
-    // Entries the kernel already looked up come with attributes and a lookup.
-    let f7 = h.lookup(ROOT_ID, "f0007").unwrap().nodeid;
-    let f9 = h.lookup(ROOT_ID, "f0009").unwrap().nodeid;
-    let fh2 = h.opendir(ROOT_ID);
-    let listed = h.readdirplus(ROOT_ID, fh2);
-    assert_eq!(listed.len(), 502);
     for (name, id) in &listed {
-        match name.as_str() {
-            "f0007" => assert_eq!(*id, f7),
-            "f0009" => assert_eq!(*id, f9),
-            _ => assert_eq!(*id, 0, "{name}"),
-        }
+        assert_eq!(*id == 0, name == "." || name == "..", "{name}: node {id}");
     }
     let c = h.counts();
-    assert_eq!(c.nodes, 3);
+    assert_eq!(c.nodes, 501);
     assert!(c.cached <= 16, "{c:?}");
+    // The same node as a LOOKUP finds, with the backing inode's number.
+    let id_of = |listed: &[(String, u64)], name: &str| listed.iter().find(|(n, _)| n == name).map(|(_, id)| *id);
+    let f7 = id_of(&listed, "f0007").unwrap();
     let e = h.lookup(ROOT_ID, "f0007").unwrap();
     assert_eq!(e.nodeid, f7);
     assert_eq!(
@@ -252,8 +268,17 @@ fn readdirplus_counts_lookups_and_forget_releases_them() {
             })
             .unwrap()
     );
-    // f0007: three lookups (LOOKUP, READDIRPLUS, LOOKUP); f0009: two.
-    h.forget(f9, 2);
+    // A second listing adds one lookup to each entry again.
+    let fh2 = h.opendir(ROOT_ID);
+    let again = h.readdirplus(ROOT_ID, fh2);
+    assert_eq!(id_of(&again, "f0007"), Some(f7));
+    assert_eq!(h.counts().nodes, 501);
+    // f0007: three lookups (READDIRPLUS, LOOKUP, READDIRPLUS); the others two.
+    for (name, id) in &listed {
+        if *id != 0 && name != "f0007" {
+            h.forget(*id, 2);
+        }
+    }
     assert_eq!(h.counts().nodes, 2);
     h.forget(f7, 2);
     assert_eq!(h.counts().nodes, 2);
@@ -263,6 +288,94 @@ fn readdirplus_counts_lookups_and_forget_releases_them() {
     assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
     let rel = abi::ReleaseIn { fh, ..Default::default() };
     assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
+}
+
+/// An entry removed behind the mount after the daemon read it from the
+/// backing directory (but before it was sent) is left out, not sent as a
+/// node that no longer exists, and the listing goes on.
+#[test]
+fn readdirplus_skips_entries_removed_since_they_were_read() {
+    let h = Harness::new("rdpgone", None);
+    write_files(&h.backing(), 200);
+    let fh = h.opendir(ROOT_ID);
+    // The first small READDIRPLUS reads far more entries from the backing
+    // directory than it sends.
+    let r = abi::ReadIn { fh, offset: 0, size: 1024, ..Default::default() };
+    let (err, data) = h.call(Opcode::Readdirplus, ROOT_ID, &[r.as_bytes()]);
+    assert_eq!(err, 0);
+    let mut sent = Vec::new();
+    let mut offset = 0;
+    let mut rest = &data[..];
+    while !rest.is_empty() {
+        let (d, _) = abi::DirentPlus::read_from_prefix(rest).unwrap();
+        let hdr = std::mem::size_of::<abi::DirentPlus>();
+        sent.push(String::from_utf8(rest[hdr..hdr + d.dirent.namelen as usize].to_vec()).unwrap());
+        offset = d.dirent.off;
+        rest = &rest[efuse::abi::encode::direntplus_size(d.dirent.namelen as usize)..];
+    }
+    assert!(sent.len() < 100, "{} entries in 1024 bytes", sent.len());
+    let mut removed = 0;
+    for i in 0..200 {
+        let name = format!("f{i:04}");
+        if !sent.contains(&name) {
+            std::fs::remove_file(h.backing().join(&name)).unwrap();
+            removed += 1;
+        }
+    }
+    let mut more = Vec::new();
+    loop {
+        let r = abi::ReadIn { fh, offset, size: 1024, ..Default::default() };
+        let (err, data) = h.call(Opcode::Readdirplus, ROOT_ID, &[r.as_bytes()]);
+        assert_eq!(err, 0);
+        if data.is_empty() {
+            break;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (d, _) = abi::DirentPlus::read_from_prefix(rest).unwrap();
+            let hdr = std::mem::size_of::<abi::DirentPlus>();
+            more.push(String::from_utf8(rest[hdr..hdr + d.dirent.namelen as usize].to_vec()).unwrap());
+            offset = d.dirent.off;
+            rest = &rest[efuse::abi::encode::direntplus_size(d.dirent.namelen as usize)..];
+        }
+    }
+    assert!(removed > 100);
+    assert!(more.iter().all(|n| sent.contains(n) || h.backing().join(n).exists()), "sent removed entries: {more:?}");
+    let rel = abi::ReleaseIn { fh, ..Default::default() };
+    assert_eq!(h.call(Opcode::Releasedir, ROOT_ID, &[rel.as_bytes()]).0, 0);
+}
+
+/// READDIRPLUS of a cold directory goes bare on a new mount, and carries
+/// every entry's attributes once the program is seen to look up most of
+/// what it lists (one answer in eight still goes bare, to keep measuring).
+#[test]
+fn readdirplus_fills_cold_entries_once_they_are_used() {
+    let features = Features { no_opendir: false, ..Features::DEFAULT };
+    let h = Harness::with_listings("rdpadapt", None, None, features, ListingPolicy::default());
+    for d in 0..4 {
+        std::fs::create_dir(h.backing().join(format!("d{d}"))).unwrap();
+        write_files(&h.backing().join(format!("d{d}")), 100);
+    }
+    let listed_nodes = |dir: u64| {
+        let fh = h.opendir(dir);
+        let listed = h.readdirplus(dir, fh);
+        let rel = abi::ReleaseIn { fh, ..Default::default() };
+        assert_eq!(h.call(Opcode::Releasedir, dir, &[rel.as_bytes()]).0, 0);
+        assert_eq!(listed.len(), 102);
+        listed.into_iter().filter(|(_, id)| *id != 0).map(|(name, _)| name).collect::<Vec<_>>()
+    };
+    // find-like: one directory listed, nothing in it looked up: stays bare.
+    let d0 = h.lookup(ROOT_ID, "d0").unwrap().nodeid;
+    assert!(listed_nodes(d0).is_empty(), "a new mount fills its first listing");
+    let d1 = h.lookup(ROOT_ID, "d1").unwrap().nodeid;
+    assert!(listed_nodes(d1).is_empty(), "filled after listings nobody used");
+    // grep-like: every entry of d1 looked up after its listing.
+    for i in 0..100 {
+        h.lookup(d1, &format!("f{i:04}")).unwrap();
+    }
+    let d2 = h.lookup(ROOT_ID, "d2").unwrap().nodeid;
+    let filled = listed_nodes(d2);
+    assert!(filled.len() >= 80, "only {} of 100 entries filled once listed entries were used", filled.len());
 }
 
 #[test]
@@ -779,4 +892,103 @@ fn o_direct_requests_do_direct_io_on_the_backing_file() {
     want[..4096].copy_from_slice(&fresh[..4096]);
     want[4096..12288].copy_from_slice(&fresh);
     assert_eq!(std::fs::read(h.backing().join("d")).unwrap(), want);
+}
+
+/// Directories listed without OPENDIR (fh 0): each READDIR names its
+/// position, the node's stream resumes there (also after its descriptor
+/// was evicted), and FORGET drops the node's listing state.
+#[test]
+fn stateless_listing_resumes_and_goes_with_its_node() {
+    let h = Harness::with_features("statelessdir", Some(4), Some(1), Features::DEFAULT);
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Opendir, ROOT_ID, &[o.as_bytes()]).0, -libc::ENOSYS, "OPENDIR is stateless");
+    std::fs::create_dir(h.backing().join("d")).unwrap();
+    write_files(&h.backing().join("d"), 300);
+    let d = h.lookup(ROOT_ID, "d").unwrap().nodeid;
+    let mut names = Vec::new();
+    let mut offset = 0;
+    let mut i = 0;
+    loop {
+        let r = abi::ReadIn { fh: 0, offset, size: 512, ..Default::default() };
+        let (err, data) = h.call(Opcode::Readdir, d, &[r.as_bytes()]);
+        assert_eq!(err, 0);
+        if data.is_empty() {
+            break;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (e, _) = abi::Dirent::read_from_prefix(rest).unwrap();
+            let hdr = std::mem::size_of::<abi::Dirent>();
+            names.push(String::from_utf8(rest[hdr..hdr + e.namelen as usize].to_vec()).unwrap());
+            offset = e.off;
+            rest = &rest[efuse::abi::encode::dirent_size(e.namelen as usize)..];
+        }
+        assert!(names.len() <= 302, "{} entries listed from a directory of 302", names.len());
+        // Another reader starts over at 0 meanwhile; an open file takes the
+        // one descriptor slot.
+        let r = abi::ReadIn { fh: 0, offset: 0, size: 512, ..Default::default() };
+        assert_eq!(h.call(Opcode::Readdir, d, &[r.as_bytes()]).0, 0);
+        let id = h.lookup(d, &format!("f{:04}", i % 300)).unwrap().nodeid;
+        let fh = h.open(id, libc::O_RDONLY);
+        h.release(id, fh);
+        h.forget(id, 1);
+        i += 1;
+    }
+    assert!(i > 10, "the listing took {i} READDIRs; too few to test resumption");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "an entry came twice");
+    assert_eq!(names.len(), 302);
+    // A regular file cannot be listed, and leaves no state behind.
+    let f = h.lookup(d, "f0001").unwrap().nodeid;
+    let r = abi::ReadIn { fh: 0, offset: 0, size: 512, ..Default::default() };
+    assert_eq!(h.call(Opcode::Readdir, f, &[r.as_bytes()]).0, -libc::ENOTDIR);
+    h.forget(f, 1);
+    h.forget(d, 1);
+    assert_eq!(h.counts().nodes, 1);
+    assert_eq!(h.open_fds(), 0, "a forgotten directory's descriptor stays");
+    assert_eq!(h.session.fs().stateless_dirs.len(), 0, "a forgotten directory's listing state stays");
+}
+
+/// With stateless opens the kernel sends no RELEASE once it has seen OPEN
+/// answered ENOSYS, also not for files opened by CREATE: those get fh 0
+/// and leave nothing behind but the node, which FORGET takes.
+#[test]
+fn stateless_creates_keep_no_per_open_state() {
+    let features = Features { no_open: true, passthrough: false, ..Features::DEFAULT };
+    let h = Harness::with_features("statelesscreate", None, None, features);
+    std::fs::write(h.backing().join("old"), b"old").unwrap();
+    let old = h.lookup(ROOT_ID, "old").unwrap().nodeid;
+    let o = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
+    assert_eq!(h.call(Opcode::Open, old, &[o.as_bytes()]).0, -libc::ENOSYS);
+    let mut made = Vec::new();
+    for i in 0..20 {
+        let c = abi::CreateIn { flags: libc::O_WRONLY as u32, mode: libc::S_IFREG | 0o644, umask: 0, open_flags: 0 };
+        let name = format!("new{i}\0");
+        let (err, data) = h.call(Opcode::Create, ROOT_ID, &[c.as_bytes(), name.as_bytes()]);
+        assert_eq!(err, 0);
+        let (e, rest) = abi::EntryOut::read_from_prefix(&data).unwrap();
+        let (o, _) = abi::OpenOut::read_from_prefix(rest).unwrap();
+        assert_eq!(o.fh, 0, "a stateless CREATE hands out no handle");
+        assert_eq!(h.write(e.nodeid, 0, 0, b"stateless").unwrap(), 9);
+        made.push(e.nodeid);
+    }
+    // A TMPFILE's unnamed inode stays alive for its fh 0 I/O.
+    let t = abi::CreateIn { flags: libc::O_RDWR as u32, mode: libc::S_IFREG | 0o600, umask: 0, open_flags: 0 };
+    let (err, data) = h.call(Opcode::Tmpfile, ROOT_ID, &[t.as_bytes(), b"\0"]);
+    assert_eq!(err, 0);
+    let (tmp, _) = abi::EntryOut::read_from_prefix(&data).unwrap();
+    assert_eq!(h.write(tmp.nodeid, 0, 0, b"unnamed").unwrap(), 7);
+    assert_eq!(h.read(tmp.nodeid, 0, 0, 100).unwrap(), b"unnamed");
+    assert_eq!(std::fs::read(h.backing().join("new7")).unwrap(), b"stateless");
+    assert_eq!(h.session.fs().files.len(), 0, "per-open state kept for a stateless CREATE");
+    // A RELEASE that comes all the same (CREATEs before the kernel's first
+    // OPEN) finds nothing to undo.
+    h.release(made[0], 0);
+    for id in made.into_iter().chain([old, tmp.nodeid]) {
+        h.forget(id, 1);
+    }
+    assert_eq!(h.counts().nodes, 1);
+    assert_eq!(h.open_fds(), 0);
 }

@@ -237,6 +237,7 @@ fn init<F: Filesystem>(session: &Session<F>, model: &mut CounterModel) -> Negoti
         max_read: n.max_write,
         no_open: n.flags & init::NO_OPEN_SUPPORT != 0,
         no_opendir: n.flags & init::NO_OPENDIR_SUPPORT != 0,
+        no_flush: session.fs().capabilities().flush_only_unlocks && n.flags & init::POSIX_LOCKS == 0,
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Negotiated {
     /// OPEN / OPENDIR are answered ENOSYS by the session (stateless opens).
     pub no_open: bool,
     pub no_opendir: bool,
+    /// FLUSH carries no information (the kernel keeps the locks and the file
+    /// system acts on nothing else): answered ENOSYS by the session.
+    pub no_flush: bool,
 }
 
 /// The payload a successful reply must carry.
@@ -128,7 +131,6 @@ pub fn expect(wire: &Wire, n: &Negotiated) -> (Expect, Option<Opcode>) {
         | O::Releasedir { .. }
         | O::Fsync { .. }
         | O::Fsyncdir { .. }
-        | O::Flush { .. }
         | O::Setxattr { .. }
         | O::Removexattr { .. }
         | O::Setlk { .. }
@@ -137,6 +139,8 @@ pub fn expect(wire: &Wire, n: &Negotiated) -> (Expect, Option<Opcode>) {
         | O::Fallocate { .. }
         | O::Syncfs { .. }
         | O::Destroy => Some(Shape::Empty),
+        O::Flush { .. } if n.no_flush => Some(Shape::Fails(libc::ENOSYS)),
+        O::Flush { .. } => Some(Shape::Empty),
         O::Open { .. } if n.no_open => Some(Shape::Fails(libc::ENOSYS)),
         O::Open { .. } => Some(Shape::Open { dir: false }),
         O::Opendir { .. } if n.no_opendir => Some(Shape::Fails(libc::ENOSYS)),
