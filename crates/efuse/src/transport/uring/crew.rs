@@ -31,6 +31,7 @@ use efuse_abi::structs::{InHeader, OutHeader, UringCmdReq, UringEntInOut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::keeper::Keepers;
 use super::memory::{EntryMem, Phase, ENT_IN_OUT, OP_IN};
 use crate::filesystem::Filesystem;
 use crate::reply::{Grant, Reply, ReplySink};
@@ -78,6 +79,8 @@ pub(super) struct Queue {
     /// Starts a member with no entry (set once the crew is running).
     spawn: Mutex<Option<SpawnMember>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The machine's CPU keepers and this queue's index among them.
+    keepers: std::sync::OnceLock<(Arc<Keepers>, usize)>,
 }
 
 #[derive(Default)]
@@ -102,6 +105,22 @@ impl Queue {
             max_entries: members + HELD_ENTRIES,
             spawn: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
+            keepers: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(super) fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    pub(super) fn set_keepers(&self, k: Arc<Keepers>, idx: usize) {
+        let _ = self.keepers.set((k, idx));
+    }
+
+    /// A member received a request: keepers hold the other CPUs meanwhile.
+    fn note_request(&self) {
+        if let Some((k, idx)) = self.keepers.get() {
+            k.note(*idx);
         }
     }
 
@@ -349,7 +368,7 @@ pub(super) fn member_thread<F: Filesystem>(start: MemberStart<F>) {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin_to_cpu(cpu: usize) {
+pub(super) fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET stays in bounds for cpu < CPU_SETSIZE.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -579,6 +598,9 @@ impl<F: Filesystem> Member<F> {
             }
             for c in self.ring.completion() {
                 self.cqes.push((c.user_data(), c.result()));
+            }
+            if !self.cqes.is_empty() {
+                self.queue.note_request();
             }
         }
     }

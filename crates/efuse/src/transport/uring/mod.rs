@@ -43,6 +43,7 @@
 //! stopping member waits for its commands to come back.
 
 mod crew;
+mod keeper;
 mod memory;
 
 use std::os::fd::OwnedFd;
@@ -98,6 +99,7 @@ fn cpus() -> (usize, Vec<usize>) {
 /// The running ring queues.
 pub(crate) struct UringRunning {
     queues: Vec<Arc<Queue>>,
+    keepers: Option<(Arc<keeper::Keepers>, Vec<std::thread::JoinHandle<()>>)>,
 }
 
 impl UringRunning {
@@ -109,9 +111,15 @@ impl UringRunning {
     /// and waits for their members: a member leaves once its commands are
     /// back from the kernel; one still inside the file system after a grace
     /// period is left behind (its ring and buffers stay allocated).
-    pub(crate) fn stop_and_join(self) {
+    pub(crate) fn stop_and_join(mut self) {
         for q in &self.queues {
             q.stop();
+        }
+        if let Some((k, threads)) = self.keepers.take() {
+            k.stop();
+            for t in threads {
+                let _ = t.join();
+            }
         }
         let deadline = Instant::now() + JOIN_GRACE;
         for q in &self.queues {
@@ -234,7 +242,25 @@ pub(crate) fn start<F: Filesystem>(
             std::thread::Builder::new().name(format!("efuse-ring-{qid}")).spawn(move || member_thread(start))
         }));
     }
-    let running = UringRunning { queues };
+    // Small machines: keepers hold idle CPUs while a queue is busy (see keeper.rs).
+    let mut keepers = None;
+    if failure.is_none() && (2..=keeper::MAX_CPUS).contains(&queues.len()) {
+        let k = keeper::Keepers::new(queues.len());
+        let mut threads = Vec::new();
+        for (idx, q) in queues.iter().enumerate() {
+            q.set_keepers(k.clone(), idx);
+            let (k, cpu) = (k.clone(), q.cpu());
+            match std::thread::Builder::new().name(format!("efuse-keep-{cpu}")).spawn(move || {
+                crew::pin_to_cpu(cpu);
+                k.run(idx)
+            }) {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::warn!("cannot start a CPU keeper thread: {e}"),
+            }
+        }
+        keepers = Some((k, threads));
+    }
+    let running = UringRunning { queues, keepers };
     match failure {
         None => Ok(running),
         Some(e) => {
