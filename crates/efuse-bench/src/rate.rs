@@ -58,10 +58,14 @@ pub fn uring_enabled() -> bool {
     std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").map(|s| s.trim() == "Y").unwrap_or(false)
 }
 
-fn requests_total(efuse: &Path, mnt: &Path) -> Result<u64> {
+/// `efuse stats --json` of the mount.
+fn stats_json(efuse: &Path, mnt: &Path) -> Result<serde_json::Value> {
     let out = exec::run(Command::new(efuse).arg("stats").arg(mnt).arg("--json"), Duration::from_secs(20))?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).context("efuse stats --json")?;
-    v["requests_total"].as_u64().ok_or_else(|| anyhow!("efuse stats: no requests_total"))
+    serde_json::from_str(&out.stdout).context("efuse stats --json")
+}
+
+fn requests_total(efuse: &Path, mnt: &Path) -> Result<u64> {
+    stats_json(efuse, mnt)?["requests_total"].as_u64().ok_or_else(|| anyhow!("efuse stats: no requests_total"))
 }
 
 /// Runs `threads` clients of `op` for `secs`, returning per-op latencies (ns)
@@ -127,9 +131,7 @@ fn daemon_cpu_secs(pid: u32) -> Result<f64> {
 }
 
 fn daemon_pid(efuse: &Path, mnt: &Path) -> Result<u32> {
-    let out = exec::run(Command::new(efuse).arg("stats").arg(mnt).arg("--json"), Duration::from_secs(20))?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).context("efuse stats --json")?;
-    v["pid"].as_u64().map(|p| p as u32).ok_or_else(|| anyhow!("efuse stats: no pid"))
+    stats_json(efuse, mnt)?["pid"].as_u64().map(|p| p as u32).ok_or_else(|| anyhow!("efuse stats: no pid"))
 }
 
 fn cstr(p: &Path) -> Result<CString> {
