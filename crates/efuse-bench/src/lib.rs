@@ -349,7 +349,8 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     if let Some(r) = &rate {
         md.push_str("\n## Transports: request rate with the kernel caches out of the way\n\n");
         md.push_str(
-            "memfs mounted with `--cache none` (entry and attribute timeouts 0) once per transport; in-process \
+            "memfs mounted with `--cache none` (entry and attribute timeouts 0) once per transport, both mounted at \
+             once, the transports taking turns within each repetition (dev, uring, dev, uring, ...); in-process \
              clients for 2 s (0.5 s with --quick), median of the repetitions by ops/s. `stat`: stat(2) of `s/NAME` \
              (LOOKUP, LOOKUP, GETATTR); `lookup`: readlinkat(2) of a regular file relative to an open \
              directory (LOOKUP, then EINVAL); \

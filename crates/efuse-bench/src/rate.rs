@@ -4,7 +4,9 @@
 //!
 //! memfs is mounted with `--cache none` (entry and attribute timeouts 0)
 //! once per transport (`dev`: /dev/fuse workers; `uring`: FUSE-over-io_uring),
-//! and 1, 2 and 4 client threads run each operation for a fixed time:
+//! both mounts live at once, and 1, 2 and 4 client threads run each
+//! operation for a fixed time, the transports taking turns within each
+//! repetition:
 //! - `stat`: stat(2) of a path `s/NAME` (LOOKUP of `s`, LOOKUP of the name,
 //!   GETATTR: uncached metadata as a program sees it);
 //! - `lookup`: readlinkat(2) of a regular file's name relative to an open
@@ -238,16 +240,18 @@ fn measure_once(workload: &str, threads: usize, secs: f64, mnt: &Path, names: &[
     r
 }
 
-/// Measures one transport: mounts memfs, prepares files, runs every
-/// (workload, threads) pair, unmounts.
-fn measure_transport(
-    efuse: &Path,
-    work: &Path,
-    transport: &str,
-    secs: f64,
-    reps: u32,
-    log: &mut dyn FnMut(String),
-) -> Result<Vec<RateResult>> {
+/// One transport's memfs mount, prepared for the clients.
+struct Prepared {
+    transport: &'static str,
+    mnt: PathBuf,
+    pid: u32,
+    names: Vec<CString>,
+}
+
+/// Mounts memfs with `transport` at `work/rate-TRANSPORT` and writes the
+/// files the clients use. On error the mount (if made) is left for
+/// [`unmount_all`].
+fn mount_transport(efuse: &Path, work: &Path, transport: &'static str, mounted: &mut Vec<PathBuf>) -> Result<Prepared> {
     let mnt = work.join(format!("rate-{transport}"));
     std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
     if efuse::mount::find_mount(&mnt).is_some() {
@@ -256,8 +260,9 @@ fn measure_transport(
     let mut mount = Command::new(efuse);
     mount.args(["mount", "memfs"]).arg(&mnt).args(["--size", "1G", "--cache", "none", "--transport", transport]);
     exec::run(&mut mount, Duration::from_secs(60)).with_context(|| format!("mounting memfs with {transport}"))?;
+    mounted.push(mnt.clone());
     let conn = efuse::mount::find_mount(&mnt).and_then(|m| m.connection());
-    let result = exec::guarded(Duration::from_secs(1200), conn, || {
+    exec::guarded(Duration::from_secs(600), conn, || {
         let dir = mnt.join("s");
         std::fs::create_dir_all(&dir)?;
         for i in 0..STAT_FILES {
@@ -273,53 +278,99 @@ fn measure_transport(
         let names: Vec<CString> =
             (0..STAT_FILES).map(|i| CString::new(format!("s{i:05}")).unwrap_or_default()).collect();
         let pid = daemon_pid(efuse, &mnt)?;
+        Ok(Prepared { transport, mnt: mnt.clone(), pid, names })
+    })
+}
+
+/// One repetition of (workload, threads) on a prepared mount.
+fn measure_rep(efuse: &Path, p: &Prepared, workload: &str, threads: usize, secs: f64) -> Result<RateResult> {
+    let conn = efuse::mount::find_mount(&p.mnt).and_then(|m| m.connection());
+    exec::guarded(Duration::from_secs(120), conn, || {
+        let before = requests_total(efuse, &p.mnt)?;
+        let cpu_before = daemon_cpu_secs(p.pid)?;
+        let (mut lat, wall) = measure_once(workload, threads, secs, &p.mnt, &p.names)?;
+        let cpu = daemon_cpu_secs(p.pid)? - cpu_before;
+        // The stats call itself is one request to the daemon's control
+        // socket, not a FUSE request: nothing to subtract.
+        let requests = requests_total(efuse, &p.mnt)?.saturating_sub(before);
+        lat.sort_unstable();
+        Ok(RateResult {
+            transport: p.transport.to_string(),
+            workload: workload.to_string(),
+            threads,
+            ops_per_sec: lat.len() as f64 / wall,
+            p50_us: percentile(&lat, 0.50),
+            p99_us: percentile(&lat, 0.99),
+            requests,
+            requests_per_op: if lat.is_empty() { 0.0 } else { requests as f64 / lat.len() as f64 },
+            daemon_cpu_us_per_request: if requests == 0 { 0.0 } else { cpu * 1e6 / requests as f64 },
+        })
+    })
+}
+
+/// Unmounts every mount this benchmark made (aborting one that will not go).
+fn unmount_all(efuse: &Path, mounted: &[PathBuf], log: &mut dyn FnMut(String)) {
+    for mnt in mounted {
+        let mut umount = Command::new(efuse);
+        umount.arg("umount").arg(mnt);
+        if let Err(e) = exec::run(&mut umount, Duration::from_secs(60)) {
+            log(format!("unmounting {}: {e:#}; aborting it", mnt.display()));
+            if let Some(c) = efuse::mount::find_mount(mnt).and_then(|m| m.connection()) {
+                let _ = efuse::mount::abort_connection(c);
+            }
+            let _ = efuse::mount::unmount(mnt, true);
+        }
+    }
+}
+
+/// Mounts one memfs per transport, then runs every (workload, threads)
+/// pair `reps` times with the transports taking turns within each
+/// repetition (dev, uring, dev, uring, ...), so that whatever drifts over
+/// the run (the host behind this machine, background work) weighs on both
+/// alike; reports the median repetition of each by throughput.
+fn measure_all(
+    efuse: &Path,
+    work: &Path,
+    transports: &[&'static str],
+    secs: f64,
+    reps: u32,
+    log: &mut dyn FnMut(String),
+) -> Result<Vec<RateResult>> {
+    let mut mounted = Vec::new();
+    let result = (|| {
+        let mut prepared = Vec::new();
+        for t in transports {
+            prepared.push(mount_transport(efuse, work, t, &mut mounted)?);
+        }
         let mut out = Vec::new();
         for workload in WORKLOADS {
             for threads in THREADS {
-                let mut runs = Vec::new();
+                let mut runs: Vec<Vec<RateResult>> = vec![Vec::new(); prepared.len()];
                 for _ in 0..reps {
-                    let before = requests_total(efuse, &mnt)?;
-                    let cpu_before = daemon_cpu_secs(pid)?;
-                    let (mut lat, wall) = measure_once(workload, threads, secs, &mnt, &names)?;
-                    let cpu = daemon_cpu_secs(pid)? - cpu_before;
-                    // The stats call itself is one request to the daemon's
-                    // control socket, not a FUSE request: nothing to subtract.
-                    let requests = requests_total(efuse, &mnt)?.saturating_sub(before);
-                    lat.sort_unstable();
-                    runs.push(RateResult {
-                        transport: transport.to_string(),
-                        workload: workload.to_string(),
-                        threads,
-                        ops_per_sec: lat.len() as f64 / wall,
-                        p50_us: percentile(&lat, 0.50),
-                        p99_us: percentile(&lat, 0.99),
-                        requests,
-                        requests_per_op: if lat.is_empty() { 0.0 } else { requests as f64 / lat.len() as f64 },
-                        daemon_cpu_us_per_request: if requests == 0 { 0.0 } else { cpu * 1e6 / requests as f64 },
-                    });
+                    for (i, p) in prepared.iter().enumerate() {
+                        if crate::interrupted() {
+                            bail!("interrupted");
+                        }
+                        runs[i].push(measure_rep(efuse, p, workload, threads, secs)?);
+                    }
                 }
-                // Median repetition by throughput.
-                runs.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
-                out.push(runs.swap_remove(runs.len() / 2));
+                for mut r in runs {
+                    // Median repetition by throughput.
+                    r.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+                    let m = r.swap_remove(r.len() / 2);
+                    log(format!(
+                        "transport-rate {} {} x{}: {:.0} ops/s, p50 {:.1} µs",
+                        m.transport, m.workload, m.threads, m.ops_per_sec, m.p50_us
+                    ));
+                    out.push(m);
+                }
             }
         }
+        // Grouped by transport, as the table reads.
+        out.sort_by_key(|r| transports.iter().position(|t| *t == r.transport));
         Ok(out)
-    });
-    let mut umount = Command::new(efuse);
-    umount.arg("umount").arg(&mnt);
-    if let Err(e) = exec::run(&mut umount, Duration::from_secs(60)) {
-        log(format!("unmounting {}: {e:#}; aborting it", mnt.display()));
-        if let Some(c) = efuse::mount::find_mount(&mnt).and_then(|m| m.connection()) {
-            let _ = efuse::mount::abort_connection(c);
-        }
-        let _ = efuse::mount::unmount(&mnt, true);
-    }
-    for r in result.iter().flatten() {
-        log(format!(
-            "transport-rate {transport} {} x{}: {:.0} ops/s, p50 {:.1} µs",
-            r.workload, r.threads, r.ops_per_sec, r.p50_us
-        ));
-    }
+    })();
+    unmount_all(efuse, &mounted, log);
     result
 }
 
@@ -333,11 +384,7 @@ pub fn run(efuse: &Path, work: &Path, quick: bool, log: &mut dyn FnMut(String)) 
         log("request-rate: FUSE-over-io_uring is off (/sys/module/fuse/parameters/enable_uring); measuring dev only"
             .into());
     }
-    let mut out = Vec::new();
-    for t in transports {
-        out.extend(measure_transport(efuse, work, t, secs, reps, log)?);
-    }
-    Ok(out)
+    measure_all(efuse, work, &transports, secs, reps, log)
 }
 
 /// The markdown table of the results, with uring's ratio to dev.
