@@ -7,11 +7,12 @@
 //! asserting behaviour (that is what the tests are for).
 //!
 //! Method (see bench/README.md): datasets are made once in a backing
-//! directory on the disk under test; for each workload, each system is
-//! mounted over (or, for memfs, filled from) that directory, measured for N
-//! repetitions (median reported) and unmounted. Every external command has a
-//! time limit; whatever fails is reported with the step that failed, and
-//! nothing is left mounted.
+//! directory on the disk under test; for each workload, every system is
+//! measured N times (median reported), the repetitions interleaved across
+//! systems (rep 1 on each system in turn, then rep 2, ...), each on a mount
+//! over that directory made for it (memfs: mounted and filled once per
+//! workload). Every external command has a time limit; whatever fails is
+//! reported with the step that failed, and nothing is left mounted.
 
 mod charts;
 mod datasets;
@@ -34,7 +35,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use report::{Meta, Requests, Results, StatsSnapshot, SystemRun, TopSnapshot, WorkloadResult};
 use scale::Scale;
 use systems::{MountPlan, Mounts, System};
-use workloads::{RepEnv, Workload};
+use workloads::{Figures, RepEnv, Workload};
 
 /// `efuse bench` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -63,7 +64,8 @@ pub struct BenchArgs {
     /// build it. Without it those two are skipped.
     #[arg(long, value_name = "PATH")]
     pub libfuse_hp: Option<PathBuf>,
-    /// Repetitions per workload (default: 3, or 1 with --quick).
+    /// Repetitions per workload and system (default: 3, or 1 with --quick),
+    /// interleaved: repetition 1 on every system in turn, then repetition 2.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub reps: Option<u32>,
     /// Seconds per fio run (default: 10, or 2 with --quick).
@@ -183,7 +185,7 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
     say(format!("datasets ready in {:.0} s", t.elapsed().as_secs_f64()));
 
     let mut mounts = Mounts::new(efuse_exe);
-    let total = (workloads.len() * systems.len()) as u64;
+    let total = workloads.len() as u64 * systems.len() as u64 * u64::from(scale.reps);
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {wide_msg}")
@@ -205,26 +207,10 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
                 }
             }
         }
-        let mut runs = Vec::new();
-        for &s in &systems {
-            if interrupted() {
-                break;
-            }
-            pb.set_message(format!("{} on {}", w.name, s.name()));
-            let ctx = RunCtx { scale: &scale, plan: &plan, work: &work, made: &made, logs: &logs, pb: &pb };
-            let run = run_one(w, s, &ctx, &mut mounts);
-            let line = match &run.error {
-                Some(e) => format!("FAILED {} on {}: {e}", w.name, s.name()),
-                None => format!("{:<18} {:<14} {} ({:.0} s)", w.name, s.name(), headline(w, &run), run.elapsed_s),
-            };
-            // A hidden bar (no terminal) swallows println: log plainly then.
-            if pb.is_hidden() {
-                eprintln!("efuse bench: {line}");
-            } else {
-                pb.println(line);
-            }
-            runs.push(run);
-            pb.inc(1);
+        let ctx = RunCtx { scale: &scale, plan: &plan, work: &work, made: &made, logs: &logs, pb: &pb };
+        let runs = run_workload(w, &systems, &ctx, &mut mounts);
+        for run in runs.iter().filter(|r| r.error.is_none()) {
+            log_line(&pb, format!("{:<18} {:<16} {} ({:.0} s)", w.name, run.system, headline(w, run), run.elapsed_s));
         }
         results.push(WorkloadResult { workload: w.clone(), runs });
         if interrupted() {
@@ -255,18 +241,24 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
         "ext4 is the backing directory itself; the libfuse examples and efuse stackfs mount that same directory; \
          memfs gets a copy of each workload's dataset (copied in, untimed, after mounting)."
             .to_string(),
-        "Workloads run one after another; for each, every system is mounted fresh, measured, and unmounted. Every \
-         workload starts each repetition from the same cache state on every system, stated per workload: **cold** \
-         (FUSE systems unmounted, `sync; echo 3 > /proc/sys/vm/drop_caches`, mounted again; memfs: caches dropped \
-         only, since remounting would empty it) or **warm** (`sync`, then everything the workload reads read once \
-         through the system, untimed; fio with `--invalidate=0`). Same `direct=` for every system."
+        "Workloads run one after another. Within a workload the repetitions are interleaved across systems, round \
+         robin: repetition 1 on ext4, then on each other system in the order of the tables, then repetition 2 on \
+         each, and so on, so that what drifts with time (the host's cache behind a virtual disk, background \
+         writeback) reaches every system alike rather than all repetitions of one. Each repetition of a system \
+         over the backing directory has a mount of its own (mounted before it, unmounted after it), so one of \
+         them is mounted at a time; memfs is mounted and filled once per workload and stays mounted through its \
+         repetitions while the others take their turns. Every repetition starts from the same cache state on \
+         every system, stated per workload: **cold** (`sync; echo 3 > /proc/sys/vm/drop_caches`, then the FUSE \
+         system mounted fresh; memfs: caches dropped only, since remounting would empty it) or **warm** (`sync`, \
+         then everything the workload reads read once through the system, untimed; fio with \
+         `--invalidate=0`). Same `direct=` for every system."
             .to_string(),
     ];
     notes.append(&mut skipped);
     if !made.made_now.is_empty() {
         notes.push(format!(
-            "Datasets made by this run: {}. The disk may still have been writing them back while the first \
-             system (ext4) ran the first workloads that use them; a later run with the same `--dir` reuses them.",
+            "Datasets made by this run: {}. The disk may still have been writing them back during the first \
+             repetitions of the first workloads that use them; a later run with the same `--dir` reuses them.",
             made.made_now.join(", ")
         ));
     }
@@ -502,7 +494,7 @@ fn guarded_read(path: &Path, buf: &mut [u8]) -> Result<u64> {
     exec::guarded(Duration::from_secs(1800), None, || workloads::read_all(path, buf))
 }
 
-/// What every (workload, system) step shares.
+/// What every (workload, repetition, system) step shares.
 struct RunCtx<'a> {
     scale: &'a Scale,
     plan: &'a MountPlan,
@@ -512,124 +504,232 @@ struct RunCtx<'a> {
     pb: &'a ProgressBar,
 }
 
-/// Puts system `s` (mounted) into the cache state workload `w` starts each
-/// repetition from; untimed. Cold remounts a FUSE system over the backing
-/// directory (memfs is only dropped: remounting would empty it).
-fn prepare_caches(w: &Workload, s: System, ctx: &RunCtx, mounts: &mut Mounts, root: &Path) -> Result<()> {
-    match w.cache {
-        workloads::CacheState::Cold => {
-            if s.is_fuse() && s.shows_backing() {
-                mounts.unmount(s)?;
-                workloads::drop_caches()?;
-                mounts.mount(ctx.plan, s)?;
-            } else {
+/// What one system gathers over one workload's repetitions, which are
+/// interleaved with the other systems' (see [`run_workload`]).
+struct Tally {
+    system: System,
+    reps: Vec<Figures>,
+    deltas: Vec<StatsSnapshot>,
+    switches: Vec<f64>,
+    top_last: Option<TopSnapshot>,
+    commands: Vec<String>,
+    /// The first failure, with its step; the system runs no more repetitions.
+    error: Option<String>,
+    /// Repetitions started (finished or failed).
+    started: u32,
+    /// Time spent in its own steps (mount, fill, caches, repetition, unmount).
+    elapsed: Duration,
+    /// memfs: its mount, filled with the workload's dataset, kept across its
+    /// repetitions (remounting would empty it).
+    kept: Option<PathBuf>,
+}
+
+impl Tally {
+    fn new(system: System) -> Tally {
+        Tally {
+            system,
+            reps: Vec::new(),
+            deltas: Vec::new(),
+            switches: Vec::new(),
+            top_last: None,
+            commands: Vec::new(),
+            error: None,
+            started: 0,
+            elapsed: Duration::ZERO,
+            kept: None,
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        self.error = Some(match self.error.take() {
+            Some(prev) => format!("{prev}; {e}"),
+            None => e,
+        });
+    }
+
+    fn finish(self) -> SystemRun {
+        let mut requests = Requests::from_deltas(&self.deltas);
+        if let Some(q) = requests.as_mut() {
+            if !self.switches.is_empty() {
+                q.context_switches_per_rep = Some(self.switches.iter().sum::<f64>() / self.switches.len() as f64);
+            }
+            if let Some(t) = &self.top_last {
+                q.kernel_source = Some(t.source.clone());
+                let mut ops: Vec<_> =
+                    t.opcodes.iter().filter_map(|(k, (n, p50, p99))| Some((k, *n, (*p50)?, (*p99)?))).collect();
+                ops.sort_by_key(|o| std::cmp::Reverse(o.1));
+                q.kernel_latency = ops.into_iter().take(3).map(|(k, _, p50, p99)| (k.clone(), p50, p99)).collect();
+            }
+        }
+        let mut run = SystemRun::finish(self.system.name(), self.reps, self.error, requests, self.commands);
+        run.elapsed_s = self.elapsed.as_secs_f64();
+        run
+    }
+}
+
+/// The order of one workload's steps: repetition by repetition, every
+/// system in turn within each (rep 1 of ext4, of the next system, ..., then
+/// rep 2 of each), so that whatever drifts with time (the host's cache
+/// behind a virtual disk, background writeback) falls on every system alike
+/// instead of on whichever system's repetitions ran in a bad minute.
+fn step_order(reps: u32, systems: usize) -> impl Iterator<Item = (u32, usize)> {
+    (0..reps).flat_map(move |r| (0..systems).map(move |i| (r, i)))
+}
+
+/// One workload on every system, repetitions interleaved ([`step_order`]).
+/// Each repetition of a system that shows the backing directory gets a
+/// mount of its own (mounted before, unmounted after), so only one of them
+/// is mounted at a time: they all stack over the same directory, and a
+/// mount left idle would keep its daemon's descriptors and its kernel
+/// caches (a day long for some) over files the others change. memfs shows
+/// no backing directory: it is mounted and filled once, at its first
+/// repetition, and kept until its last. A system that fails records the
+/// step and stops; the others go on. Nothing stays mounted when it returns.
+fn run_workload(w: &Workload, systems: &[System], ctx: &RunCtx, mounts: &mut Mounts) -> Vec<SystemRun> {
+    let mut tallies: Vec<Tally> = systems.iter().map(|&s| Tally::new(s)).collect();
+    for (rep, i) in step_order(ctx.scale.reps, tallies.len()) {
+        if interrupted() {
+            break;
+        }
+        let t = &mut tallies[i];
+        if t.error.is_none() {
+            ctx.pb.set_message(format!("{} rep {}/{} on {}", w.name, rep + 1, ctx.scale.reps, t.system.name()));
+            let started = Instant::now();
+            t.started += 1;
+            let mut step = "mount";
+            if let Err(e) = run_rep(w, rep, t, ctx, mounts, &mut step) {
+                t.fail(format!("{step}: {e:#}"));
+                t.kept = None;
+            }
+            if t.kept.is_none() || t.error.is_some() {
+                if let Err(e) = mounts.unmount(t.system) {
+                    t.fail(format!("unmount: {e:#}"));
+                }
+            }
+            t.elapsed += started.elapsed();
+            if let Some(e) = &t.error {
+                log_line(ctx.pb, format!("FAILED {} on {} (rep {}): {e}", w.name, t.system.name(), rep + 1));
+            }
+        }
+        ctx.pb.inc(1);
+    }
+    for t in &mut tallies {
+        if t.kept.take().is_some() {
+            let started = Instant::now();
+            if let Err(e) = mounts.unmount(t.system) {
+                t.fail(format!("unmount: {e:#}"));
+            }
+            t.elapsed += started.elapsed();
+        }
+        if interrupted() && t.started > 0 && t.error.is_none() && (t.reps.len() as u32) < ctx.scale.reps {
+            t.fail(format!("interrupted after {} of {} repetitions", t.reps.len(), ctx.scale.reps));
+        }
+    }
+    // A system the interruption reached before its first repetition is left out, as before.
+    tallies.into_iter().filter(|t| t.started > 0).map(Tally::finish).collect()
+}
+
+/// Prints a line above the progress bar (plainly when there is no terminal:
+/// a hidden bar swallows println).
+fn log_line(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("efuse bench: {line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+/// Repetition `rep` of `w` on `t.system`: mount (or reuse memfs's), put the
+/// caches into the workload's state, measure, read the stats. `step` names
+/// what was under way when it fails. The caller unmounts.
+fn run_rep(
+    w: &Workload,
+    rep: u32,
+    t: &mut Tally,
+    ctx: &RunCtx,
+    mounts: &mut Mounts,
+    step: &mut &'static str,
+) -> Result<()> {
+    let (s, scale, plan) = (t.system, ctx.scale, ctx.plan);
+    let cold = w.cache == workloads::CacheState::Cold;
+    let root = match &t.kept {
+        Some(root) => root.clone(),
+        None => {
+            if cold && s.is_fuse() && s.shows_backing() {
+                // Cold: nothing cached and a fresh daemon. This system is
+                // not mounted now, so dropping the caches first leaves it
+                // nothing; the mount below starts from there.
+                *step = "cold caches (drop caches, then mount)";
                 workloads::drop_caches()?;
             }
-            Ok(())
+            *step = "mount";
+            let root = mounts.mount(plan, s)?;
+            if !s.shows_backing() {
+                *step = "copying the dataset into memfs";
+                populate(&plan.backing, &root, w.datasets())?;
+                t.kept = Some(root.clone());
+            }
+            root
+        }
+    };
+    if interrupted() {
+        bail!("interrupted");
+    }
+    match w.cache {
+        workloads::CacheState::Cold => {
+            // ext4, and memfs (which a remount would empty): caches dropped only.
+            if !(s.is_fuse() && s.shows_backing()) {
+                *step = "cold caches (drop caches)";
+                workloads::drop_caches()?;
+            }
         }
         workloads::CacheState::Warm => {
+            *step = "warming the caches";
             workloads::sync_all()?;
             let mut scratch_cmds = Vec::new();
-            let backing = s.shows_backing().then_some(ctx.plan.backing.as_path());
             let mut env = RepEnv {
-                root,
-                backing,
-                scale: ctx.scale,
+                root: &root,
+                backing: s.shows_backing().then_some(plan.backing.as_path()),
+                scale,
                 work: ctx.work,
                 made: ctx.made,
                 scratch: ctx.logs,
                 commands: &mut scratch_cmds,
                 daemon: mounts.daemon_pid(s),
             };
-            exec::guarded(w.rep_timeout(ctx.scale), mounts.connection(s), || w.warm_up(&mut env))
+            exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.warm_up(&mut env))?;
         }
     }
-}
-
-/// One workload on one system: mount, (fill), repetitions, unmount. Never
-/// returns with the system still mounted; a failure names its step.
-fn run_one(w: &Workload, s: System, ctx: &RunCtx, mounts: &mut Mounts) -> SystemRun {
-    let (scale, plan) = (ctx.scale, ctx.plan);
-    let mut reps = Vec::new();
-    let mut deltas = Vec::new();
-    let mut switches: Vec<f64> = Vec::new();
-    let mut top_last: Option<TopSnapshot> = None;
-    let mut commands = Vec::new();
-    let mut step = "mount";
-    let t0 = Instant::now();
-    let result: Result<()> = (|| {
-        let root = mounts.mount(plan, s)?;
-        if !s.shows_backing() {
-            step = "copying the dataset into memfs";
-            populate(&plan.backing, &root, w.datasets())?;
-        }
-        for rep in 0..scale.reps {
-            if interrupted() {
-                bail!("interrupted");
-            }
-            ctx.pb.set_message(format!("{} on {} (rep {}/{})", w.name, s.name(), rep + 1, scale.reps));
-            step = match w.cache {
-                workloads::CacheState::Cold => "cold caches (unmount, drop caches, mount)",
-                workloads::CacheState::Warm => "warming the caches",
-            };
-            prepare_caches(w, s, ctx, mounts, &root)?;
-            step = "efuse stats (before)";
-            let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
-            let top_before = if s.is_efuse() { read_top(&plan.efuse_exe, &root).ok() } else { None };
-            step = "workload";
-            let mut cmds = Vec::new();
-            let backing = s.shows_backing().then_some(plan.backing.as_path());
-            let mut env = RepEnv {
-                root: &root,
-                backing,
-                scale,
-                work: ctx.work,
-                made: ctx.made,
-                scratch: ctx.logs,
-                commands: &mut cmds,
-                daemon: mounts.daemon_pid(s),
-            };
-            let figures = exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
-                .with_context(|| format!("repetition {}", rep + 1))?;
-            if commands.is_empty() {
-                commands = cmds;
-            }
-            reps.push(figures);
-            step = "efuse stats (after)";
-            if let Some(b) = before {
-                deltas.push(read_stats(&plan.efuse_exe, &root)?.since(&b));
-            }
-            if let (Some(b), Ok(a)) = (top_before, read_top(&plan.efuse_exe, &root)) {
-                switches.push(a.context_switches.saturating_sub(b.context_switches) as f64);
-                top_last = Some(a);
-            }
-        }
-        Ok(())
-    })();
-    let mut error = result.err().map(|e| format!("{step}: {e:#}"));
-    if let Err(e) = mounts.unmount(s) {
-        let e = format!("unmount: {e:#}");
-        error = Some(match error {
-            Some(prev) => format!("{prev}; {e}"),
-            None => e,
-        });
+    *step = "efuse stats (before)";
+    let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
+    let top_before = if s.is_efuse() { read_top(&plan.efuse_exe, &root).ok() } else { None };
+    *step = "workload";
+    let mut cmds = Vec::new();
+    let mut env = RepEnv {
+        root: &root,
+        backing: s.shows_backing().then_some(plan.backing.as_path()),
+        scale,
+        work: ctx.work,
+        made: ctx.made,
+        scratch: ctx.logs,
+        commands: &mut cmds,
+        daemon: mounts.daemon_pid(s),
+    };
+    let figures = exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
+        .with_context(|| format!("repetition {}", rep + 1))?;
+    if t.commands.is_empty() {
+        t.commands = cmds;
     }
-    let mut requests = Requests::from_deltas(&deltas);
-    if let Some(q) = requests.as_mut() {
-        if !switches.is_empty() {
-            q.context_switches_per_rep = Some(switches.iter().sum::<f64>() / switches.len() as f64);
-        }
-        if let Some(t) = &top_last {
-            q.kernel_source = Some(t.source.clone());
-            let mut ops: Vec<_> =
-                t.opcodes.iter().filter_map(|(k, (n, p50, p99))| Some((k, *n, (*p50)?, (*p99)?))).collect();
-            ops.sort_by_key(|o| std::cmp::Reverse(o.1));
-            q.kernel_latency = ops.into_iter().take(3).map(|(k, _, p50, p99)| (k.clone(), p50, p99)).collect();
-        }
+    t.reps.push(figures);
+    *step = "efuse stats (after)";
+    if let Some(b) = before {
+        t.deltas.push(read_stats(&plan.efuse_exe, &root)?.since(&b));
     }
-    let mut run = SystemRun::finish(s.name(), reps, error, requests, commands);
-    run.elapsed_s = t0.elapsed().as_secs_f64();
-    run
+    if let (Some(b), Ok(a)) = (top_before, read_top(&plan.efuse_exe, &root)) {
+        t.switches.push(a.context_switches.saturating_sub(b.context_switches) as f64);
+        t.top_last = Some(a);
+    }
+    Ok(())
 }
 
 fn loadavg() -> String {
@@ -785,6 +885,54 @@ mod tests {
 
     fn hp(io_uring: bool, kernel_uring: bool) -> HpPeer {
         HpPeer { exe: PathBuf::from("/opt/passthrough_hp"), io_uring, kernel_uring }
+    }
+
+    #[test]
+    fn repetitions_go_round_robin() {
+        let order: Vec<(u32, usize)> = step_order(3, 2).collect();
+        assert_eq!(order, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
+        assert_eq!(step_order(0, 4).count(), 0);
+    }
+
+    /// ext4 needs no mount and no root: two of its repetitions of a real
+    /// workload run interleaved with a system whose mount fails; the failure
+    /// is recorded once, with its step, and ext4 goes on.
+    #[test]
+    fn a_failed_system_stops_and_the_others_go_on() {
+        let d = TestDir::new("interleave");
+        let mut scale = Scale::quick();
+        scale.reps = 2;
+        scale.cat_runs = 5;
+        let backing = d.0.join("backing");
+        std::fs::create_dir_all(backing.join(datasets::SMALL)).unwrap();
+        std::fs::write(backing.join(datasets::SMALL_FILE), vec![7u8; scale.small_file_bytes]).unwrap();
+        let logs = d.0.join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let plan = MountPlan {
+            efuse_exe: d.0.join("no-such-efuse"),
+            libfuse_exe: Err("not built".into()),
+            libfuse_hp_exe: Err("none".into()),
+            backing,
+            mnt_root: d.0.join("mnt"),
+            logs: logs.clone(),
+            memfs_size: "1G".into(),
+            mount_timeout: Duration::from_secs(5),
+        };
+        let w = Workload::all(&scale).into_iter().find(|w| w.name == "cat-storm").unwrap();
+        let made = datasets::Made::default();
+        let pb = ProgressBar::hidden();
+        let ctx = RunCtx { scale: &scale, plan: &plan, work: &d.0, made: &made, logs: &logs, pb: &pb };
+        let mut mounts = Mounts::new(&plan.efuse_exe);
+        let runs = run_workload(&w, &[System::Ext4, System::Memfs], &ctx, &mut mounts);
+        assert_eq!(runs.len(), 2);
+        let (ext4, memfs) = (&runs[0], &runs[1]);
+        assert!(ext4.ok, "{:?}", ext4.error);
+        assert_eq!(ext4.reps.len(), 2);
+        assert!(ext4.median.get("ops_per_s").is_some_and(|v| *v > 0.0));
+        assert!(!memfs.ok && memfs.reps.is_empty());
+        let e = memfs.error.as_deref().unwrap_or_default();
+        assert!(e.starts_with("mount: ") && !e.contains("; "), "one failure, with its step: {e}");
+        assert_eq!(mounts.unmount_all(), Vec::<String>::new());
     }
 
     #[test]

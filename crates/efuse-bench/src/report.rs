@@ -135,7 +135,8 @@ pub struct SystemRun {
     pub median: Figures,
     pub requests: Option<Requests>,
     pub commands: Vec<String>,
-    /// Wall time of the whole step: mount, fill, repetitions, unmount.
+    /// Wall time of its own steps over the workload: mounts, fill, caches,
+    /// repetitions, unmounts (the other systems' turns in between not counted).
     pub elapsed_s: f64,
 }
 

@@ -53,8 +53,8 @@ impl Group {
 /// system, prepared by the runner before each repetition (untimed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum CacheState {
-    /// Nothing cached: FUSE systems unmounted, `sync; echo 3 >
-    /// /proc/sys/vm/drop_caches`, mounted again (memfs: caches dropped but
+    /// Nothing cached: `sync; echo 3 > /proc/sys/vm/drop_caches` with the
+    /// FUSE system unmounted, then mounted fresh (memfs: caches dropped but
     /// not remounted, which would empty it). ext4: caches dropped.
     Cold,
     /// `sync`, then everything the workload reads read once through the
@@ -419,9 +419,9 @@ impl Workload {
     pub fn cache_text(&self) -> String {
         let how = match self.cache {
             CacheState::Cold => {
-                "before each repetition every FUSE system is unmounted, `sync; echo 3 > /proc/sys/vm/drop_caches` \
-                 runs, and the system is mounted again (memfs: caches dropped, not remounted, which would empty \
-                 it; ext4: caches dropped)"
+                "before each repetition `sync; echo 3 > /proc/sys/vm/drop_caches` runs with the FUSE system \
+                 unmounted, and it is mounted fresh (memfs: caches dropped, not remounted, which would empty it; \
+                 ext4: caches dropped)"
             }
             CacheState::Warm => {
                 "before each repetition `sync`, then the warming below, on every system, untimed; fio runs with \
