@@ -181,7 +181,7 @@ pub fn linked_libfuse(exe: &Path) -> String {
 }
 
 /// What a libfuse daemon's FUSE_INIT report (`FUSE_INIT_STATUS=1`, libfuse
-/// 3.18+) says was negotiated; None when the log holds no report.
+/// 3.19+) says was negotiated; None when the log holds no report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InitStatus {
     pub passthrough: bool,
@@ -218,7 +218,7 @@ pub struct MountPlan {
 fn check_hp_init(s: System, status: Option<InitStatus>) -> Result<String> {
     let Some(st) = status else {
         return Ok(format!(
-            "{}: negotiation not verified (this libfuse writes no FUSE_INIT report; 3.18+ does)",
+            "{}: negotiation not verified (this libfuse writes no FUSE_INIT report; 3.19+ does)",
             s.name()
         ));
     };
@@ -372,7 +372,7 @@ impl Mounts {
                     });
                 }
                 if s.is_libfuse_hp() {
-                    // libfuse 3.18+ then logs what FUSE_INIT negotiated.
+                    // libfuse 3.19+ then logs what FUSE_INIT negotiated.
                     cmd.env("FUSE_INIT_STATUS", "1");
                 }
                 // Its own process group: Ctrl-C reaches the bench, which unmounts in order.
