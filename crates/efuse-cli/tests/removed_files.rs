@@ -166,6 +166,27 @@ fn assert_released(pid: u32, backing: &Path, what: &str) {
     );
 }
 
+/// Asserts that the daemon holds descriptors of at least half the files
+/// in `dir` (and, with `io`, some that serve `fh` 0, not `O_PATH`): the
+/// files must be in its caches, or their removal proves nothing. What the
+/// kernel forgot meanwhile (inotify cannot tell the daemon's own changes
+/// from others': its creations invalidate the new names; `drop_caches`)
+/// is brought back by reading the files again.
+fn assert_cached(m: &Mounted, pid: u32, dir: &Path, io: bool, what: &str) {
+    let enough = |held: &[(String, u32)]| {
+        held.len() >= FILES / 2 && (!io || held.iter().any(|(_, flags)| *flags & libc::O_PATH as u32 == 0))
+    };
+    let cached = common::wait_until(RELEASE, || {
+        if enough(&held_below(pid, dir)) {
+            return true;
+        }
+        Cmd::new("sh").args(["-c", "cat d/* >/dev/null"]).cwd(&m.mnt).timeout(LOOK).ok();
+        false
+    });
+    let held = held_below(pid, dir);
+    assert!(cached, "{what}: the files made are not in the daemon's caches ({} descriptors): {held:?}", held.len());
+}
+
 fn daemon(m: &Mounted) -> (u32, PathBuf) {
     let pid = common::daemon_pid(&m.mnt).expect("the daemon's pid");
     (pid, m.backing.clone().expect("stackfs has a backing directory"))
@@ -188,13 +209,7 @@ fn files_removed_through_the_mount_are_freed() {
         let (pid, backing) = daemon(&m);
         let what = format!("stackfs {}", args.join(" "));
         python(&what, &m.mnt, MAKE, &[&n]);
-        let held = held_below(pid, &backing.join("d"));
-        // The files must be in the daemon's caches, or this proves nothing.
-        assert!(held.len() >= FILES / 2, "{what}: the daemon holds only {} descriptors of the files made", held.len());
-        if args.contains(&"--no-open") {
-            let io = held.iter().filter(|(_, flags)| *flags & libc::O_PATH as u32 == 0).count();
-            assert!(io > 0, "{what}: no descriptor serving fh 0 is cached: {held:?}");
-        }
+        assert_cached(&m, pid, &backing.join("d"), args.contains(&"--no-open"), &what);
         assert_eq!(removed(pid, &backing), Vec::<String>::new(), "{what}: nothing was removed yet");
         python(&what, &m.mnt, REMOVE_SOME, &[&n]);
         assert_released(pid, &backing, &format!("{what}, unlink and rename over"));
@@ -254,14 +269,7 @@ fn files_removed_behind_the_mount_are_freed() {
         let what = format!("stackfs --no-open, {watch}");
         python(&what, &m.mnt, MAKE, &[&n]);
         let d = backing.join("d");
-        // inotify cannot tell the daemon's own changes from others': the
-        // creations invalidate the new names, and the kernel forgets them.
-        // Reading them again brings them back into the daemon's caches.
-        let cached = common::wait_until(RELEASE, || {
-            Cmd::new("sh").args(["-c", "cat d/* >/dev/null"]).cwd(&m.mnt).timeout(LOOK).ok();
-            held_below(pid, &d).len() >= FILES / 2
-        });
-        assert!(cached, "{what}: files not in the daemon's caches: {}", held_below(pid, &d).len());
+        assert_cached(&m, pid, &d, true, &what);
         for i in (0..FILES).step_by(2) {
             fs::remove_file(d.join(format!("f{i}"))).unwrap();
         }
