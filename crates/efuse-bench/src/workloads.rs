@@ -789,16 +789,22 @@ fn seq_read(env: &mut RepEnv) -> Result<Figures> {
     Ok(figures(&[("read_mibps", (want >> 20) as f64 / read_s), ("read_s", read_s)]))
 }
 
-/// Descriptors process `pid` holds on files under `backing` (removed ones
-/// included); its pipes, sockets and /dev/fuse descriptors, which a libfuse
-/// daemon adds as it starts workers, are not counted.
-fn backing_fds(pid: u32, backing: &Path) -> Result<usize> {
+/// Descriptors process `pid` holds on removed files and directories under
+/// `backing`: those whose target `/proc/PID/fd` shows with " (deleted)"
+/// appended. Descriptors of files that still exist are not counted: a
+/// pass-through daemon keeps bounded caches of them (an `O_PATH` descriptor
+/// per inode the kernel holds, descriptors of open files), whose size
+/// moves with whatever the workload looked up or read, and they hold no
+/// space a removal should free.
+fn removed_fds(pid: u32, backing: &Path) -> Result<usize> {
+    use std::os::unix::ffi::OsStrExt;
     let dir = format!("/proc/{pid}/fd");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
         // A descriptor closed while we look is simply not counted.
         let Ok(e) = e else { continue };
-        if std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(backing)) {
+        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        if target.starts_with(backing) && target.as_os_str().as_bytes().ends_with(b" (deleted)") {
             n += 1;
         }
     }
@@ -809,11 +815,11 @@ fn backing_fds(pid: u32, backing: &Path) -> Result<usize> {
 /// through it.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The daemon's descriptors on the backing directory now (None for ext4
-/// and memfs), for [`wait_released`].
+/// The daemon's descriptors on removed files of the backing directory now
+/// (None for ext4 and memfs), for [`wait_released`].
 fn fds_before(env: &RepEnv) -> Result<Option<usize>> {
     match (env.daemon, env.backing) {
-        (Some(pid), Some(backing)) => backing_fds(pid, backing).map(Some),
+        (Some(pid), Some(backing)) => removed_fds(pid, backing).map(Some),
         _ => Ok(None),
     }
 }
@@ -823,21 +829,22 @@ fn fds_before(env: &RepEnv) -> Result<Option<usize>> {
 /// (its blocks released: on a disk mounted with `discard`, a synchronous
 /// discard) only when the daemon closes that descriptor, after the kernel's
 /// FORGET, i.e. after `rm` returned; on ext4 `rm` itself does that work.
-/// Waits until the daemon holds no more descriptors on the backing
-/// directory than `baseline`, so removal is measured to the same point on
-/// every system (and no system carries it into its next timed run).
+/// Waits until the daemon holds no more descriptors of removed files under
+/// the backing directory than `baseline`, so removal is measured to the
+/// same point on every system (and no system carries it into its next
+/// timed run).
 fn wait_released(env: &RepEnv, baseline: Option<usize>) -> Result<()> {
     let (Some(pid), Some(backing), Some(base)) = (env.daemon, env.backing, baseline) else { return Ok(()) };
     let deadline = Instant::now() + RELEASE_TIMEOUT;
     loop {
-        let now = backing_fds(pid, backing)?;
+        let now = removed_fds(pid, backing)?;
         if now <= base {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "the daemon (pid {pid}) still holds {now} descriptors on {} {} s after the removal; it held {base} \
-                 before the files were made",
+                "the daemon (pid {pid}) still holds {now} descriptors of removed files under {} {} s after the \
+                 removal; it held {base} before the files were made",
                 backing.display(),
                 RELEASE_TIMEOUT.as_secs()
             );
@@ -963,6 +970,32 @@ mod tests {
         assert!((f["read_mibps"] - 2802.0 / 1024.0).abs() < 1e-9);
         let failed = r#"{"jobs":[{"error":5,"read":{"iops":0},"write":{"iops":0}}]}"#;
         assert!(parse_fio(failed).is_err());
+    }
+
+    /// Only descriptors of removed files count, and only under the directory.
+    #[test]
+    fn removed_descriptors_are_told_from_live_ones() {
+        let dir = std::env::temp_dir().join(format!("efuse-bench-removed-fds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let me = std::process::id();
+        let base = removed_fds(me, &dir).unwrap();
+        assert_eq!(base, 0);
+        std::fs::write(dir.join("live"), b"x").unwrap();
+        std::fs::write(dir.join("sub/gone"), b"x").unwrap();
+        let live = File::open(dir.join("live")).unwrap();
+        let gone = File::open(dir.join("sub/gone")).unwrap();
+        let gone_dir = File::open(dir.join("sub")).unwrap();
+        assert_eq!(removed_fds(me, &dir).unwrap(), 0, "live files are not counted");
+        std::fs::remove_file(dir.join("sub/gone")).unwrap();
+        assert_eq!(removed_fds(me, &dir).unwrap(), 1);
+        std::fs::remove_dir(dir.join("sub")).unwrap();
+        assert_eq!(removed_fds(me, &dir).unwrap(), 2, "a removed directory counts too");
+        assert_eq!(removed_fds(me, &dir.join("elsewhere")).unwrap(), 0, "only under the directory asked");
+        drop((gone, gone_dir));
+        assert_eq!(removed_fds(me, &dir).unwrap(), 0);
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
