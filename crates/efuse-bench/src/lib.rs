@@ -349,7 +349,9 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
              `getattr`: fstat(2) of an open file (GETATTR); `open`: openat(2) + close (LOOKUP and OPEN waited \
              for, RELEASE not); `read4k`: 4 KiB O_DIRECT preads at random offsets of a 64 MiB file (READ). p50/p99 \
              are per operation, measured by the client (the round trip as a program sees it); daemon CPU is its \
-             user + system time over the run (/proc/PID/stat) divided by the requests served.\n\n",
+             user + system time over the run (/proc/PID/stat) divided by the requests served; daemon sleeps and \
+             preempted are its threads' voluntary and involuntary context switches (/proc/PID/task/*/status) \
+             per request.\n\n",
         );
         md.push_str(&rate::markdown(r));
         let (_, json) = rate::out_paths(&out);

@@ -21,7 +21,9 @@
 //! reaches twice in a row. Each operation is timed on its own
 //! (CLOCK_MONOTONIC); ops/s is the total over the wall time, p50/p99 are exact
 //! order statistics of all samples; requests per operation come from the
-//! daemon's counters and its CPU time from /proc/PID/stat.
+//! daemon's counters, its CPU time from /proc/PID/stat and its threads'
+//! context switches (voluntary: waiting for work; involuntary: preempted)
+//! from /proc/PID/task/*/status.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -53,6 +55,12 @@ pub struct RateResult {
     pub requests_per_op: f64,
     /// The daemon's CPU time (user + system) over the run, per request.
     pub daemon_cpu_us_per_request: f64,
+    /// The daemon's threads' voluntary context switches (blocking, e.g.
+    /// waiting for the next request) per request served.
+    pub daemon_sleeps_per_request: f64,
+    /// The daemon's threads' involuntary context switches (preempted, e.g.
+    /// by the client its reply woke) per request served.
+    pub daemon_preempted_per_request: f64,
 }
 
 /// Whether the kernel can run FUSE-over-io_uring here.
@@ -102,6 +110,14 @@ fn drive(threads: usize, secs: f64, op: impl Fn(usize, u64) -> Result<()> + Sync
     Ok((all, wall))
 }
 
+fn per_request(n: u64, requests: u64) -> f64 {
+    if requests == 0 {
+        0.0
+    } else {
+        n as f64 / requests as f64
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -130,6 +146,37 @@ fn daemon_cpu_secs(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / hz)
+}
+
+/// The daemon's context switches so far, summed over its live threads:
+/// (voluntary, involuntary), from /proc/PID/task/*/status. A thread that
+/// exits during a run takes its counts with it, which only undercounts.
+fn daemon_switches(pid: u32) -> Result<(u64, u64)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut vol = 0;
+    let mut invol = 0;
+    for t in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(t) = t else { continue };
+        // A thread may be gone between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
+        let (v, n) = parse_switches(&status);
+        vol += v;
+        invol += n;
+    }
+    Ok((vol, invol))
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of one
+/// /proc status file (0 when absent).
+fn parse_switches(status: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("voluntary_ctxt_switches"), field("nonvoluntary_ctxt_switches"))
 }
 
 fn daemon_pid(efuse: &Path, mnt: &Path) -> Result<u32> {
@@ -288,8 +335,10 @@ fn measure_rep(efuse: &Path, p: &Prepared, workload: &str, threads: usize, secs:
     exec::guarded(Duration::from_secs(120), conn, || {
         let before = requests_total(efuse, &p.mnt)?;
         let cpu_before = daemon_cpu_secs(p.pid)?;
+        let sw_before = daemon_switches(p.pid)?;
         let (mut lat, wall) = measure_once(workload, threads, secs, &p.mnt, &p.names)?;
         let cpu = daemon_cpu_secs(p.pid)? - cpu_before;
+        let sw_after = daemon_switches(p.pid)?;
         // The stats call itself is one request to the daemon's control
         // socket, not a FUSE request: nothing to subtract.
         let requests = requests_total(efuse, &p.mnt)?.saturating_sub(before);
@@ -304,6 +353,8 @@ fn measure_rep(efuse: &Path, p: &Prepared, workload: &str, threads: usize, secs:
             requests,
             requests_per_op: if lat.is_empty() { 0.0 } else { requests as f64 / lat.len() as f64 },
             daemon_cpu_us_per_request: if requests == 0 { 0.0 } else { cpu * 1e6 / requests as f64 },
+            daemon_sleeps_per_request: per_request(sw_after.0.saturating_sub(sw_before.0), requests),
+            daemon_preempted_per_request: per_request(sw_after.1.saturating_sub(sw_before.1), requests),
         })
     })
 }
@@ -390,8 +441,8 @@ pub fn run(efuse: &Path, work: &Path, quick: bool, log: &mut dyn FnMut(String)) 
 /// The markdown table of the results, with uring's ratio to dev.
 pub fn markdown(results: &[RateResult]) -> String {
     let mut s = String::from(
-        "| workload | threads | transport | ops/s | p50 µs | p99 µs | requests/op | daemon CPU µs/request | ops/s vs dev |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | threads | transport | ops/s | p50 µs | p99 µs | requests/op | daemon CPU µs/request | daemon sleeps/request | daemon preempted/request | ops/s vs dev |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let dev = results
@@ -400,7 +451,7 @@ pub fn markdown(results: &[RateResult]) -> String {
             .map(|d| d.ops_per_sec);
         let ratio = dev.filter(|d| *d > 0.0).map(|d| format!("{:.2}x", r.ops_per_sec / d)).unwrap_or_default();
         s.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.1} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {} |\n",
             r.workload,
             r.threads,
             r.transport,
@@ -409,6 +460,8 @@ pub fn markdown(results: &[RateResult]) -> String {
             r.p99_us,
             r.requests_per_op,
             r.daemon_cpu_us_per_request,
+            r.daemon_sleeps_per_request,
+            r.daemon_preempted_per_request,
             ratio
         ));
     }
@@ -418,4 +471,34 @@ pub fn markdown(results: &[RateResult]) -> String {
 /// Where the rate results go beside the main report.
 pub fn out_paths(out: &Path) -> (PathBuf, PathBuf) {
     (out.join("transport.md"), out.join("transport.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_are_read_from_a_status_file() {
+        let status = "Name:\tefuse-ring-0\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1234\n\
+                      nonvoluntary_ctxt_switches:\t56\n";
+        assert_eq!(parse_switches(status), (1234, 56));
+        assert_eq!(parse_switches("Name:\tx\n"), (0, 0), "absent fields count as 0");
+        // A field whose name another one ends with is not mistaken for it.
+        assert_eq!(parse_switches("nonvoluntary_ctxt_switches:\t7\n"), (0, 7));
+    }
+
+    #[test]
+    fn own_switches_are_counted() {
+        let pid = std::process::id();
+        let (v0, _) = daemon_switches(pid).expect("reading our own /proc");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (v1, _) = daemon_switches(pid).expect("reading our own /proc");
+        assert!(v1 > v0, "sleeping is a voluntary switch: {v0} -> {v1}");
+    }
+
+    #[test]
+    fn per_request_of_nothing_is_zero() {
+        assert_eq!(per_request(5, 0), 0.0);
+        assert_eq!(per_request(3, 2), 1.5);
+    }
 }
