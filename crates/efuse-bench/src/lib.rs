@@ -677,6 +677,22 @@ fn run_rep(
     if interrupted() {
         bail!("interrupted");
     }
+    // The repetition's environment, with the list its commands go to (the
+    // warm-up's are not reported).
+    let mut scratch_cmds = Vec::new();
+    let mut cmds = Vec::new();
+    let backing = s.shows_backing().then_some(plan.backing.as_path());
+    let daemon = mounts.daemon_pid(s);
+    let rep_env = |commands| RepEnv {
+        root: &root,
+        backing,
+        scale,
+        work: ctx.work,
+        made: ctx.made,
+        scratch: ctx.logs,
+        commands,
+        daemon,
+    };
     match w.cache {
         workloads::CacheState::Cold => {
             // ext4, and memfs (which a remount would empty): caches dropped only.
@@ -688,17 +704,7 @@ fn run_rep(
         workloads::CacheState::Warm => {
             *step = "warming the caches";
             workloads::sync_all()?;
-            let mut scratch_cmds = Vec::new();
-            let mut env = RepEnv {
-                root: &root,
-                backing: s.shows_backing().then_some(plan.backing.as_path()),
-                scale,
-                work: ctx.work,
-                made: ctx.made,
-                scratch: ctx.logs,
-                commands: &mut scratch_cmds,
-                daemon: mounts.daemon_pid(s),
-            };
+            let mut env = rep_env(&mut scratch_cmds);
             exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.warm_up(&mut env))?;
         }
     }
@@ -706,17 +712,7 @@ fn run_rep(
     let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
     let top_before = if s.is_efuse() { read_top(&plan.efuse_exe, &root).ok() } else { None };
     *step = "workload";
-    let mut cmds = Vec::new();
-    let mut env = RepEnv {
-        root: &root,
-        backing: s.shows_backing().then_some(plan.backing.as_path()),
-        scale,
-        work: ctx.work,
-        made: ctx.made,
-        scratch: ctx.logs,
-        commands: &mut cmds,
-        daemon: mounts.daemon_pid(s),
-    };
+    let mut env = rep_env(&mut cmds);
     let figures = exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
         .with_context(|| format!("repetition {}", rep + 1))?;
     if t.commands.is_empty() {
