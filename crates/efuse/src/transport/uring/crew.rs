@@ -568,7 +568,7 @@ impl<F: Filesystem> Member<F> {
                 continue;
             }
             let waited = match stop_deadline {
-                None => self.ring.submit_and_wait(1),
+                None => self.commit_then_wait(),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -602,6 +602,34 @@ impl<F: Filesystem> Member<F> {
             if !self.cqes.is_empty() {
                 self.queue.note_request();
             }
+        }
+    }
+
+    /// Submits the commits (and fetches) queued in the SQ, then waits for a
+    /// completion, in two calls rather than one: the first returns to user
+    /// space right after the commits, so the program a reply woke on this
+    /// CPU runs at once (it preempts this thread there) and usually sends
+    /// its next request before this thread waits; the wait then finds it
+    /// and does not sleep. Waiting in the same call as the commits made this
+    /// thread sleep once per request (one voluntary switch per request,
+    /// against 0.03 for /dev/fuse workers, which return to user space after
+    /// each reply); measured with fstat loops on memfs `--cache none`
+    /// (median of 5 alternating runs): +4% with one client thread, +13%
+    /// with two (and no more collapses to half the rate), +1% with four.
+    fn commit_then_wait(&mut self) -> io::Result<usize> {
+        /// `IORING_ENTER_GETEVENTS` (uapi io_uring.h): with a minimum of 0
+        /// it runs deferred task work (requests waiting to be copied in)
+        /// and returns without blocking.
+        const ENTER_GETEVENTS: u32 = 1;
+        let pending = self.ring.submission().len() as u32;
+        // SAFETY: every SQE pushed is complete and its buffers are kept
+        // alive by `owned` (see `push`); the SQ tail was published when
+        // `push` dropped its queue guard.
+        let submitted = unsafe { self.ring.submitter().enter::<libc::sigset_t>(pending, 0, ENTER_GETEVENTS, None) }?;
+        if self.ring.completion().is_empty() {
+            self.ring.submit_and_wait(1)
+        } else {
+            Ok(submitted)
         }
     }
 
