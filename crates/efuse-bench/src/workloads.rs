@@ -903,20 +903,7 @@ fn untar_src(env: &mut RepEnv) -> Result<Figures> {
     sync_all()?;
     let mut tar = Command::new("tar");
     tar.arg("-xf").arg(datasets::tarball_path(env.work, datasets::SRC_TARBALL)).arg("-C").arg(&dir);
-    env.commands.push(exec::display(&tar));
-    let t = Instant::now();
-    exec::run(&mut tar, Duration::from_secs(1800))?;
-    let s = t.elapsed().as_secs_f64();
-    let got = count_files(&dir)?;
-    // Untimed, but finished here: what a daemon frees after `rm` returns
-    // must not land in the next timed run.
-    remove_tree(&dir)?;
-    wait_released(env, baseline)?;
-    sync_all()?;
-    if got != env.made.src_files as u64 {
-        bail!("tar extracted {got} files, the tarball holds {}", env.made.src_files);
-    }
-    Ok(figures(&[("files_per_s", env.made.src_files as f64 / s), ("seconds", s)]))
+    source_tree_made(env, tar, &dir, baseline)
 }
 
 fn cp_r(env: &mut RepEnv) -> Result<Figures> {
@@ -926,16 +913,24 @@ fn cp_r(env: &mut RepEnv) -> Result<Figures> {
     sync_all()?;
     let mut cp = Command::new("cp");
     cp.arg("-r").arg(&src).arg(&dst);
-    env.commands.push(exec::display(&cp));
+    source_tree_made(env, cp, &dst, baseline)
+}
+
+/// Times `cmd`, which makes a copy of the source tree at `dir`; then
+/// (untimed) counts the copy, removes it and waits until the daemon let go
+/// of its files (`baseline`: see [`fds_before`]), so that what a daemon
+/// frees after `rm` returns does not land in the next timed run.
+fn source_tree_made(env: &mut RepEnv, mut cmd: Command, dir: &Path, baseline: Option<usize>) -> Result<Figures> {
+    env.commands.push(exec::display(&cmd));
     let t = Instant::now();
-    exec::run(&mut cp, Duration::from_secs(1800))?;
+    exec::run(&mut cmd, Duration::from_secs(1800))?;
     let s = t.elapsed().as_secs_f64();
-    let got = count_files(&dst)?;
-    remove_tree(&dst)?;
+    let got = count_files(dir)?;
+    remove_tree(dir)?;
     wait_released(env, baseline)?;
     sync_all()?;
     if got != env.made.src_files as u64 {
-        bail!("cp -r made {got} files, the tree holds {}", env.made.src_files);
+        bail!("`{}` made {got} files, the source tree holds {}", exec::display(&cmd), env.made.src_files);
     }
     Ok(figures(&[("files_per_s", env.made.src_files as f64 / s), ("seconds", s)]))
 }
