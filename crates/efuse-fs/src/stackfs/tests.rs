@@ -230,6 +230,21 @@ impl Drop for Harness {
     }
 }
 
+/// Appends the names of a READDIR reply's entries to `names`; returns the
+/// offset of the last one (where the next READDIR continues).
+fn read_dirents(data: &[u8], names: &mut Vec<String>) -> u64 {
+    let mut rest = data;
+    let mut offset = 0;
+    while !rest.is_empty() {
+        let (d, _) = abi::Dirent::read_from_prefix(rest).unwrap();
+        let hdr = std::mem::size_of::<abi::Dirent>();
+        names.push(String::from_utf8(rest[hdr..hdr + d.namelen as usize].to_vec()).unwrap());
+        offset = d.off;
+        rest = &rest[efuse::abi::encode::dirent_size(d.namelen as usize)..];
+    }
+    offset
+}
+
 fn write_files(dir: &Path, n: usize) {
     for i in 0..n {
         std::fs::write(dir.join(format!("f{i:04}")), format!("content {i}")).unwrap();
@@ -749,14 +764,7 @@ fn listing_resumes_after_its_descriptor_was_evicted() {
         if data.is_empty() {
             break;
         }
-        let mut rest = &data[..];
-        while !rest.is_empty() {
-            let (d, _) = abi::Dirent::read_from_prefix(rest).unwrap();
-            let hdr = std::mem::size_of::<abi::Dirent>();
-            names.push(String::from_utf8(rest[hdr..hdr + d.namelen as usize].to_vec()).unwrap());
-            offset = d.off;
-            rest = &rest[efuse::abi::encode::dirent_size(d.namelen as usize)..];
-        }
+        offset = read_dirents(&data, &mut names);
         // A listing that restarts or repeats must fail here, not run forever.
         assert!(names.len() <= 302, "{} entries listed from a directory of 302", names.len());
         // An open file takes the one slot: the directory's descriptor goes.
@@ -915,14 +923,7 @@ fn stateless_listing_resumes_and_goes_with_its_node() {
         if data.is_empty() {
             break;
         }
-        let mut rest = &data[..];
-        while !rest.is_empty() {
-            let (e, _) = abi::Dirent::read_from_prefix(rest).unwrap();
-            let hdr = std::mem::size_of::<abi::Dirent>();
-            names.push(String::from_utf8(rest[hdr..hdr + e.namelen as usize].to_vec()).unwrap());
-            offset = e.off;
-            rest = &rest[efuse::abi::encode::dirent_size(e.namelen as usize)..];
-        }
+        offset = read_dirents(&data, &mut names);
         assert!(names.len() <= 302, "{} entries listed from a directory of 302", names.len());
         // Another reader starts over at 0 meanwhile; an open file takes the
         // one descriptor slot.
