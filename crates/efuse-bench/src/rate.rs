@@ -149,34 +149,14 @@ fn daemon_cpu_secs(pid: u32) -> Result<f64> {
 }
 
 /// The daemon's context switches so far, summed over its live threads:
-/// (voluntary, involuntary), from /proc/PID/task/*/status. A thread that
-/// exits during a run takes its counts with it, which only undercounts.
+/// (voluntary, involuntary). A thread that exits during a run takes its
+/// counts with it, which only undercounts.
 fn daemon_switches(pid: u32) -> Result<(u64, u64)> {
-    let dir = format!("/proc/{pid}/task");
-    let mut vol = 0;
-    let mut invol = 0;
-    for t in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let Ok(t) = t else { continue };
-        // A thread may be gone between the listing and the read.
-        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
-        let (v, n) = parse_switches(&status);
-        vol += v;
-        invol += n;
+    let threads = efuse::observe::process_threads(&pid.to_string());
+    if threads.is_empty() {
+        bail!("no threads of process {pid} in /proc/{pid}/task");
     }
-    Ok((vol, invol))
-}
-
-/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of one
-/// /proc status file (0 when absent).
-fn parse_switches(status: &str) -> (u64, u64) {
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("voluntary_ctxt_switches"), field("nonvoluntary_ctxt_switches"))
+    Ok(threads.iter().fold((0, 0), |(v, n), t| (v + t.voluntary, n + t.involuntary)))
 }
 
 fn daemon_pid(efuse: &Path, mnt: &Path) -> Result<u32> {
@@ -476,16 +456,6 @@ pub fn out_paths(out: &Path) -> (PathBuf, PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn switches_are_read_from_a_status_file() {
-        let status = "Name:\tefuse-ring-0\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1234\n\
-                      nonvoluntary_ctxt_switches:\t56\n";
-        assert_eq!(parse_switches(status), (1234, 56));
-        assert_eq!(parse_switches("Name:\tx\n"), (0, 0), "absent fields count as 0");
-        // A field whose name another one ends with is not mistaken for it.
-        assert_eq!(parse_switches("nonvoluntary_ctxt_switches:\t7\n"), (0, 7));
-    }
 
     #[test]
     fn own_switches_are_counted() {

@@ -247,24 +247,38 @@ impl Observability {
 
 /// Context switches of this process's threads from /proc (live threads only).
 fn proc_threads() -> Vec<TopThread> {
+    process_threads("self")
+}
+
+/// Context switches of the threads of process `pid` (a number, or "self")
+/// from /proc/PID/task/*/status, by thread id; live threads only (an
+/// exited thread takes its counts with it). Empty when /proc cannot be read.
+pub fn process_threads(pid: &str) -> Vec<TopThread> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
     for entry in dir.flatten() {
         let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else { continue };
+        // A thread may be gone between the listing and the read.
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
-        let field = |key: &str| {
-            status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
-        };
-        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("").trim().to_string();
-        out.push(TopThread {
-            tid,
-            name,
-            voluntary: field("voluntary_ctxt_switches:"),
-            involuntary: field("nonvoluntary_ctxt_switches:"),
-        });
+        out.push(thread_from_status(tid, &status));
     }
     out.sort_by_key(|t| t.tid);
     out
+}
+
+/// A thread's name and context switches from its /proc status text
+/// (absent fields count as 0).
+fn thread_from_status(tid: u32, status: &str) -> TopThread {
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("").trim().to_string();
+    TopThread {
+        tid,
+        name,
+        voluntary: field("voluntary_ctxt_switches:"),
+        involuntary: field("nonvoluntary_ctxt_switches:"),
+    }
 }
 
 #[cfg(test)]
@@ -278,5 +292,18 @@ mod tests {
         assert_eq!(opcode_name(3), "GETATTR");
         assert_eq!(opcode_name(63), "OPCODE_63");
         assert!(!proc_threads().is_empty());
+    }
+
+    #[test]
+    fn switches_are_read_from_a_status_file() {
+        let status = "Name:\tefuse-ring-0\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1234\n\
+                      nonvoluntary_ctxt_switches:\t56\n";
+        let t = thread_from_status(7, status);
+        assert_eq!((t.tid, t.name.as_str(), t.voluntary, t.involuntary), (7, "efuse-ring-0", 1234, 56));
+        let t = thread_from_status(1, "Name:\tx\n");
+        assert_eq!((t.voluntary, t.involuntary), (0, 0), "absent fields count as 0");
+        // A field whose name another one ends with is not mistaken for it.
+        let t = thread_from_status(1, "nonvoluntary_ctxt_switches:\t7\n");
+        assert_eq!((t.voluntary, t.involuntary), (0, 7));
     }
 }
