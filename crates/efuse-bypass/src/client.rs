@@ -1,0 +1,464 @@
+//! The client side of the protocol: connect to a daemon, send a request
+//! through a slot of the region, wait for the reply.
+//!
+//! Written for use inside a preloaded library: [`Client::call`] allocates
+//! nothing and takes no lock (slots are claimed with a compare-and-swap on
+//! a bitmap in the region), so a signal handler that makes a file call in
+//! the middle of another one gets a slot of its own. A forked child shares
+//! the region and the socket with its parent, and with them the daemon's
+//! state for the client (its lookups and open handles).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use efuse_abi::structs::{InHeader, OutHeader};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::{futex_wait, futex_wake, state, Hello, Region, Welcome, MAGIC, VERSION};
+
+/// Polls of the slot's state before the client sleeps on it: long enough
+/// to catch a daemon that answers from memory on the other CPU, short
+/// enough to leave the CPU to the daemon when both share one.
+const SPIN_POLLS: u32 = 2000;
+
+/// A connection to the daemon of one mount.
+pub struct Client {
+    sock: OwnedFd,
+    region: Region,
+    welcome: Welcome,
+}
+
+/// How a call failed (not the file system's answer, which is the reply's
+/// error field): the client should fall back to the kernel.
+#[derive(Debug)]
+pub enum CallError {
+    /// The request does not fit in a slot.
+    TooBig,
+    /// The daemon is gone or answered nonsense.
+    Broken,
+}
+
+impl Client {
+    /// Connects to the bypass socket at `socket`, which must be served by
+    /// a process of user `daemon_uid` for a mount whose st_dev is `dev`.
+    pub fn connect(socket: &Path, daemon_uid: u32, dev: u64) -> io::Result<Client> {
+        let path = socket.as_os_str().as_bytes();
+        // SAFETY: sockaddr_un is plain data.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if path.len() >= addr.sun_path.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass socket path too long"));
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: plain socket calls on our own descriptor.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+        // SAFETY: addr is a valid sockaddr_un of `len` bytes.
+        if unsafe { libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len as libc::socklen_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let peer = peer_uid(fd)?;
+        if peer != daemon_uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("bypass socket served by uid {peer}, the mount belongs to uid {daemon_uid}"),
+            ));
+        }
+        let hello = Hello { magic: MAGIC, version: VERSION, flags: 0 };
+        write_all(fd, hello.as_bytes())?;
+        let mut buf = [0u8; std::mem::size_of::<Welcome>()];
+        let memfd = recv_with_fd(fd, &mut buf)?;
+        let welcome = Welcome::read_from_bytes(&buf).map_err(|_| broken("short welcome"))?;
+        if welcome.magic != MAGIC || welcome.version != VERSION {
+            return Err(broken("not an efuse bypass socket"));
+        }
+        if welcome.error != 0 {
+            return Err(io::Error::from_raw_os_error(-welcome.error));
+        }
+        let memfd = memfd.ok_or_else(|| broken("welcome without a region"))?;
+        if welcome.dev != dev {
+            return Err(broken("the daemon serves another mount"));
+        }
+        if welcome.slot_count == 0 || welcome.slot_count > 64 || welcome.slot_size < 8192 {
+            return Err(broken("bad region geometry"));
+        }
+        // SAFETY: fstat into a zeroed stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size) {
+            return Err(broken("region smaller than announced"));
+        }
+        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size)?;
+        if region.header().magic != MAGIC {
+            return Err(broken("region without magic"));
+        }
+        Ok(Client { sock, region, welcome })
+    }
+
+    /// What the daemon said at connection.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The socket: kept open for the client's life; the daemon drops the
+    /// client's state when it closes.
+    pub fn socket_fd(&self) -> i32 {
+        self.sock.as_raw_fd()
+    }
+
+    /// Bytes of request a slot holds (header included).
+    pub fn slot_size(&self) -> usize {
+        self.region.slot_size() as usize
+    }
+
+    /// Sends one request (`opcode` on `nodeid`, arguments `args` laid one
+    /// after the other) and hands the reply's error (0 or a negative errno)
+    /// and payload to `on_reply`, whose result is returned. The payload is
+    /// a view of shared memory, valid only during the call.
+    pub fn call<R>(
+        &self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[&[u8]],
+        on_reply: impl FnOnce(i32, &[u8]) -> R,
+    ) -> Result<R, CallError> {
+        let hsize = std::mem::size_of::<InHeader>();
+        let total = hsize + args.iter().map(|a| a.len()).sum::<usize>();
+        if total > self.slot_size() {
+            return Err(CallError::TooBig);
+        }
+        let slot = self.claim();
+        let _release = Release { client: self, slot };
+        let header = InHeader {
+            len: total as u32,
+            opcode,
+            unique: 0,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            total_extlen: 0,
+            padding: 0,
+        };
+        let mut parts: [&[u8]; 8] = [&[]; 8];
+        if args.len() > 7 {
+            return Err(CallError::TooBig);
+        }
+        parts[0] = header.as_bytes();
+        parts[1..=args.len()].copy_from_slice(args);
+        self.region.write_parts(slot, &parts[..=args.len()]).map_err(|_| CallError::TooBig)?;
+        let sh = self.region.slot(slot);
+        sh.len.store(total as u32, Ordering::Relaxed);
+        sh.state.store(state::REQUEST, Ordering::Release);
+        let h = self.region.header();
+        h.doorbell.fetch_add(1, Ordering::SeqCst);
+        if h.server_waiting.load(Ordering::SeqCst) != 0 {
+            futex_wake(&h.doorbell, 1);
+        }
+        self.wait_reply(slot)?;
+        let len = sh.len.load(Ordering::Acquire) as usize;
+        let osize = std::mem::size_of::<OutHeader>();
+        if len < osize || len > self.slot_size() {
+            return Err(CallError::Broken);
+        }
+        // SAFETY: `len` bytes of the slot's data, which the daemon wrote
+        // before it set REPLY and leaves alone until the slot is reused.
+        let reply = unsafe { std::slice::from_raw_parts(self.region.data(slot), len) };
+        let out = OutHeader::read_from_bytes(&reply[..osize]).map_err(|_| CallError::Broken)?;
+        if out.error > 0 || out.error < -4095 {
+            return Err(CallError::Broken);
+        }
+        Ok(on_reply(out.error, &reply[osize..]))
+    }
+
+    fn wait_reply(&self, slot: u32) -> Result<(), CallError> {
+        let sh = self.region.slot(slot);
+        for _ in 0..SPIN_POLLS {
+            if sh.state.load(Ordering::Acquire) == state::REPLY {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            sh.client_waiting.store(1, Ordering::SeqCst);
+            let s = sh.state.load(Ordering::SeqCst);
+            if s == state::REPLY {
+                sh.client_waiting.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            futex_wait(&sh.state, s, Some(Duration::from_millis(200)));
+            sh.client_waiting.store(0, Ordering::Relaxed);
+            if sh.state.load(Ordering::Acquire) == state::REPLY {
+                return Ok(());
+            }
+            if !self.alive() {
+                return Err(CallError::Broken);
+            }
+        }
+    }
+
+    /// Is the daemon still there (its end of the socket open)?
+    pub fn alive(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        !(n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+    }
+
+    fn claim(&self) -> u32 {
+        let h = self.region.header();
+        let n = self.region.slot_count();
+        let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let mut spins = 0u32;
+        loop {
+            let cur = h.claimed.load(Ordering::Relaxed);
+            let free = !cur & all;
+            if free != 0 {
+                let bit = free.trailing_zeros();
+                if h.claimed.compare_exchange_weak(cur, cur | 1 << bit, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                    return bit;
+                }
+                continue;
+            }
+            // Every slot busy: more threads in calls than slots. Let them run.
+            spins += 1;
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else {
+                // SAFETY: no preconditions.
+                unsafe { libc::sched_yield() };
+            }
+        }
+    }
+}
+
+/// Frees a slot when a call ends, however it ends.
+struct Release<'a> {
+    client: &'a Client,
+    slot: u32,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let sh = self.client.region.slot(self.slot);
+        sh.state.store(state::FREE, Ordering::Release);
+        self.client.region.header().claimed.fetch_and(!(1u64 << self.slot), Ordering::Release);
+    }
+}
+
+fn broken(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("bypass handshake: {what}"))
+}
+
+fn peer_uid(fd: i32) -> io::Result<u32> {
+    // SAFETY: ucred is plain data; getsockopt fills at most its size.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn write_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: writes from a live buffer.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// Receives exactly `buf.len()` bytes, and the descriptor that came with
+/// the first of them if any.
+fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    let mut got = 0;
+    let mut passed = None;
+    while got < buf.len() {
+        let mut iov = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: buf.len() - got };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: msghdr is plain data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        // SAFETY: recvmsg into our buffers.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(broken("the daemon closed the connection"));
+        }
+        // SAFETY: walks the control messages recvmsg wrote.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let nfds = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<i32>();
+                    let fds = libc::CMSG_DATA(c) as *const i32;
+                    for k in 0..nfds {
+                        let f = OwnedFd::from_raw_fd(fds.add(k).read_unaligned());
+                        if passed.is_none() {
+                            passed = Some(f);
+                        }
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        got += n as usize;
+    }
+    Ok(passed)
+}
+
+/// Sends `buf` with descriptor `pass` attached (daemon side of the
+/// handshake).
+pub fn send_with_fd(fd: i32, buf: &[u8], pass: Option<i32>) -> io::Result<()> {
+    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(p) = pass {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        // SAFETY: CMSG macros over our control buffer, big enough for one fd.
+        unsafe {
+            msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            (libc::CMSG_DATA(c) as *mut i32).write_unaligned(p);
+        }
+    }
+    // SAFETY: sendmsg from our buffers.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (n as usize) < buf.len() {
+        write_all(fd, &buf[n as usize..])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in daemon: answers the handshake, then serves requests of
+    /// one slot by echoing their arguments back, until told to stop.
+    #[test]
+    fn a_call_goes_through_a_slot_and_comes_back() {
+        let dir = std::env::temp_dir().join(format!("efuse-bypass-test-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let sock = dir.join("t.bypass");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut hello = [0u8; std::mem::size_of::<Hello>()];
+            let fd = conn.as_raw_fd();
+            // SAFETY: reads into our buffer.
+            let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
+            assert_eq!(n as usize, hello.len());
+            let (memfd, region) = Region::create(4, 8192).expect("region");
+            let w = Welcome {
+                magic: MAGIC,
+                version: VERSION,
+                error: 0,
+                dev: 42,
+                slot_count: 4,
+                slot_size: 8192,
+                max_io: 4096,
+                flags: 0,
+            };
+            send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
+            let mut served = 0;
+            let mut buf = Vec::new();
+            while served < 3 {
+                let mut any = false;
+                for i in 0..region.slot_count() {
+                    let sh = region.slot(i);
+                    if sh
+                        .state
+                        .compare_exchange(state::REQUEST, state::SERVING, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        any = true;
+                        let len = sh.len.load(Ordering::Relaxed) as usize;
+                        region.copy_out(i, len, &mut buf).expect("copy");
+                        let args = &buf[std::mem::size_of::<InHeader>()..];
+                        let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
+                        let n = region.write_parts(i, &[out.as_bytes(), args]).expect("fits");
+                        sh.len.store(n as u32, Ordering::Relaxed);
+                        sh.state.store(state::REPLY, Ordering::Release);
+                        futex_wake(&sh.state, 1);
+                        served += 1;
+                    }
+                }
+                if !any {
+                    std::thread::yield_now();
+                }
+            }
+            conn
+        });
+        let c = Client::connect(&sock, unsafe { libc::geteuid() }, 42).expect("connect");
+        for word in [&b"one"[..], b"two", b"three"] {
+            let got = c.call(1, 1, &[word], |e, p| (e, p.to_vec())).expect("call");
+            assert_eq!(got, (0, word.to_vec()));
+        }
+        assert!(matches!(c.call(1, 1, &[&[0u8; 9000][..]], |_, _| ()), Err(CallError::TooBig)));
+        let conn = server.join().expect("server");
+        drop(conn);
+        // The daemon is gone: a call fails instead of waiting forever.
+        assert!(!c.alive());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_wrong_device_or_user_is_refused() {
+        let dir = std::env::temp_dir().join(format!("efuse-bypass-test2-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let sock = dir.join("t.bypass");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).expect("bind");
+        // Another uid than the peer's: refused before any message.
+        let uid = unsafe { libc::geteuid() };
+        let e = Client::connect(&sock, uid.wrapping_add(1), 42).err().expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,45 @@
+//! Arguments and replies of the bypass's own opcodes ([`crate::op`]).
+
+use efuse_abi::structs::EntryOut;
+
+/// Argument of [`crate::op::WALK`]; the path follows.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
+pub struct WalkIn {
+    /// [`walk`] flags.
+    pub flags: u32,
+    /// Bytes of the path that follows.
+    pub path_len: u32,
+}
+
+/// Reply of [`crate::op::WALK`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
+pub struct WalkOut {
+    /// [`walk::DONE`] or [`walk::LEFT`].
+    pub status: u32,
+    pub _pad: u32,
+    /// The node the path names (valid when `status` is DONE).
+    pub entry: EntryOut,
+}
+
+/// [`WalkIn::flags`] and [`WalkOut::status`].
+pub mod walk {
+    /// Follow a symbolic link in the last component (stat, open without
+    /// O_NOFOLLOW); links before it are always followed.
+    pub const FOLLOW_LAST: u32 = 1 << 0;
+    /// The path must name a directory (it ended with a slash).
+    pub const DIRECTORY: u32 = 1 << 1;
+
+    /// Walked to the end: `entry` names the node.
+    pub const DONE: u32 = 0;
+    /// The path leaves the tree the daemon can walk (a symbolic link to an
+    /// absolute path, or `..` above the mount's root): the client resolves
+    /// it some other way (through the kernel).
+    pub const LEFT: u32 = 1;
+}
+
+/// The longest path a WALK carries (PATH_MAX, counting no NUL).
+pub const WALK_PATH_MAX: usize = 4095;
+/// The most symbolic links one WALK follows (as the kernel: ELOOP after 40).
+pub const WALK_MAX_LINKS: u32 = 40;
