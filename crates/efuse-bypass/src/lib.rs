@@ -12,7 +12,8 @@
 //! requests through the same session and file system code as kernel ones.
 //!
 //! A slot goes FREE -> REQUEST (client) -> SERVING (daemon) -> REPLY (daemon)
-//! -> FREE (client). The client rings the region's doorbell (a counter the
+//! -> FREE (client). Every request gets a reply, FORGET included (an empty
+//! one), so the client knows when it may reuse the slot. The client rings the region's doorbell (a counter the
 //! daemon's thread futex-waits on when idle) after publishing a request and
 //! waits on the slot's state (spin, then futex). Everything in the region is
 //! the client's to scribble on: the daemon copies a request out once, then

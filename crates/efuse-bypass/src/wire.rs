@@ -30,6 +30,9 @@ pub mod walk {
     pub const FOLLOW_LAST: u32 = 1 << 0;
     /// The path must name a directory (it ended with a slash).
     pub const DIRECTORY: u32 = 1 << 1;
+    /// The client keeps no lookup of the final node: it wants only the
+    /// entry's attributes (stat, access). Saves a FORGET.
+    pub const NO_KEEP: u32 = 1 << 2;
 
     /// Walked to the end: `entry` names the node.
     pub const DONE: u32 = 0;
