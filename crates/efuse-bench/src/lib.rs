@@ -21,6 +21,7 @@ mod rate;
 mod report;
 mod scale;
 mod systems;
+pub mod worker;
 mod workloads;
 
 use std::path::{Path, PathBuf};
@@ -683,6 +684,7 @@ fn run_rep(
     let mut cmds = Vec::new();
     let backing = s.shows_backing().then_some(plan.backing.as_path());
     let daemon = mounts.daemon_pid(s);
+    let wrap = s.wrapper(&plan.efuse_exe, &root);
     let rep_env = |commands| RepEnv {
         root: &root,
         backing,
@@ -692,6 +694,8 @@ fn run_rep(
         scratch: ctx.logs,
         commands,
         daemon,
+        efuse_exe: &plan.efuse_exe,
+        wrap: &wrap,
     };
     match w.cache {
         workloads::CacheState::Cold => {

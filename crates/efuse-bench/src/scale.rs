@@ -110,7 +110,7 @@ impl Scale {
         format!(
             "Scale `{}`: {} repetition(s), median reported. fio (randrw, rwmixread=70, libaio, {} s per run): {}; {}; {} \
              (eFUSE used 1 x 1 GiB / 50 x 512 KiB / 5 x 2 GiB with 8-16 jobs and iodepth 64-256 for 60-120 s). \
-             cat storm: {} fresh `cat`s of one {}-byte file; open/read/close: {} in-process; stat storm: {} files x {} passes; \
+             cat storm: {} fresh `cat`s of one {}-byte file; open/read/close: {} in one process; stat storm: {} files x {} passes; \
              find: {} entries; untar/rm: {} files, ~{} MiB; sequential: {} MiB in 1 MiB blocks; source tree (grep -r, \
              untar, cp -r, git status): up to {} files of the C headers. memfs capacity {}.",
             self.name,

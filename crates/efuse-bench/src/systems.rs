@@ -46,6 +46,11 @@ pub enum System {
     EfuseNoOpen,
     /// `efuse mount memfs`: in memory (datasets are copied in).
     Memfs,
+    /// `efuse mount stackfs` with every program of the workload run under
+    /// `efuse run`: the kernel bypass (preloaded client library).
+    EfuseBypass,
+    /// `efuse mount memfs` under `efuse run`.
+    MemfsBypass,
 }
 
 impl System {
@@ -74,11 +79,14 @@ impl System {
             System::EfuseNoPassthrough => "efuse-nopt",
             System::EfuseNoOpen => "efuse-noopen",
             System::Memfs => "memfs",
+            System::EfuseBypass => "efuse-bypass",
+            System::MemfsBypass => "memfs-bypass",
         }
     }
 
     /// Systems run only when named with `--systems`.
-    pub const ON_REQUEST: [System; 2] = [System::EfuseNoPassthrough, System::EfuseNoOpen];
+    pub const ON_REQUEST: [System; 4] =
+        [System::EfuseNoPassthrough, System::EfuseNoOpen, System::EfuseBypass, System::MemfsBypass];
 
     pub fn parse(s: &str) -> Option<System> {
         System::ALL.into_iter().chain(System::ON_REQUEST).find(|x| x.name() == s)
@@ -98,12 +106,25 @@ impl System {
                 | System::EfuseNoPassthrough
                 | System::EfuseNoOpen
                 | System::Memfs
+                | System::EfuseBypass
+                | System::MemfsBypass
         )
     }
 
     /// Whether it shows the shared backing directory (memfs does not).
     pub fn shows_backing(self) -> bool {
-        self != System::Memfs
+        !matches!(self, System::Memfs | System::MemfsBypass)
+    }
+
+    /// What the programs of a workload run under on this system, mounted
+    /// at `mp`: `efuse run --mount MP --` for the bypass systems.
+    pub fn wrapper(self, efuse_exe: &Path, mp: &Path) -> Vec<std::ffi::OsString> {
+        match self {
+            System::EfuseBypass | System::MemfsBypass => {
+                vec![efuse_exe.into(), "run".into(), "--mount".into(), mp.into(), "--".into()]
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Whether it is libfuse's passthrough_hp (needs `--libfuse-hp`).
@@ -277,7 +298,8 @@ impl MountPlan {
             | System::Efuse
             | System::EfuseDev
             | System::EfuseNoPassthrough
-            | System::EfuseNoOpen => {
+            | System::EfuseNoOpen
+            | System::EfuseBypass => {
                 let mut c = Command::new(&self.efuse_exe);
                 c.arg("mount").arg("stackfs").arg(&self.backing).arg(&mp);
                 if s == System::EfusePlain {
@@ -294,7 +316,7 @@ impl MountPlan {
                 }
                 Some(c)
             }
-            System::Memfs => {
+            System::Memfs | System::MemfsBypass => {
                 let mut c = Command::new(&self.efuse_exe);
                 c.arg("mount").arg("memfs").arg(&mp).arg("--size").arg(&self.memfs_size);
                 Some(c)

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::datasets::{self, Rng};
+use crate::datasets;
 use crate::exec;
 use crate::scale::{FioShape, Scale};
+use crate::worker;
 
 /// Which chart a workload's bars go on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -162,6 +163,18 @@ pub struct RepEnv<'a> {
     /// The FUSE daemon's process (None for ext4), to wait for it to let go
     /// of removed files.
     pub daemon: Option<u32>,
+    /// The efuse binary (for the bench worker, [`crate::worker`]).
+    pub efuse_exe: &'a Path,
+    /// What every program a repetition runs is started under (the bypass
+    /// systems: `efuse run --mount MNT --`); empty: nothing.
+    pub wrap: &'a [std::ffi::OsString],
+}
+
+impl RepEnv<'_> {
+    /// A command running `prog` under the system's wrapper.
+    pub fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        crate::worker::wrapped(self.wrap, prog.as_ref())
+    }
 }
 
 pub type Figures = BTreeMap<String, f64>;
@@ -239,7 +252,7 @@ impl Workload {
             name: "open-read-close".into(),
             kind: Kind::OpenLoop,
             group: Group::Metadata,
-            description: format!("{} x open/read/close of one small file, in the bench's process", scale.open_loops),
+            description: format!("{} x open/read/close of one small file, in one process", scale.open_loops),
             cache: CacheState::Warm,
             cache_note: warm_file,
             metrics: vec![rate("ops_per_s", "opens/s", Some("open/read/close".into())), secs("seconds", "wall s")],
@@ -249,7 +262,7 @@ impl Workload {
             kind: Kind::StatStorm,
             group: Group::Metadata,
             description: format!(
-                "stat(2) of {} files in 100 directories, {} passes, in process",
+                "stat(2) of {} files in 100 directories, {} passes, in one process",
                 scale.stat_files, scale.stat_passes
             ),
             cache: CacheState::Cold,
@@ -564,7 +577,8 @@ fn run_fio(env: &mut RepEnv, n: u8, direct: bool, cache: CacheState) -> Result<F
     let dir = env.root.join(set);
     let json = env.scratch.join(format!("fio-w{n}.json"));
     let _ = std::fs::remove_file(&json);
-    let mut cmd = fio_command(env.scale, n, direct, cache, &dir, &json);
+    let cmd = fio_command(env.scale, n, direct, cache, &dir, &json);
+    let mut cmd = worker::rewrap(env.wrap, cmd);
     env.commands.push(exec::display(&cmd));
     exec::run(&mut cmd, Duration::from_secs(env.scale.fio_runtime_s as u64 + 240))?;
     let text = std::fs::read_to_string(&json).with_context(|| format!("reading fio's {}", json.display()))?;
@@ -626,8 +640,7 @@ fn cat_storm(env: &mut RepEnv) -> Result<Figures> {
         if i % 256 == 0 {
             check_interrupt()?;
         }
-        exec::run_quiet(Command::new("cat").arg(&path), Duration::from_secs(10))
-            .with_context(|| format!("cat #{i}"))?;
+        exec::run_quiet(env.command("cat").arg(&path), Duration::from_secs(10)).with_context(|| format!("cat #{i}"))?;
     }
     let s = t.elapsed().as_secs_f64();
     Ok(figures(&[("ops_per_s", n as f64 / s), ("seconds", s)]))
@@ -637,46 +650,28 @@ fn open_loop(env: &mut RepEnv) -> Result<Figures> {
     let path = env.root.join(datasets::SMALL_FILE);
     let n = env.scale.open_loops;
     let want = env.scale.small_file_bytes;
-    env.commands.push(format!("{n} x open/read({want} B)/close of {} (in process)", path.display()));
-    let mut buf = vec![0u8; want.max(1)];
-    let t = Instant::now();
-    for i in 0..n {
-        if i % 4096 == 0 {
-            check_interrupt()?;
-        }
-        let mut f = File::open(&path).with_context(|| format!("open #{i} of {}", path.display()))?;
-        let got = f.read(&mut buf).with_context(|| format!("read #{i}"))?;
-        if got != want && i == 0 {
-            bail!("read {got} bytes of {}, expected {want}", path.display());
-        }
-    }
-    let s = t.elapsed().as_secs_f64();
-    Ok(figures(&[("ops_per_s", n as f64 / s), ("seconds", s)]))
+    env.commands.push(format!("{n} x open/read({want} B)/close of {} (one process)", path.display()));
+    let job = worker::Job::OpenLoop { path, n: n.into(), want };
+    worker::run(env, &job, Duration::from_secs(1800))
 }
 
 fn stat_storm(env: &mut RepEnv) -> Result<Figures> {
     let paths: Vec<PathBuf> = datasets::stat_paths(env.scale).into_iter().map(|p| env.root.join(p)).collect();
     let passes = env.scale.stat_passes;
     env.commands.push(format!(
-        "{passes} passes of stat(2) over {} files under {} (in process)",
+        "{passes} passes of stat(2) over {} files under {} (one process)",
         paths.len(),
         env.root.join(datasets::STAT).display()
     ));
-    let t = Instant::now();
-    for _ in 0..passes {
-        check_interrupt()?;
-        for p in &paths {
-            std::fs::metadata(p).with_context(|| format!("stat {}", p.display()))?;
-        }
-    }
-    let s = t.elapsed().as_secs_f64();
-    Ok(figures(&[("ops_per_s", (paths.len() as u64 * passes as u64) as f64 / s), ("seconds", s)]))
+    let list = env.scratch.join("stat-storm.list");
+    worker::write_list(&list, &paths)?;
+    worker::run(env, &worker::Job::StatStorm { list, passes }, Duration::from_secs(1800))
 }
 
 fn find(env: &mut RepEnv) -> Result<Figures> {
     let dir = env.root.join(datasets::TREE);
     let out = env.scratch.join("find.out");
-    let mut cmd = Command::new("find");
+    let mut cmd = env.command("find");
     cmd.arg(&dir);
     env.commands.push(format!("{} > find.out", exec::display(&cmd)));
     let t = Instant::now();
@@ -702,7 +697,7 @@ fn untar_rm(env: &mut RepEnv) -> Result<Figures> {
     let baseline = fds_before(env)?;
     std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     sync_all()?;
-    let mut tar = Command::new("tar");
+    let mut tar = env.command("tar");
     tar.arg("-xf").arg(datasets::tarball_path(env.work, datasets::TARBALL)).arg("-C").arg(&dir);
     env.commands.push(exec::display(&tar));
     let t = Instant::now();
@@ -710,7 +705,7 @@ fn untar_rm(env: &mut RepEnv) -> Result<Figures> {
     let untar_s = t.elapsed().as_secs_f64();
     sync_all()?;
     check_interrupt()?;
-    let mut rm = Command::new("rm");
+    let mut rm = env.command("rm");
     rm.arg("-r").arg(&dir);
     env.commands.push(exec::display(&rm));
     let t = Instant::now();
@@ -739,54 +734,23 @@ pub fn drop_caches() -> Result<()> {
 fn seq_write(env: &mut RepEnv) -> Result<Figures> {
     let path = env.root.join("seq-write.dat");
     let blocks = env.scale.seq_mib;
-    env.commands.push(format!("write {blocks} x 1 MiB to {} + fsync (in process)", path.display()));
-    let mut buf = vec![0u8; 1 << 20];
-    Rng::new(42).fill(&mut buf);
+    env.commands.push(format!("write {blocks} x 1 MiB to {} + fsync (one process)", path.display()));
     let baseline = fds_before(env)?;
-    let t = Instant::now();
-    {
-        let mut f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        for i in 0..blocks {
-            if i % 64 == 0 {
-                check_interrupt()?;
-            }
-            f.write_all(&buf).with_context(|| format!("writing block {i} of {}", path.display()))?;
-        }
-        f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
-    }
-    let write_s = t.elapsed().as_secs_f64();
+    let figures = worker::run(env, &worker::Job::SeqWrite { path: path.clone(), blocks }, Duration::from_secs(1800))?;
     let size = std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.len();
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     wait_released(env, baseline)?;
     if size != blocks << 20 {
         bail!("{} holds {size} bytes after writing {}", path.display(), blocks << 20);
     }
-    Ok(figures(&[("write_mibps", blocks as f64 / write_s), ("write_s", write_s)]))
+    Ok(figures)
 }
 
 fn seq_read(env: &mut RepEnv) -> Result<Figures> {
     let path = env.root.join(datasets::SEQ_FILE);
     let want = env.scale.seq_mib << 20;
-    env.commands.push(format!("read {} in 1 MiB blocks (in process)", path.display()));
-    let mut buf = vec![0u8; 1 << 20];
-    let t = Instant::now();
-    let mut total = 0u64;
-    let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        if total.is_multiple_of(64 << 20) {
-            check_interrupt()?;
-        }
-    }
-    let read_s = t.elapsed().as_secs_f64();
-    if total != want {
-        bail!("read {total} bytes of {}, expected {want}", path.display());
-    }
-    Ok(figures(&[("read_mibps", (want >> 20) as f64 / read_s), ("read_s", read_s)]))
+    env.commands.push(format!("read {} in 1 MiB blocks (one process)", path.display()));
+    worker::run(env, &worker::Job::SeqRead { path, want }, Duration::from_secs(1800))
 }
 
 /// Descriptors process `pid` holds on removed files and directories under
@@ -880,7 +844,7 @@ fn remove_tree(dir: &Path) -> Result<()> {
 fn grep_r(env: &mut RepEnv) -> Result<Figures> {
     let dir = env.root.join(datasets::SRC_TREE);
     let out = env.scratch.join("grep.out");
-    let mut cmd = Command::new("grep");
+    let mut cmd = env.command("grep");
     cmd.args(["-r", "-l", "-F", datasets::NEEDLE]).arg(&dir).env("LC_ALL", "C");
     env.commands.push(format!("LC_ALL=C {} > grep.out", exec::display(&cmd)));
     let t = Instant::now();
@@ -901,7 +865,7 @@ fn untar_src(env: &mut RepEnv) -> Result<Figures> {
     let baseline = fds_before(env)?;
     std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     sync_all()?;
-    let mut tar = Command::new("tar");
+    let mut tar = env.command("tar");
     tar.arg("-xf").arg(datasets::tarball_path(env.work, datasets::SRC_TARBALL)).arg("-C").arg(&dir);
     source_tree_made(env, tar, &dir, baseline)
 }
@@ -911,7 +875,7 @@ fn cp_r(env: &mut RepEnv) -> Result<Figures> {
     remove_tree(&dst)?;
     let baseline = fds_before(env)?;
     sync_all()?;
-    let mut cp = Command::new("cp");
+    let mut cp = env.command("cp");
     cp.arg("-r").arg(&src).arg(&dst);
     source_tree_made(env, cp, &dst, baseline)
 }
@@ -941,6 +905,7 @@ fn git_status(env: &mut RepEnv) -> Result<Figures> {
     // rewrite the index the next system reads.
     let mut cmd = datasets::git(&repo);
     cmd.args(["--no-optional-locks", "status", "--porcelain"]);
+    let mut cmd = worker::rewrap(env.wrap, cmd);
     env.commands.push(exec::display(&cmd));
     let t = Instant::now();
     let out = exec::run(&mut cmd, Duration::from_secs(1800))?;

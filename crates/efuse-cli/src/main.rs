@@ -56,6 +56,12 @@ enum Cmd {
     },
     /// Benchmark suite: efuse beside ext4 and libfuse on the same disk, one run.
     Bench(efuse_bench::BenchArgs),
+    /// One timed loop of `efuse bench`, in a process of its own (internal).
+    #[command(name = "__bench-worker", hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Kernel-side view (eBPF): per-opcode requests/s, errors, p50/p99 latency,
     /// beside the daemon's counters; refreshed every second (q quits).
     Top {
@@ -273,6 +279,7 @@ fn main() -> ExitCode {
         Cmd::Stats { mountpoint, json } => cmd_stats(&mountpoint, json),
         Cmd::Top { mountpoint, once, json } => top::run(&mountpoint, once, json),
         Cmd::Bench(args) => std::env::current_exe().map_err(Into::into).and_then(|exe| efuse_bench::run(args, &exe)),
+        Cmd::BenchWorker { args } => efuse_bench::worker::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
