@@ -28,6 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 pub mod client;
+pub mod table;
 pub mod wire;
 
 /// First bytes of a region, a [`Hello`] and a [`Welcome`].
