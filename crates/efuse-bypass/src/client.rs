@@ -135,40 +135,11 @@ impl Client {
         args: &[&[u8]],
         on_reply: impl FnOnce(i32, &[u8]) -> R,
     ) -> Result<R, CallError> {
-        let hsize = std::mem::size_of::<InHeader>();
-        let total = hsize + args.iter().map(|a| a.len()).sum::<usize>();
-        if total > self.slot_size() {
-            return Err(CallError::TooBig);
-        }
         let slot = self.claim();
         let _release = Release { client: self, slot };
-        let header = InHeader {
-            len: total as u32,
-            opcode,
-            unique: 0,
-            nodeid,
-            uid: 0,
-            gid: 0,
-            pid: 0,
-            total_extlen: 0,
-            padding: 0,
-        };
-        let mut parts: [&[u8]; 8] = [&[]; 8];
-        if args.len() > 7 {
-            return Err(CallError::TooBig);
-        }
-        parts[0] = header.as_bytes();
-        parts[1..=args.len()].copy_from_slice(args);
-        self.region.write_parts(slot, &parts[..=args.len()]).map_err(|_| CallError::TooBig)?;
-        let sh = self.region.slot(slot);
-        sh.len.store(total as u32, Ordering::Relaxed);
-        sh.state.store(state::REQUEST, Ordering::Release);
-        let h = self.region.header();
-        h.doorbell.fetch_add(1, Ordering::SeqCst);
-        if h.server_waiting.load(Ordering::SeqCst) != 0 {
-            futex_wake(&h.doorbell, 1);
-        }
+        self.publish(slot, opcode, nodeid, args, 0)?;
         self.wait_reply(slot)?;
+        let sh = self.region.slot(slot);
         let len = sh.len.load(Ordering::Acquire) as usize;
         let osize = std::mem::size_of::<OutHeader>();
         if len < osize || len > self.slot_size() {
@@ -182,6 +153,52 @@ impl Client {
             return Err(CallError::Broken);
         }
         Ok(on_reply(out.error, &reply[osize..]))
+    }
+
+    /// Sends a request whose reply nobody waits for (RELEASE, FORGET): the
+    /// daemon frees the slot when it has served it
+    /// ([`crate::slot_flags::NO_REPLY`]).
+    pub fn post(&self, opcode: u32, nodeid: u64, args: &[&[u8]]) -> Result<(), CallError> {
+        let slot = self.claim();
+        if let Err(e) = self.publish(slot, opcode, nodeid, args, crate::slot_flags::NO_REPLY) {
+            drop(Release { client: self, slot });
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes the request into `slot` and rings the doorbell.
+    fn publish(&self, slot: u32, opcode: u32, nodeid: u64, args: &[&[u8]], flags: u32) -> Result<(), CallError> {
+        let hsize = std::mem::size_of::<InHeader>();
+        let total = hsize + args.iter().map(|a| a.len()).sum::<usize>();
+        if total > self.slot_size() || args.len() > 7 {
+            return Err(CallError::TooBig);
+        }
+        let header = InHeader {
+            len: total as u32,
+            opcode,
+            unique: 0,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            total_extlen: 0,
+            padding: 0,
+        };
+        let mut parts: [&[u8]; 8] = [&[]; 8];
+        parts[0] = header.as_bytes();
+        parts[1..=args.len()].copy_from_slice(args);
+        self.region.write_parts(slot, &parts[..=args.len()]).map_err(|_| CallError::TooBig)?;
+        let sh = self.region.slot(slot);
+        sh.len.store(total as u32, Ordering::Relaxed);
+        sh.flags.store(flags, Ordering::Relaxed);
+        sh.state.store(state::REQUEST, Ordering::Release);
+        let h = self.region.header();
+        h.doorbell.fetch_add(1, Ordering::SeqCst);
+        if h.server_waiting.load(Ordering::SeqCst) != 0 {
+            futex_wake(&h.doorbell, 1);
+        }
+        Ok(())
     }
 
     fn wait_reply(&self, slot: u32) -> Result<(), CallError> {
@@ -407,7 +424,7 @@ mod tests {
             send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
             let mut served = 0;
             let mut buf = Vec::new();
-            while served < 3 {
+            while served < 4 {
                 let mut any = false;
                 for i in 0..region.slot_count() {
                     let sh = region.slot(i);
@@ -420,6 +437,13 @@ mod tests {
                         let len = sh.len.load(Ordering::Relaxed) as usize;
                         region.copy_out(i, len, &mut buf).expect("copy");
                         let args = &buf[std::mem::size_of::<InHeader>()..];
+                        if sh.flags.load(Ordering::Relaxed) & crate::slot_flags::NO_REPLY != 0 {
+                            assert_eq!(args, b"posted");
+                            sh.state.store(state::FREE, Ordering::Release);
+                            region.header().claimed.fetch_and(!(1u64 << i), Ordering::Release);
+                            served += 1;
+                            continue;
+                        }
                         let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
                         let n = region.write_parts(i, &[out.as_bytes(), args]).expect("fits");
                         sh.len.store(n as u32, Ordering::Relaxed);
@@ -440,7 +464,10 @@ mod tests {
             assert_eq!(got, (0, word.to_vec()));
         }
         assert!(matches!(c.call(1, 1, &[&[0u8; 9000][..]], |_, _| ()), Err(CallError::TooBig)));
+        // A posted request holds its slot until the daemon frees it.
+        c.post(1, 1, &[b"posted"]).expect("post");
         let conn = server.join().expect("server");
+        assert_eq!(c.region.header().claimed.load(Ordering::Acquire), 0);
         drop(conn);
         // The daemon is gone: a call fails instead of waiting forever.
         assert!(!c.alive());

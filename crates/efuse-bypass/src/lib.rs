@@ -96,7 +96,17 @@ pub struct SlotHeader {
     pub client_waiting: AtomicU32,
     /// Bytes of the request (written by the client) or reply (by the daemon).
     pub len: AtomicU32,
-    pub _pad: u32,
+    /// [`slot_flags`], written by the client with the request.
+    pub flags: AtomicU32,
+}
+
+/// [`SlotHeader::flags`].
+pub mod slot_flags {
+    /// The client does not wait for the reply (RELEASE, FORGET): the daemon
+    /// serves the request, then frees the slot itself (state FREE, and the
+    /// slot's bit in [`crate::RegionHeader::claimed`] cleared) instead of
+    /// writing a reply.
+    pub const NO_REPLY: u32 = 1 << 0;
 }
 
 /// Bytes of a region with `slot_count` slots of `slot_size` bytes.
