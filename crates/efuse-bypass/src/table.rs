@@ -381,3 +381,248 @@ mod tests {
         assert!(seen > 0);
     }
 }
+
+/// The daemon's side of one client's table: what it published where, so
+/// it can clear exactly the entries a change makes wrong, and a change
+/// counter that keeps a slow publisher from putting back what a change
+/// cleared in the meantime.
+///
+/// Protocol: read [`Publisher::epoch`] before asking the file system for
+/// what will be published, pass it to [`Publisher::publish`]; any change
+/// that cleared something in between bumped the epoch, and the publish is
+/// dropped. Changes call the `forget_*` methods after the change is made
+/// and before its reply is sent.
+pub struct Publisher {
+    table: Table,
+    by_name: std::collections::HashMap<(u64, Box<[u8]>), u32>,
+    by_node: std::collections::HashMap<u64, Vec<u32>>,
+    /// What each entry holds, for eviction.
+    held: Vec<Option<Held>>,
+    cursor: Vec<u8>,
+    epoch: u64,
+}
+
+/// What a published entry holds: (parent, name, nodeid).
+type Held = (u64, Box<[u8]>, u64);
+
+impl Publisher {
+    /// A publisher for `table`, which it starts by emptying.
+    pub fn new(table: Table) -> Publisher {
+        for i in 0..table.len() {
+            table.clear(i);
+        }
+        let n = table.len() as usize;
+        let buckets = table.buckets() as usize;
+        Publisher {
+            table,
+            by_name: Default::default(),
+            by_node: Default::default(),
+            held: vec![None; n],
+            cursor: vec![0; buckets],
+            epoch: 0,
+        }
+    }
+
+    /// The change counter (see the type's documentation).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Entries in use.
+    pub fn published(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Publishes `name` in `parent` as `p`, unless a change came after
+    /// `epoch` was read (returns false then). Replaces an older entry of the
+    /// same name; evicts another entry of the bucket when it is full.
+    pub fn publish(&mut self, epoch: u64, name: &[u8], p: &Published) -> bool {
+        if epoch != self.epoch || name.is_empty() || name.len() > NAME_MAX {
+            return false;
+        }
+        let key = (p.parent, Box::<[u8]>::from(name));
+        let i = match self.by_name.get(&key) {
+            Some(&i) => {
+                self.unlink_node(i);
+                i
+            }
+            None => {
+                let ways = self.table.ways(p.parent, name);
+                let free = ways.clone().find(|&i| self.held[i as usize].is_none());
+                match free {
+                    Some(i) => i,
+                    None => {
+                        let b = (ways.start / WAYS) as usize;
+                        let victim = ways.start + self.cursor[b] as u32 % WAYS;
+                        self.cursor[b] = self.cursor[b].wrapping_add(1);
+                        self.drop_entry(victim);
+                        victim
+                    }
+                }
+            }
+        };
+        self.table.write(i, name, p);
+        self.held[i as usize] = Some((p.parent, key.1.clone(), p.nodeid));
+        self.by_name.insert(key, i);
+        self.by_node.entry(p.nodeid).or_default().push(i);
+        true
+    }
+
+    /// Refreshes the attributes wherever `nodeid` is published (a GETATTR
+    /// reply), unless a change came after `epoch`.
+    pub fn refresh_attr(&mut self, epoch: u64, nodeid: u64, attr: &Attr, attr_expires: u64) -> bool {
+        if epoch != self.epoch {
+            return false;
+        }
+        if let Some(slots) = self.by_node.get(&nodeid) {
+            for &i in slots {
+                self.table.write_attr(i, nodeid, attr, attr_expires);
+            }
+        }
+        true
+    }
+
+    /// `name` in `parent` changed (created, removed, renamed): its entry goes.
+    pub fn forget_name(&mut self, parent: u64, name: &[u8]) {
+        self.epoch += 1;
+        if let Some(i) = self.by_name.get(&(parent, Box::<[u8]>::from(name))).copied() {
+            self.drop_entry(i);
+        }
+    }
+
+    /// What is known of `nodeid` changed (attributes, data): every entry
+    /// that names it goes.
+    pub fn forget_node(&mut self, nodeid: u64) {
+        self.epoch += 1;
+        if let Some(slots) = self.by_node.remove(&nodeid) {
+            for i in slots {
+                self.drop_entry_keeping_node(i);
+            }
+        }
+    }
+
+    /// Everything goes (a change whose reach is unknown).
+    pub fn forget_all(&mut self) {
+        self.epoch += 1;
+        for i in 0..self.table.len() {
+            if self.held[i as usize].is_some() {
+                self.table.clear(i);
+                self.held[i as usize] = None;
+            }
+        }
+        self.by_name.clear();
+        self.by_node.clear();
+    }
+
+    /// Node ids published now, each once (the client may name them).
+    pub fn nodes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_node.keys().copied()
+    }
+
+    fn drop_entry(&mut self, i: u32) {
+        self.unlink_node(i);
+        self.drop_entry_keeping_node(i);
+    }
+
+    fn drop_entry_keeping_node(&mut self, i: u32) {
+        self.table.clear(i);
+        if let Some((parent, name, _)) = self.held[i as usize].take() {
+            self.by_name.remove(&(parent, name));
+        }
+    }
+
+    fn unlink_node(&mut self, i: u32) {
+        if let Some((_, _, nodeid)) = &self.held[i as usize] {
+            if let Some(v) = self.by_node.get_mut(nodeid) {
+                v.retain(|&x| x != i);
+                if v.is_empty() {
+                    self.by_node.remove(nodeid);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod publisher_tests {
+    use super::*;
+
+    fn p(parent: u64, nodeid: u64, size: u64) -> Published {
+        Published {
+            parent,
+            nodeid,
+            generation: 0,
+            entry_expires: u64::MAX,
+            attr_expires: u64::MAX,
+            attr: Attr { ino: nodeid, size, mode: 0o100644, ..Default::default() },
+        }
+    }
+
+    fn setup(buckets: u32) -> (Vec<u64>, Publisher) {
+        let mut m = vec![0u64; table_len(buckets) / 8];
+        // SAFETY: the Vec's heap buffer does not move when the Vec does, and
+        // each test keeps the Vec alive as long as the publisher.
+        let t = unsafe { Table::at(m.as_mut_ptr() as *mut u8, buckets) };
+        (m, Publisher::new(t))
+    }
+
+    fn reader(m: &mut [u64], buckets: u32) -> Table {
+        // SAFETY: as in setup.
+        unsafe { Table::at(m.as_mut_ptr() as *mut u8, buckets) }
+    }
+
+    #[test]
+    fn changes_clear_exactly_what_they_touch() {
+        let (mut m, mut pb) = setup(8);
+        let e = pb.epoch();
+        assert!(pb.publish(e, b"a", &p(1, 10, 1)));
+        assert!(pb.publish(e, b"b", &p(1, 11, 2)));
+        // A hard link: the same node under two names.
+        assert!(pb.publish(e, b"c", &p(5, 10, 1)));
+        let t = reader(&mut m, 8);
+        assert!(t.find(1, b"a", 0).is_some() && t.find(5, b"c", 0).is_some());
+        pb.forget_node(10);
+        assert!(t.find(1, b"a", 0).is_none() && t.find(5, b"c", 0).is_none());
+        assert!(t.find(1, b"b", 0).is_some());
+        pb.forget_name(1, b"b");
+        assert!(t.find(1, b"b", 0).is_none());
+        assert_eq!(pb.published(), 0);
+        assert_eq!(pb.nodes().count(), 0);
+    }
+
+    #[test]
+    fn a_publish_older_than_a_change_is_dropped() {
+        let (mut m, mut pb) = setup(8);
+        let before = pb.epoch();
+        pb.forget_name(1, b"a"); // a change lands while the lookup was under way
+        assert!(!pb.publish(before, b"a", &p(1, 10, 1)));
+        assert!(reader(&mut m, 8).find(1, b"a", 0).is_none());
+        assert!(!pb.refresh_attr(before, 10, &Attr::default(), u64::MAX));
+        assert!(pb.publish(pb.epoch(), b"a", &p(1, 10, 1)));
+    }
+
+    #[test]
+    fn a_full_bucket_evicts_and_keeps_the_index_true() {
+        let (mut m, mut pb) = setup(1);
+        let e = pb.epoch();
+        for k in 0..20u64 {
+            let name = format!("n{k}");
+            assert!(pb.publish(e, name.as_bytes(), &p(1, 100 + k, k)));
+        }
+        assert_eq!(pb.published(), WAYS as usize);
+        let t = reader(&mut m, 1);
+        let live: Vec<u64> = (0..20u64).filter(|k| t.find(1, format!("n{k}").as_bytes(), 0).is_some()).collect();
+        assert_eq!(live.len(), WAYS as usize);
+        let mut nodes: Vec<u64> = pb.nodes().collect();
+        nodes.sort();
+        assert_eq!(nodes, live.iter().map(|k| 100 + k).collect::<Vec<_>>());
+        // Re-publishing a name moves it to its new node.
+        let k = live[0];
+        assert!(pb.publish(e, format!("n{k}").as_bytes(), &p(1, 999, 0)));
+        assert_eq!(t.find(1, format!("n{k}").as_bytes(), 0).map(|(_, x)| x.nodeid), Some(999));
+        assert!(!pb.nodes().any(|n| n == 100 + k));
+        pb.forget_all();
+        assert_eq!(pb.published(), 0);
+        assert!((0..20u64).all(|k| t.find(1, format!("n{k}").as_bytes(), 0).is_none()));
+    }
+}
