@@ -32,11 +32,24 @@ impl BackingId {
 #[derive(Clone, Debug)]
 pub struct Connection {
     fd: Arc<OwnedFd>,
+    /// Told of every invalidation sent, as of a change the session answered.
+    changes: Option<Arc<crate::changes::Changes>>,
 }
 
 impl Connection {
     pub(crate) fn new(fd: Arc<OwnedFd>) -> Connection {
-        Connection { fd }
+        Connection { fd, changes: None }
+    }
+
+    /// This connection, telling `changes` of every invalidation it sends.
+    pub(crate) fn telling(self, changes: Arc<crate::changes::Changes>) -> Connection {
+        Connection { changes: Some(changes), ..self }
+    }
+
+    fn tell(&self, c: crate::changes::Change) {
+        if let Some(ch) = &self.changes {
+            ch.tell(&[c]);
+        }
     }
 
     fn send_notify(&self, code: i32, parts: &[&[u8]]) -> io::Result<bool> {
@@ -65,6 +78,7 @@ impl Connection {
     /// negative). Ok(false) when the kernel had nothing cached.
     pub fn inval_entry(&self, parent: u64, name: &OsStr) -> io::Result<bool> {
         let name = name.as_bytes();
+        self.tell(crate::changes::Change::Name { parent, name: name.into() });
         let out = abi::NotifyInvalEntryOut { parent, namelen: name.len() as u32, flags: 0 };
         self.send_notify(notify::INVAL_ENTRY, &[out.as_bytes(), name, b"\0"])
     }
@@ -72,6 +86,7 @@ impl Connection {
     /// Drops the kernel's cached attributes of `ino` and its cached data in
     /// `[off, off + len)` (`len` 0: to the end; `off` negative: attributes only).
     pub fn inval_inode(&self, ino: u64, off: i64, len: i64) -> io::Result<bool> {
+        self.tell(crate::changes::Change::Node { nodeid: ino });
         let out = abi::NotifyInvalInodeOut { ino, off, len };
         self.send_notify(notify::INVAL_INODE, &[out.as_bytes()])
     }
@@ -80,6 +95,8 @@ impl Connection {
     /// dropped and, if it pointed to `child`, the inode's link is accounted for.
     pub fn delete(&self, parent: u64, child: u64, name: &OsStr) -> io::Result<bool> {
         let name = name.as_bytes();
+        self.tell(crate::changes::Change::Name { parent, name: name.into() });
+        self.tell(crate::changes::Change::Node { nodeid: child });
         let out = abi::NotifyDeleteOut { parent, child, namelen: name.len() as u32, padding: 0 };
         self.send_notify(notify::DELETE, &[out.as_bytes(), name, b"\0"])
     }
@@ -88,6 +105,7 @@ impl Connection {
     /// (FUSE_NOTIFY_INC_EPOCH, Linux 6.16+): for when changes may have been
     /// missed. Ok(false) where the kernel does not know the message.
     pub fn inc_epoch(&self) -> io::Result<bool> {
+        self.tell(crate::changes::Change::All);
         match self.send_notify(notify::INC_EPOCH, &[]) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
             other => other,

@@ -11,6 +11,7 @@
 
 pub mod buffer;
 pub mod cache;
+pub mod changes;
 pub mod connection;
 pub mod control;
 pub mod daemon;

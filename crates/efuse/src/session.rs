@@ -338,6 +338,8 @@ pub struct SessionShared {
     /// Grants of replies the kernel refused, for the file system to undo.
     refused: Mutex<Vec<Refused>>,
     any_refused: AtomicBool,
+    /// Who hears of changes before they are answered.
+    pub changes: Arc<crate::changes::Changes>,
 }
 
 impl SessionShared {
@@ -364,6 +366,7 @@ impl Default for SessionShared {
             noflush: AtomicBool::new(false),
             refused: Mutex::new(Vec::new()),
             any_refused: AtomicBool::new(false),
+            changes: Arc::default(),
         }
     }
 }
@@ -512,6 +515,8 @@ impl<F: Filesystem> Session<F> {
             );
         }
         let max_write = self.config.max_write.clamp(4096, MAX_WRITE);
+        // What the file system tells the kernel, the listeners hear too.
+        let connection = connection.map(|c| c.telling(self.shared.changes.clone()));
         let info = InitInfo { minor, max_write, max_read: max_write, flags, connection };
         if let Err(e) = self.fs.init(&info) {
             send(-e.raw(), &[]);
@@ -649,6 +654,9 @@ impl<F: Filesystem> Session<F> {
         if expects_reply && sink.session().is_some_and(|s| std::ptr::eq(s, &*self.shared)) {
             self.shared.interrupts.begin(h.unique);
         }
+        // Changes are told to the listeners before their reply goes out.
+        let watched = crate::changes::watch(&self.shared.changes, h.nodeid, &req.op, sink);
+        let sink = watched.as_ref().unwrap_or(sink);
         let r = || Responder::new(h.unique, opcode, sink.clone());
         let ino = h.nodeid;
         let fs = &self.fs;
