@@ -364,7 +364,11 @@ pub unsafe extern "C" fn fstat64(fd: c_int, st: *mut libc::stat) -> c_int {
 
 unsafe fn fstatat_any(dirfd: c_int, path: *const c_char, st: *mut libc::stat, flags: c_int) -> c_int {
     if flags & libc::AT_EMPTY_PATH != 0 && cstr(path).is_some_and(|p| p.is_empty()) {
-        return fstat(dirfd, st);
+        // The descriptor itself (AT_FDCWD: the working directory, the kernel's).
+        if files::get(dirfd).is_some() {
+            return fstat(dirfd, st);
+        }
+        return real::fstatat()(dirfd, path, st, flags);
     }
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     path_call!(stat_path(dirfd, path, st, follow), real::fstatat()(dirfd, path, st, flags))
@@ -940,7 +944,7 @@ pub unsafe extern "C" fn fchownat(
     fl: c_int,
 ) -> c_int {
     if fl & libc::AT_EMPTY_PATH != 0 {
-        if cstr(path).is_some_and(|p| p.is_empty()) {
+        if cstr(path).is_some_and(|p| p.is_empty()) && files::get(dirfd).is_some() {
             return fchown(dirfd, uid, gid);
         }
         return real::fchownat()(dirfd, path, uid, gid, fl);
@@ -965,7 +969,10 @@ pub unsafe extern "C" fn utimensat(
     fl: c_int,
 ) -> c_int {
     if path.is_null() {
-        return futimens(dirfd, times);
+        if files::get(dirfd).is_some() {
+            return futimens(dirfd, times);
+        }
+        return real::utimensat()(dirfd, path, times, fl);
     }
     path_call!(utimens_path(dirfd, path, times, fl), real::utimensat()(dirfd, path, times, fl))
 }
