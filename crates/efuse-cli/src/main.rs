@@ -54,6 +54,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command with the bypass client library preloaded (it and its
+    /// children): file calls under efuse mounts that offer the bypass go to
+    /// the daemon through shared memory instead of through the kernel.
+    Run {
+        /// Bypass only this mount (repeatable); default: every efuse mount
+        /// whose daemon offers the bypass.
+        #[arg(long = "mount", value_name = "MNT")]
+        mounts: Vec<PathBuf>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
     /// Benchmark suite: efuse beside ext4 and libfuse on the same disk, one run.
     Bench(efuse_bench::BenchArgs),
     /// One timed loop of `efuse bench`, in a process of its own (internal).
@@ -278,6 +290,7 @@ fn main() -> ExitCode {
         Cmd::Umount { mountpoint } => cmd_umount(&mountpoint),
         Cmd::Stats { mountpoint, json } => cmd_stats(&mountpoint, json),
         Cmd::Top { mountpoint, once, json } => top::run(&mountpoint, once, json),
+        Cmd::Run { mounts, cmd } => cmd_run(&mounts, &cmd),
         Cmd::Bench(args) => std::env::current_exe().map_err(Into::into).and_then(|exe| efuse_bench::run(args, &exe)),
         Cmd::BenchWorker { args } => efuse_bench::worker::main(&args),
     };
@@ -540,6 +553,60 @@ fn cmd_umount(mountpoint: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The bypass client library: EFUSE_PRELOAD, or `libefuse_preload.so`
+/// beside the efuse binary (both are built by `cargo build --release`).
+fn preload_library() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("EFUSE_PRELOAD") {
+        let p = PathBuf::from(p);
+        if !p.is_absolute() || !p.is_file() {
+            bail!("EFUSE_PRELOAD={} is not an absolute path to a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the efuse binary")?;
+    let lib = exe.with_file_name("libefuse_preload.so");
+    if !lib.is_file() {
+        bail!(
+            "the bypass client library {} is missing (build it with `cargo build --release`, or set EFUSE_PRELOAD)",
+            lib.display()
+        );
+    }
+    Ok(lib)
+}
+
+/// `efuse run [--mount MNT]... -- CMD ARGS`: replaces this process with CMD
+/// (its exit code is CMD's) with the library preloaded.
+fn cmd_run(mounts: &[PathBuf], cmd: &[OsString]) -> Result<()> {
+    let lib = preload_library()?;
+    let mut points = Vec::new();
+    for m in mounts {
+        let mp = mount::absolute_mountpoint(m).with_context(|| format!("mount point {}", m.display()))?;
+        match mount::find_mount(&mp) {
+            None => return Err(UsageError(format!("--mount {}: not a mount point", mp.display())).into()),
+            Some(i) if !i.fstype.starts_with("fuse") => {
+                return Err(UsageError(format!("--mount {}: a {} mount, not efuse", mp.display(), i.fstype)).into())
+            }
+            Some(_) => points.push(mp.into_os_string()),
+        }
+    }
+    let (prog, args) = cmd.split_first().ok_or_else(|| UsageError("efuse run: no command given".into()))?;
+    let mut preload = lib.into_os_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(old);
+    }
+    let mut c = Command::new(prog);
+    c.args(args).env("LD_PRELOAD", preload);
+    if !points.is_empty() {
+        c.env("EFUSE_BYPASS_MOUNTS", points.join(std::ffi::OsStr::new(":")));
+    }
+    let err = c.exec();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        bail!("efuse run: {}: command not found", Path::new(prog).display());
+    }
+    Err(anyhow!("efuse run: {}: {err}", Path::new(prog).display()))
 }
 
 fn cmd_stats(mountpoint: &Path, json: bool) -> Result<()> {

@@ -1,0 +1,166 @@
+//! The mounts this process can bypass: found at the first path call
+//! (/proc/self/mountinfo: every FUSE mount whose daemon's bypass socket
+//! exists, limited by EFUSE_BYPASS_MOUNTS), connected at first use. A mount
+//! whose daemon cannot be reached is used through the kernel.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use efuse_bypass::client::Client;
+
+use crate::log::{blog, Show};
+use crate::mountinfo::{self, MountLine};
+
+/// Connection states of a bypass mount.
+const UNTRIED: u32 = 0;
+const CONNECTED: u32 = 1;
+const FAILED: u32 = 2;
+
+/// A mount that has a bypass socket.
+pub struct Bypass {
+    pub socket: PathBuf,
+    pub uid: u32,
+    state: AtomicU32,
+    /// The connection; set once, then only replaced by a credential change
+    /// (the old one is shut down and kept: calls in flight may still use it).
+    client: AtomicPtr<Client>,
+    connecting: Mutex<()>,
+}
+
+/// Every mount of the process (bypassed or not: a path under a mount nested
+/// in an efuse mount belongs to the nested one).
+pub struct Mounts {
+    pub lines: Vec<MountLine>,
+    pub points: Vec<Vec<u8>>,
+    pub bypass: Vec<Option<Bypass>>,
+}
+
+static MOUNTS: OnceLock<Mounts> = OnceLock::new();
+
+/// The mounts (discovered on first use).
+pub fn get() -> &'static Mounts {
+    MOUNTS.get_or_init(discover)
+}
+
+/// The bypass socket of a FUSE mount, if its daemon offers one in a runtime
+/// directory owned by the daemon's uid.
+fn socket_of(m: &MountLine) -> Result<(PathBuf, u32), &'static str> {
+    let uid = m.user_id.ok_or("no user_id= in the mount options")?;
+    let name = efuse_bypass::socket_name(&m.point);
+    for dir in efuse_bypass::runtime_dirs_of(uid) {
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        use std::os::unix::fs::MetadataExt;
+        if !meta.is_dir() || meta.uid() != uid {
+            continue;
+        }
+        let sock = dir.join(&name);
+        if std::fs::symlink_metadata(&sock).is_ok() {
+            return Ok((sock, uid));
+        }
+    }
+    Err("no bypass socket (the daemon does not offer the bypass)")
+}
+
+fn discover() -> Mounts {
+    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let lines = mountinfo::parse(&text);
+    let wanted = crate::config::get().mounts.as_ref();
+    let mut bypass = Vec::with_capacity(lines.len());
+    for m in &lines {
+        let mut b = None;
+        if m.is_fuse() && wanted.is_none_or(|w| w.contains(&m.point)) {
+            match socket_of(m) {
+                Ok((socket, uid)) => {
+                    blog!("mount {}: bypass socket {}", Show(&m.point), Show(socket.as_os_str().as_bytes()));
+                    b = Some(Bypass {
+                        socket,
+                        uid,
+                        state: AtomicU32::new(UNTRIED),
+                        client: AtomicPtr::new(std::ptr::null_mut()),
+                        connecting: Mutex::new(()),
+                    });
+                }
+                Err(why) => blog!("mount {}: through the kernel: {why}", Show(&m.point)),
+            }
+        }
+        bypass.push(b);
+    }
+    if let Some(w) = wanted {
+        for p in w {
+            if !lines.iter().any(|m| m.point == *p && m.is_fuse()) {
+                blog!("EFUSE_BYPASS_MOUNTS names {}, which is not a FUSE mount", Show(p));
+            }
+        }
+    }
+    let points = lines.iter().map(|m| m.point.clone()).collect();
+    Mounts { lines, points, bypass }
+}
+
+impl Mounts {
+    /// Does any mount offer the bypass? (No: every call goes to the kernel.)
+    pub fn any(&self) -> bool {
+        self.bypass.iter().any(|b| b.is_some())
+    }
+
+    /// The connection of mount `i`, connecting on first use; None: use the
+    /// kernel for this mount.
+    pub fn client(&self, i: usize) -> Option<&Client> {
+        let b = self.bypass.get(i)?.as_ref()?;
+        match b.state.load(Ordering::Acquire) {
+            CONNECTED => {
+                let p = b.client.load(Ordering::Acquire);
+                // SAFETY: a published client is never freed (see `Bypass::client`).
+                return (!p.is_null()).then(|| unsafe { &*p });
+            }
+            FAILED => return None,
+            _ => {}
+        }
+        let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        if b.state.load(Ordering::Acquire) == UNTRIED {
+            let dev = self.lines[i].dev;
+            match Client::connect(&b.socket, b.uid, dev) {
+                Ok(c) => {
+                    blog!("mount {}: connected (max_io {})", Show(&self.lines[i].point), c.welcome().max_io);
+                    b.client.store(Box::into_raw(Box::new(c)), Ordering::Release);
+                    b.state.store(CONNECTED, Ordering::Release);
+                }
+                Err(e) => {
+                    blog!("mount {}: through the kernel: connecting failed: {e}", Show(&self.lines[i].point));
+                    b.state.store(FAILED, Ordering::Release);
+                }
+            }
+        }
+        drop(_l);
+        self.client(i)
+    }
+
+    /// st_dev of mount `i`.
+    pub fn dev(&self, i: usize) -> u64 {
+        self.lines[i].dev
+    }
+
+    /// After a credential change: shut every connection down (the daemon
+    /// drops this client and its state) and connect again at next use, so
+    /// the daemon learns the new credentials.
+    pub fn reset_connections(&self) {
+        for b in self.bypass.iter().flatten() {
+            let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            let p = b.client.swap(std::ptr::null_mut(), Ordering::AcqRel);
+            if !p.is_null() {
+                // SAFETY: p is a live leaked client; shutting its socket down
+                // makes the daemon drop the client; the memory stays.
+                unsafe { libc::shutdown((*p).socket_fd(), libc::SHUT_RDWR) };
+            }
+            if b.state.load(Ordering::Acquire) == CONNECTED {
+                b.state.store(UNTRIED, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Mounts if they were already discovered (never discovers).
+pub fn discovered() -> Option<&'static Mounts> {
+    MOUNTS.get()
+}

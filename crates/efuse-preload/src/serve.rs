@@ -1,0 +1,940 @@
+//! What the library does for each intercepted call: resolve a path to a
+//! bypass mount, walk it, open, read and write through the daemon, convert
+//! a descriptor to a kernel open when the program uses it in a way the
+//! library does not serve.
+//!
+//! Each function returns None when the call belongs to the kernel (the
+//! export then calls the real function), or Some(result) with errno set
+//! for -1. Callers hold the re-entry guard.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+use efuse_abi::consts::fattr;
+use efuse_abi::structs::{Attr, SetattrIn};
+use efuse_bypass::client::Client;
+use efuse_bypass::wire::walk;
+use libc::c_int;
+
+use crate::files::{self, OpenFile};
+use crate::guard::set_errno;
+use crate::log::{blog, Show};
+use crate::mounts;
+use crate::ops::{self, Fail, Walked};
+use crate::paths;
+
+/// A path under a bypass mount.
+pub struct Target {
+    pub mount: usize,
+    pub client: &'static Client,
+    /// The path below the mount's root ("" for the root).
+    pub rest: Vec<u8>,
+    /// The path ended with a slash: it must name a directory.
+    pub dir: bool,
+    /// It was resolved against a directory descriptor (whose name may be
+    /// stale): any failure goes to the kernel, which knows better.
+    pub via_fd: bool,
+}
+
+/// -1 with errno `e`.
+pub fn fail(e: i32) -> Option<isize> {
+    set_errno(e);
+    Some(-1)
+}
+
+/// Reads a NUL-terminated C string.
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string.
+pub unsafe fn cstr<'a>(p: *const libc::c_char) -> Option<&'a [u8]> {
+    if p.is_null() {
+        return None;
+    }
+    Some(std::ffi::CStr::from_ptr(p).to_bytes())
+}
+
+fn readlink_raw(path: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut p = [0u8; 64];
+    if path.len() >= p.len() {
+        return None;
+    }
+    p[..path.len()].copy_from_slice(path);
+    // SAFETY: a NUL-terminated path and a live output buffer.
+    let n = unsafe { libc::syscall(libc::SYS_readlinkat, libc::AT_FDCWD, p.as_ptr(), out.as_mut_ptr(), out.len()) };
+    (n > 0 && (n as usize) < out.len()).then_some(n as usize)
+}
+
+/// The absolute directory `dirfd` stands for.
+fn base_of(dirfd: c_int, buf: &mut [u8]) -> Option<usize> {
+    if dirfd == libc::AT_FDCWD {
+        // SAFETY: getcwd into a live buffer (the system call: the C
+        // library's getcwd may allocate).
+        let n = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 1 || buf[0] != b'/' {
+            return None;
+        }
+        return Some(n as usize - 1);
+    }
+    let mut name = [0u8; 32];
+    let mut l = crate::log::Line::new();
+    use std::fmt::Write as _;
+    let _ = write!(l, "/proc/self/fd/{dirfd}");
+    let s = l.bytes();
+    name[..s.len()].copy_from_slice(s);
+    let n = readlink_raw(&name[..s.len()], buf)?;
+    (buf[0] == b'/').then_some(n)
+}
+
+/// Classifies `path` (relative to `dirfd`): Some if it is under a bypass
+/// mount whose daemon is connected.
+pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
+    if path.is_empty() || !crate::config::on() {
+        return None;
+    }
+    let m = mounts::get();
+    if !m.any() {
+        return None;
+    }
+    let mut base = [0u8; 4096];
+    let blen = if path[0] == b'/' { 0 } else { base_of(dirfd, &mut base)? };
+    let t = paths::tidy(&base[..blen], path);
+    let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
+    m.bypass[i].as_ref()?;
+    let client = m.client(i)?;
+    Some(Target {
+        mount: i,
+        client,
+        rest: rest.to_vec(),
+        dir: t.dir,
+        via_fd: path[0] != b'/' && dirfd != libc::AT_FDCWD,
+    })
+}
+
+/// `struct stat` from FUSE attributes, as the kernel fills it.
+pub fn fill_stat(a: &Attr, dev: u64, st: &mut libc::stat) {
+    // SAFETY: stat is plain data.
+    *st = unsafe { std::mem::zeroed() };
+    st.st_dev = dev;
+    st.st_ino = a.ino;
+    st.st_nlink = a.nlink as _;
+    st.st_mode = a.mode;
+    st.st_uid = a.uid;
+    st.st_gid = a.gid;
+    st.st_rdev = decode_rdev(a.rdev);
+    st.st_size = a.size as i64;
+    st.st_blksize = if a.blksize != 0 { a.blksize as _ } else { 4096 };
+    st.st_blocks = a.blocks as i64;
+    st.st_atime = a.atime as i64;
+    st.st_atime_nsec = a.atimensec as i64;
+    st.st_mtime = a.mtime as i64;
+    st.st_mtime_nsec = a.mtimensec as i64;
+    st.st_ctime = a.ctime as i64;
+    st.st_ctime_nsec = a.ctimensec as i64;
+}
+
+/// The kernel's 32-bit device encoding (new_encode_dev) to the C library's.
+fn decode_rdev(r: u32) -> u64 {
+    let major = (r & 0xfff00) >> 8;
+    let minor = (r & 0xff) | ((r >> 12) & 0xfff00);
+    libc::makedev(major, minor)
+}
+
+/// `struct statx` from FUSE attributes (the basic fields; no birth time).
+pub fn fill_statx(a: &Attr, dev: u64, mask: u32, sx: &mut libc::statx) {
+    // SAFETY: statx is plain data.
+    *sx = unsafe { std::mem::zeroed() };
+    let _ = mask;
+    sx.stx_mask = libc::STATX_BASIC_STATS;
+    sx.stx_blksize = if a.blksize != 0 { a.blksize } else { 4096 };
+    sx.stx_nlink = a.nlink;
+    sx.stx_uid = a.uid;
+    sx.stx_gid = a.gid;
+    sx.stx_mode = a.mode as u16;
+    sx.stx_ino = a.ino;
+    sx.stx_size = a.size;
+    sx.stx_blocks = a.blocks;
+    sx.stx_atime.tv_sec = a.atime as i64;
+    sx.stx_atime.tv_nsec = a.atimensec;
+    sx.stx_mtime.tv_sec = a.mtime as i64;
+    sx.stx_mtime.tv_nsec = a.mtimensec;
+    sx.stx_ctime.tv_sec = a.ctime as i64;
+    sx.stx_ctime.tv_nsec = a.ctimensec;
+    let rdev = decode_rdev(a.rdev);
+    sx.stx_rdev_major = libc::major(rdev);
+    sx.stx_rdev_minor = libc::minor(rdev);
+    sx.stx_dev_major = libc::major(dev);
+    sx.stx_dev_minor = libc::minor(dev);
+}
+
+fn walk_flags(t: &Target, follow: bool, keep: bool) -> u32 {
+    let mut f = 0;
+    if follow || t.dir {
+        f |= walk::FOLLOW_LAST;
+    }
+    if t.dir {
+        f |= walk::DIRECTORY;
+    }
+    if !keep {
+        f |= walk::NO_KEEP;
+    }
+    f
+}
+
+/// Attributes of the node a path names (stat, lstat, access F_OK).
+pub fn attr_of(dirfd: c_int, path: &[u8], follow: bool) -> Option<Result<(Attr, u64), i32>> {
+    let t = resolve(dirfd, path)?;
+    match ops::walk(t.client, &t.rest, walk_flags(&t, follow, false)) {
+        Ok(Walked::Done(e)) => Some(Ok((e.attr, mounts::get().dev(t.mount)))),
+        Ok(Walked::Left) => {
+            blog!("{}: leaves the mount's tree; through the kernel", Show(path));
+            None
+        }
+        Err(Fail::Errno(e)) if !t.via_fd => Some(Err(e)),
+        Err(f) => {
+            blog!("{}: walk failed ({f:?}); through the kernel", Show(path));
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------- umask
+
+static UMASK: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// The process's umask (read once from /proc/self/status, then tracked
+/// through umask()).
+pub fn umask() -> u32 {
+    let u = UMASK.load(Ordering::Relaxed);
+    if u != u32::MAX {
+        return u;
+    }
+    let text = std::fs::read("/proc/self/status").unwrap_or_default();
+    let v = text
+        .split(|b| *b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Umask:"))
+        .and_then(|v| u32::from_str_radix(std::str::from_utf8(v).ok()?.trim(), 8).ok())
+        .unwrap_or(0o022);
+    UMASK.store(v, Ordering::Relaxed);
+    v
+}
+
+pub fn set_umask(v: u32) {
+    UMASK.store(v & 0o777, Ordering::Relaxed);
+}
+
+// ---------------------------------------------------------------- opens
+
+/// Flags that make an open go to the kernel: O_PATH and directories are
+/// the kernel's; O_APPEND and O_DIRECT are served exactly only by it.
+const KERNEL_FLAGS: c_int = libc::O_PATH | libc::O_DIRECTORY | libc::O_APPEND | libc::O_DIRECT | libc::O_TMPFILE;
+
+fn release_node(c: &Client, nodeid: u64, fh: Option<(u64, u32)>) {
+    if let Some((fh, flags)) = fh {
+        ops::release(c, nodeid, fh, flags);
+    }
+    ops::forget(c, nodeid);
+}
+
+/// open/openat/creat of a regular file under a bypass mount: the daemon
+/// opens it, the kernel gives the descriptor (an O_PATH open of the same
+/// file).
+pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int> {
+    if flags & KERNEL_FLAGS != 0 || (flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE == libc::O_RDONLY) {
+        return None;
+    }
+    let t = resolve(dirfd, path)?;
+    if t.dir {
+        return None;
+    }
+    let c = t.client;
+    let creat = flags & libc::O_CREAT != 0;
+    let excl = creat && flags & libc::O_EXCL != 0;
+    let nofollow = flags & libc::O_NOFOLLOW != 0;
+    let fuse_flags =
+        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_CLOEXEC)) as u32;
+    let mut created = false;
+    let mut opened = None;
+    if !excl {
+        match ops::walk(c, &t.rest, walk_flags(&t, !nofollow, true)) {
+            Ok(Walked::Done(e)) => {
+                if e.attr.mode & libc::S_IFMT != libc::S_IFREG {
+                    ops::forget(c, e.nodeid);
+                    return None;
+                }
+                match ops::open(c, e.nodeid, fuse_flags) {
+                    Ok(o) => opened = Some((e, o)),
+                    Err(f) => {
+                        blog!("open {}: OPEN failed ({f:?}); through the kernel", Show(path));
+                        ops::forget(c, e.nodeid);
+                        return None;
+                    }
+                }
+            }
+            Ok(Walked::Left) => return None,
+            Err(Fail::Errno(libc::ENOENT)) if creat => {}
+            Err(Fail::Errno(e @ (libc::ENOENT | libc::ENOTDIR))) if !t.via_fd => {
+                set_errno(e);
+                return Some(-1);
+            }
+            Err(_) => return None,
+        }
+    }
+    if opened.is_none() {
+        let (parent, name) = paths::parent_and_name(&t.rest)?;
+        let p = match ops::walk(c, parent, walk::FOLLOW_LAST | walk::DIRECTORY) {
+            Ok(Walked::Done(p)) => p,
+            Err(Fail::Errno(e @ (libc::ENOENT | libc::ENOTDIR))) if !t.via_fd => {
+                set_errno(e);
+                return Some(-1);
+            }
+            _ => return None,
+        };
+        let um = umask();
+        let r = ops::create(
+            c,
+            p.nodeid,
+            name,
+            fuse_flags | libc::O_CREAT as u32 | (flags & libc::O_EXCL) as u32,
+            mode & !um & 0o7777,
+            um,
+        );
+        ops::forget(c, p.nodeid);
+        match r {
+            Ok((e, o)) => {
+                if e.attr.mode & libc::S_IFMT != libc::S_IFREG {
+                    release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+                    return None;
+                }
+                created = true;
+                opened = Some((e, o));
+            }
+            Err(Fail::Errno(libc::EEXIST)) if excl && !t.via_fd => {
+                set_errno(libc::EEXIST);
+                return Some(-1);
+            }
+            Err(f) => {
+                blog!("open {}: CREATE failed ({f:?}); through the kernel", Show(path));
+                return None;
+            }
+        }
+    }
+    let (e, o) = opened?;
+    if flags & libc::O_TRUNC != 0 && !created {
+        let inp = SetattrIn { valid: fattr::SIZE | fattr::FH, fh: o.fh, size: 0, ..Default::default() };
+        if let Err(f) = ops::setattr(c, e.nodeid, &inp) {
+            release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+            return match f {
+                Fail::Errno(err) if !t.via_fd => {
+                    set_errno(err);
+                    Some(-1)
+                }
+                _ => None,
+            };
+        }
+    }
+    // The descriptor: an O_PATH open of the same name through the kernel.
+    let mut cpath = path.to_vec();
+    cpath.push(0);
+    let pflags = libc::O_PATH | (flags & (libc::O_CLOEXEC | libc::O_NOFOLLOW));
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
+    let dev = mounts::get().dev(t.mount);
+    let same = fd >= 0 && same_file(fd, e.attr.ino, dev);
+    if !same {
+        blog!("open {}: the kernel's name leads to another file; through the kernel", Show(path));
+        if fd >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { crate::real::close()(fd) };
+        }
+        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+        return None;
+    }
+    let keep =
+        fuse_flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC) as u32;
+    let Some(idx) = files::alloc(t.mount as u32, e.nodeid, o.fh, keep) else {
+        blog!("open {}: open-file table full; through the kernel", Show(path));
+        unsafe { crate::real::close()(fd) };
+        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+        return None;
+    };
+    if !files::bind(fd, idx) {
+        unsafe { crate::real::close()(fd) };
+        let _ = files::drop_ref(idx);
+        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+        return None;
+    }
+    ensure_atfork();
+    blog!("open {} -> fd {fd} (node {}, handle {})", Show(path), e.nodeid, o.fh);
+    Some(fd)
+}
+
+/// Is `fd` the file with inode `ino` on device `dev`? (statx that trusts
+/// the kernel's cached attributes: inode numbers never change.)
+fn same_file(fd: c_int, ino: u64, dev: u64) -> bool {
+    // SAFETY: statx into a zeroed struct.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut sx,
+        )
+    };
+    r == 0 && sx.stx_ino == ino && libc::makedev(sx.stx_dev_major, sx.stx_dev_minor) == dev
+}
+
+// ---------------------------------------------------------------- fork
+
+/// The process whose memory the library's per-process state belongs to:
+/// a child created with vfork (or posix_spawn) shares it and must not
+/// change it.
+static OWNER: AtomicI32 = AtomicI32::new(0);
+
+fn pid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+pub fn owns_memory() -> bool {
+    let o = OWNER.load(Ordering::Relaxed);
+    o == 0 || o == pid()
+}
+
+fn ensure_atfork() {
+    static DONE: AtomicU32 = AtomicU32::new(0);
+    if DONE.swap(1, Ordering::AcqRel) == 0 {
+        OWNER.store(pid(), Ordering::Relaxed);
+        extern "C" fn prepare() {
+            // The child inherits every descriptor: one more reference each.
+            files::each(|_, idx| files::add_ref(idx));
+        }
+        extern "C" fn child() {
+            OWNER.store(pid(), Ordering::Relaxed);
+        }
+        // SAFETY: registers plain functions that cannot unwind.
+        unsafe { libc::pthread_atfork(Some(prepare), None, Some(child)) };
+    }
+}
+
+// ---------------------------------------------------------------- descriptors
+
+/// The connection of an open file's mount (None: the daemon is gone).
+fn client_of(f: &OpenFile) -> Option<&'static Client> {
+    mounts::discovered()?.client(f.mount.load(Ordering::Relaxed) as usize)
+}
+
+fn io_limit(c: &Client, header: usize) -> usize {
+    let w = c.welcome().max_io as usize;
+    let s = c.slot_size().saturating_sub(header);
+    w.min(s).max(1)
+}
+
+/// Reads at `off` until `buf` is full or the file ends.
+fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
+    let (node, fh, flags) =
+        (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
+    let chunk = io_limit(c, 16);
+    let mut done = 0;
+    while done < buf.len() {
+        let want = (buf.len() - done).min(chunk);
+        match ops::read(c, node, fh, off + done as u64, &mut buf[done..done + want], flags) {
+            Ok(n) => {
+                done += n;
+                if n < want {
+                    break;
+                }
+            }
+            Err(e) if done == 0 => return Err(errno_of(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+fn write_at(c: &Client, f: &OpenFile, off: u64, data: &[u8]) -> Result<usize, i32> {
+    let (node, fh, flags) =
+        (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
+    let chunk = io_limit(c, 80);
+    let mut done = 0;
+    while done < data.len() {
+        let want = (data.len() - done).min(chunk);
+        match ops::write(c, node, fh, off + done as u64, &data[done..done + want], flags) {
+            Ok(n) => {
+                done += n;
+                if n < want {
+                    break;
+                }
+            }
+            Err(e) if done == 0 => return Err(errno_of(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+fn errno_of(f: Fail) -> i32 {
+    match f {
+        Fail::Errno(e) => e,
+        Fail::Broken => libc::EIO,
+    }
+}
+
+fn acc(f: &OpenFile) -> c_int {
+    f.flags.load(Ordering::Relaxed) as c_int & libc::O_ACCMODE
+}
+
+/// The buffers of an iovec array as one list of slices.
+///
+/// # Safety
+/// `iov` points to `cnt` valid iovecs.
+unsafe fn iovecs<'a>(iov: *const libc::iovec, cnt: c_int) -> Option<&'a [libc::iovec]> {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) || (cnt > 0 && iov.is_null()) {
+        return None;
+    }
+    if cnt == 0 {
+        return Some(&[]);
+    }
+    Some(std::slice::from_raw_parts(iov, cnt as usize))
+}
+
+/// read/pread/readv/preadv on a served descriptor. `at`: None uses and
+/// moves the shared offset.
+///
+/// # Safety
+/// The iovecs describe writable memory of the caller.
+pub unsafe fn readv(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i64>) -> isize {
+    let f = files::file(idx);
+    if acc(f) == libc::O_WRONLY {
+        return fail(libc::EBADF).unwrap_or(-1);
+    }
+    let Some(iov) = iovecs(iov, cnt) else { return fail(libc::EINVAL).unwrap_or(-1) };
+    if at.is_some_and(|a| a < 0) {
+        return fail(libc::EINVAL).unwrap_or(-1);
+    }
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) };
+    let _lock = at.is_none().then(|| f.lock_offset());
+    let start = at.map_or_else(|| f.offset.load(Ordering::Acquire), |a| a as u64);
+    let mut total = 0usize;
+    for v in iov {
+        if v.iov_len == 0 {
+            continue;
+        }
+        let buf = std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len);
+        match read_at(c, f, start + total as u64, buf) {
+            Ok(n) => {
+                total += n;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            Err(e) if total == 0 => return fail(e).unwrap_or(-1),
+            Err(_) => break,
+        }
+    }
+    if at.is_none() {
+        f.offset.store(start + total as u64, Ordering::Release);
+    }
+    total as isize
+}
+
+/// write/pwrite/writev/pwritev on a served descriptor.
+///
+/// # Safety
+/// The iovecs describe readable memory of the caller.
+pub unsafe fn writev(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i64>) -> isize {
+    let f = files::file(idx);
+    if acc(f) == libc::O_RDONLY {
+        return fail(libc::EBADF).unwrap_or(-1);
+    }
+    let Some(iov) = iovecs(iov, cnt) else { return fail(libc::EINVAL).unwrap_or(-1) };
+    if at.is_some_and(|a| a < 0) {
+        return fail(libc::EINVAL).unwrap_or(-1);
+    }
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) };
+    let _lock = at.is_none().then(|| f.lock_offset());
+    let start = at.map_or_else(|| f.offset.load(Ordering::Acquire), |a| a as u64);
+    let mut total = 0usize;
+    for v in iov {
+        if v.iov_len == 0 {
+            continue;
+        }
+        let buf = std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len);
+        match write_at(c, f, start + total as u64, buf) {
+            Ok(n) => {
+                total += n;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            Err(e) if total == 0 => return fail(e).unwrap_or(-1),
+            Err(_) => break,
+        }
+    }
+    if at.is_none() {
+        f.offset.store(start + total as u64, Ordering::Release);
+    }
+    total as isize
+}
+
+pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
+    let f = files::file(idx);
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as i64 };
+    let _lock = f.lock_offset();
+    let cur = f.offset.load(Ordering::Acquire) as i64;
+    let (node, fh) = (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
+    let size = || ops::getattr(c, node, Some(fh)).map(|a| a.size as i64);
+    let new = match whence {
+        libc::SEEK_SET => Ok(off),
+        libc::SEEK_CUR => Ok(cur.saturating_add(off)),
+        libc::SEEK_END => size().map(|s| s.saturating_add(off)),
+        libc::SEEK_DATA | libc::SEEK_HOLE => {
+            if off < 0 {
+                return fail(libc::ENXIO).unwrap_or(-1) as i64;
+            }
+            match ops::lseek(c, node, fh, off as u64, whence as u32) {
+                Ok(o) => Ok(o as i64),
+                Err(Fail::Errno(libc::ENOSYS)) => match size() {
+                    // No hole information: the whole file is data.
+                    Ok(s) if off >= s => return fail(libc::ENXIO).unwrap_or(-1) as i64,
+                    Ok(s) => Ok(if whence == libc::SEEK_DATA { off } else { s }),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        _ => return fail(libc::EINVAL).unwrap_or(-1) as i64,
+    };
+    match new {
+        Ok(n) if n < 0 => fail(libc::EINVAL).unwrap_or(-1) as i64,
+        Ok(n) => {
+            f.offset.store(n as u64, Ordering::Release);
+            n
+        }
+        Err(e) => fail(errno_of(e)).unwrap_or(-1) as i64,
+    }
+}
+
+pub fn fstat(idx: u32, st: &mut libc::stat) -> c_int {
+    let f = files::file(idx);
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
+    match ops::getattr(c, f.nodeid.load(Ordering::Relaxed), Some(f.fh.load(Ordering::Relaxed))) {
+        Ok(a) => {
+            let dev = mounts::get().dev(f.mount.load(Ordering::Relaxed) as usize);
+            fill_stat(&a, dev, st);
+            0
+        }
+        Err(e) => fail(errno_of(e)).unwrap_or(-1) as c_int,
+    }
+}
+
+pub fn fstatx(idx: u32, mask: u32, sx: &mut libc::statx) -> c_int {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let f = files::file(idx);
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
+    let _ = &mut st;
+    match ops::getattr(c, f.nodeid.load(Ordering::Relaxed), Some(f.fh.load(Ordering::Relaxed))) {
+        Ok(a) => {
+            let dev = mounts::get().dev(f.mount.load(Ordering::Relaxed) as usize);
+            fill_statx(&a, dev, mask, sx);
+            0
+        }
+        Err(e) => fail(errno_of(e)).unwrap_or(-1) as c_int,
+    }
+}
+
+/// SETATTR through the handle of a served descriptor.
+pub fn fsetattr(idx: u32, mut inp: SetattrIn) -> c_int {
+    let f = files::file(idx);
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
+    inp.valid |= fattr::FH;
+    inp.fh = f.fh.load(Ordering::Relaxed);
+    match ops::setattr(c, f.nodeid.load(Ordering::Relaxed), &inp) {
+        Ok(_) => 0,
+        Err(e) => fail(errno_of(e)).unwrap_or(-1) as c_int,
+    }
+}
+
+pub fn fsync(idx: u32, datasync: bool) -> c_int {
+    let f = files::file(idx);
+    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
+    match ops::fsync(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), datasync) {
+        Ok(()) | Err(Fail::Errno(libc::ENOSYS)) => 0,
+        Err(e) => fail(errno_of(e)).unwrap_or(-1) as c_int,
+    }
+}
+
+/// The flags F_GETFL reports (the kernel adds O_LARGEFILE on 64-bit).
+pub fn getfl(idx: u32) -> c_int {
+    #[cfg(target_arch = "x86_64")]
+    const LARGEFILE: c_int = 0o100000;
+    #[cfg(target_arch = "aarch64")]
+    const LARGEFILE: c_int = 0o400000;
+    files::file(idx).flags.load(Ordering::Relaxed) as c_int | LARGEFILE
+}
+
+pub fn set_nonblock(idx: u32, on: bool) {
+    let f = files::file(idx);
+    if on {
+        f.flags.fetch_or(libc::O_NONBLOCK as u32, Ordering::Relaxed);
+    } else {
+        f.flags.fetch_and(!(libc::O_NONBLOCK as u32), Ordering::Relaxed);
+    }
+}
+
+/// Drops one reference of open file `idx`; the last one flushes nothing
+/// more, releases the handle and forgets the node.
+pub fn drop_file(idx: u32) {
+    let f = files::file(idx);
+    let c = client_of(f);
+    if let Some(c) = c {
+        let _ = ops::flush(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
+    }
+    if let Some(r) = files::drop_ref(idx) {
+        if let Some(c) = c {
+            release_node(c, r.nodeid, Some((r.fh, r.flags)));
+        }
+    }
+}
+
+/// close() of a served descriptor.
+pub fn close(fd: c_int) -> c_int {
+    let idx = files::unbind(fd);
+    // SAFETY: closes the program's descriptor, as it asked.
+    let r = unsafe { crate::real::close()(fd) };
+    let e = crate::guard::errno();
+    if let Some(idx) = idx {
+        drop_file(idx);
+    }
+    set_errno(e);
+    r
+}
+
+/// Turns served descriptor `fd` into an ordinary kernel open of the same
+/// file with the same flags and offset (same number, same FD_CLOEXEC), for
+/// a use the library does not serve. Err: errno; the descriptor stays as
+/// it was.
+pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
+    let Some(idx) = files::get(fd) else { return Ok(()) };
+    let f = files::file(idx);
+    let flags = f.flags.load(Ordering::Relaxed) as c_int;
+    let mut l = crate::log::Line::new();
+    use std::fmt::Write as _;
+    let _ = write!(l, "/proc/self/fd/{fd}\0");
+    let real = crate::real::openat();
+    // SAFETY: a NUL-terminated path; plain descriptor calls on our fds.
+    unsafe {
+        let nfd = real(libc::AT_FDCWD, l.bytes().as_ptr().cast(), flags | libc::O_CLOEXEC, 0);
+        if nfd < 0 {
+            let e = crate::guard::errno();
+            blog!("fd {fd}: conversion to a kernel open for {why} failed (errno {e})");
+            return Err(e);
+        }
+        let _lock = f.lock_offset();
+        let off = f.offset.load(Ordering::Acquire) as i64;
+        crate::real::lseek()(nfd, off, libc::SEEK_SET);
+        let fdfl = crate::real::fcntl()(fd, libc::F_GETFD, 0);
+        let cloexec = if fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+        if crate::real::dup3()(nfd, fd, cloexec) < 0 {
+            let e = crate::guard::errno();
+            crate::real::close()(nfd);
+            return Err(e);
+        }
+        crate::real::close()(nfd);
+    }
+    // A vfork child shares this memory with its parent, whose descriptor is
+    // still served: leave the table alone there.
+    if owns_memory() {
+        files::unbind(fd);
+        drop_file(idx);
+    }
+    blog!("fd {fd}: converted to a kernel open for {why}");
+    Ok(())
+}
+
+/// Converts every served descriptor (`all`), or those without FD_CLOEXEC
+/// (exec).
+pub fn convert_all(all: bool, why: &str) {
+    let mut fds = Vec::new();
+    files::each(|fd, _| fds.push(fd));
+    for fd in fds {
+        if !all {
+            // SAFETY: F_GETFD on a descriptor of the table.
+            let fl = unsafe { crate::real::fcntl()(fd, libc::F_GETFD, 0) };
+            if fl >= 0 && fl & libc::FD_CLOEXEC != 0 {
+                continue;
+            }
+        }
+        let _ = convert(fd, why);
+    }
+}
+
+// ---------------------------------------------------------------- path calls
+
+/// Walks to the parent of a path's last component (one lookup held, the
+/// caller forgets it). Err(None): the kernel's; Err(Some(e)): fail with e.
+fn parent_of(t: &Target) -> Result<(u64, &[u8]), Option<i32>> {
+    let (parent, name) = paths::parent_and_name(&t.rest).ok_or(None)?;
+    match ops::walk(t.client, parent, walk::FOLLOW_LAST | walk::DIRECTORY) {
+        Ok(Walked::Done(p)) => Ok((p.nodeid, name)),
+        Err(Fail::Errno(e)) if !t.via_fd => Err(Some(e)),
+        _ => Err(None),
+    }
+}
+
+/// The answer of a path call that changes something: errno from the file
+/// system, or the kernel when the daemon cannot serve it.
+fn answer(r: ops::R<()>, what: &str, path: &[u8]) -> Option<isize> {
+    match r {
+        Ok(()) => Some(0),
+        Err(Fail::Errno(libc::ENOSYS)) | Err(Fail::Broken) => {
+            blog!("{what} {}: not served by the daemon; through the kernel", Show(path));
+            None
+        }
+        Err(Fail::Errno(e)) => fail(e),
+    }
+}
+
+pub fn mkdir(dirfd: c_int, path: &[u8], mode: u32) -> Option<isize> {
+    let t = resolve(dirfd, path)?;
+    let (p, name) = match parent_of(&t) {
+        Ok(x) => x,
+        Err(Some(e)) => return fail(e),
+        Err(None) => return None,
+    };
+    let um = umask();
+    let r = ops::mkdir(t.client, p, name, mode & !um & 0o7777, um).map(|e| ops::forget(t.client, e.nodeid));
+    ops::forget(t.client, p);
+    answer(r, "mkdir", path)
+}
+
+pub fn unlink(dirfd: c_int, path: &[u8], dir: bool) -> Option<isize> {
+    let t = resolve(dirfd, path)?;
+    let (p, name) = match parent_of(&t) {
+        Ok(x) => x,
+        Err(Some(e)) => return fail(e),
+        Err(None) => return None,
+    };
+    let r = ops::unlink(t.client, p, name, dir);
+    ops::forget(t.client, p);
+    answer(r, if dir { "rmdir" } else { "unlink" }, path)
+}
+
+pub fn rename(olddirfd: c_int, old: &[u8], newdirfd: c_int, new: &[u8], flags: u32) -> Option<isize> {
+    let a = resolve(olddirfd, old)?;
+    let b = resolve(newdirfd, new)?;
+    if a.mount != b.mount {
+        return None;
+    }
+    let (pa, na) = parent_of(&a).ok()?;
+    let (pb, nb) = match parent_of(&b) {
+        Ok(x) => x,
+        Err(_) => {
+            ops::forget(a.client, pa);
+            return None;
+        }
+    };
+    let r = ops::rename(a.client, pa, na, pb, nb, flags);
+    ops::forget(a.client, pa);
+    ops::forget(a.client, pb);
+    answer(r, "rename", old)
+}
+
+pub fn symlink(target: &[u8], dirfd: c_int, path: &[u8]) -> Option<isize> {
+    let t = resolve(dirfd, path)?;
+    let (p, name) = match parent_of(&t) {
+        Ok(x) => x,
+        Err(Some(e)) => return fail(e),
+        Err(None) => return None,
+    };
+    let r = ops::symlink(t.client, p, name, target).map(|e| ops::forget(t.client, e.nodeid));
+    ops::forget(t.client, p);
+    answer(r, "symlink", path)
+}
+
+pub fn link(olddirfd: c_int, old: &[u8], newdirfd: c_int, new: &[u8], follow: bool) -> Option<isize> {
+    let a = resolve(olddirfd, old)?;
+    let b = resolve(newdirfd, new)?;
+    if a.mount != b.mount || a.dir {
+        return None;
+    }
+    let node = match ops::walk(a.client, &a.rest, walk_flags(&a, follow, true)) {
+        Ok(Walked::Done(e)) => e.nodeid,
+        Err(Fail::Errno(e)) if !a.via_fd => return fail(e),
+        _ => return None,
+    };
+    let (p, name) = match parent_of(&b) {
+        Ok(x) => x,
+        Err(_) => {
+            ops::forget(a.client, node);
+            return None;
+        }
+    };
+    let r = ops::link(a.client, node, p, name).map(|e| ops::forget(a.client, e.nodeid));
+    ops::forget(a.client, p);
+    ops::forget(a.client, node);
+    answer(r, "link", new)
+}
+
+pub fn readlink(dirfd: c_int, path: &[u8], buf: &mut [u8]) -> Option<isize> {
+    let t = resolve(dirfd, path)?;
+    let node = match ops::walk(t.client, &t.rest, walk_flags(&t, false, true)) {
+        Ok(Walked::Done(e)) => {
+            if e.attr.mode & libc::S_IFMT != libc::S_IFLNK {
+                ops::forget(t.client, e.nodeid);
+                return fail(libc::EINVAL);
+            }
+            e.nodeid
+        }
+        Err(Fail::Errno(e)) if !t.via_fd => return fail(e),
+        _ => return None,
+    };
+    let r = ops::readlink(t.client, node, buf);
+    ops::forget(t.client, node);
+    match r {
+        Ok(n) => Some(n as isize),
+        Err(Fail::Errno(e)) if e != libc::ENOSYS => fail(e),
+        Err(_) => None,
+    }
+}
+
+/// truncate/chmod/chown/utimensat on a path: WALK + SETATTR + FORGET.
+pub fn setattr_path(dirfd: c_int, path: &[u8], follow: bool, build: impl FnOnce(&Attr) -> SetattrIn) -> Option<isize> {
+    let t = resolve(dirfd, path)?;
+    let e = match ops::walk(t.client, &t.rest, walk_flags(&t, follow, true)) {
+        Ok(Walked::Done(e)) => e,
+        Err(Fail::Errno(e)) if !t.via_fd => return fail(e),
+        _ => return None,
+    };
+    let inp = build(&e.attr);
+    let r = ops::setattr(t.client, e.nodeid, &inp).map(|_| ());
+    ops::forget(t.client, e.nodeid);
+    answer(r, "setattr", path)
+}
+
+/// SETATTR arguments of utimensat's times (None: both now).
+pub fn times_setattr(times: Option<&[libc::timespec; 2]>) -> Option<SetattrIn> {
+    let mut inp = SetattrIn::default();
+    let now = libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW };
+    let t = times.copied().unwrap_or([now, now]);
+    for (i, ts) in t.iter().enumerate() {
+        let (set, set_now) = if i == 0 { (fattr::ATIME, fattr::ATIME_NOW) } else { (fattr::MTIME, fattr::MTIME_NOW) };
+        match ts.tv_nsec {
+            libc::UTIME_OMIT => {}
+            libc::UTIME_NOW => inp.valid |= set | set_now,
+            n if (0..1_000_000_000).contains(&n) => {
+                inp.valid |= set;
+                if i == 0 {
+                    inp.atime = ts.tv_sec as u64;
+                    inp.atimensec = n as u32;
+                } else {
+                    inp.mtime = ts.tv_sec as u64;
+                    inp.mtimensec = n as u32;
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(inp)
+}
