@@ -186,6 +186,18 @@ struct CommonMount {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (binds only that address).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    /// Bypass clients (applications run with the efuse client library):
+    /// on accepts them on the mount's bypass socket, off refuses them.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off, default_value = "on", action = clap::ArgAction::Set)]
+    bypass: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: expected on or off")),
+    }
 }
 
 fn parse_bpf(s: &str) -> Result<efuse::observe::BpfMode, String> {
@@ -381,11 +393,13 @@ fn cmd_mount(m: MountCmd) -> Result<()> {
     }
     let session = SessionConfig { debug, fs_name: String::new(), features: features(common), ..Default::default() };
     let observe = efuse::observe::ObserveOptions { bpf: common.bpf, metrics: common.metrics };
+    let bypass = common.bypass;
     let opts = |name: &str| ServeOptions {
         mount: mount_opts.clone(),
         session: SessionConfig { fs_name: name.into(), ..session.clone() },
         transport,
         observe: observe.clone(),
+        bypass,
     };
     match m {
         MountCmd::Memfs { size, ref common, .. } => {
@@ -683,6 +697,7 @@ mod tests {
             foreground: true,
             bpf: efuse::observe::BpfMode::Auto,
             metrics: None,
+            bypass: true,
         };
         let (o, debug) = mount_options(&common, "x").unwrap();
         assert!(o.allow_other && o.default_permissions && !debug);

@@ -79,6 +79,7 @@ fn main() {
         session: SessionConfig { fs_name: "hello".into(), ..Default::default() },
         transport: TransportConfig::default(),
         observe: Default::default(),
+        bypass: true,
     };
     let ready = |r: Result<(), String>| match r {
         Ok(()) => eprintln!("mounted; Ctrl-C to unmount"),

@@ -129,7 +129,10 @@ pub fn ensure_runtime_dir() -> io::Result<PathBuf> {
             ),
         ));
     }
-    if meta.mode() & 0o777 != 0o700 {
+    // Root's directory may be 0711: other users reach the bypass sockets
+    // in it (by name; they cannot list it), never the 0600 control sockets.
+    let mode = meta.mode() & 0o777;
+    if mode != 0o700 && !(uid == 0 && mode == 0o711) {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(dir)

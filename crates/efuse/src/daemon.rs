@@ -7,6 +7,7 @@
 //! connection and detaches the mount, so no stale mount is ever left behind.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::control::ControlServer;
@@ -24,6 +25,8 @@ pub struct ServeOptions {
     pub transport: TransportConfig,
     /// eBPF counters and the Prometheus endpoint.
     pub observe: crate::observe::ObserveOptions,
+    /// Accept bypass clients (`--bypass on`, the default); off: refuse them.
+    pub bypass: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,26 @@ pub fn serve<F: Filesystem>(
             return Err(e.into());
         }
     };
+    // After INIT (the workers answer the stat of the mount point it makes).
+    let bypass_opts = transport::bypass::BypassOptions {
+        enabled: opts.bypass,
+        allow_other: opts.mount.allow_other,
+        read_only: opts.mount.read_only,
+    };
+    let bypass = match transport::bypass::start(
+        session.clone(),
+        Some(running.connection.clone()),
+        running.negotiated,
+        &mp,
+        bypass_opts,
+    ) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!("bypass socket unavailable, bypass clients go through the kernel: {e}");
+            None
+        }
+    };
+    let bypass_stats = bypass.as_ref().map(|b| b.stats());
     let observability = Arc::new(crate::observe::Observability::new(session.shared().clone(), kernel_view));
     let control = {
         let shared = session.shared().clone();
@@ -151,6 +174,8 @@ pub fn serve<F: Filesystem>(
                 opcodes: snap.opcodes,
                 paths: snap.paths,
                 usage: served.fs().usage(),
+                bypass_clients: bypass_stats.as_ref().map_or(0, |b| b.clients.load(Ordering::Relaxed)),
+                bypass_requests: bypass_stats.as_ref().map_or(0, |b| b.requests.load(Ordering::Relaxed)),
             };
             serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
         };
@@ -185,7 +210,11 @@ pub fn serve<F: Filesystem>(
     });
 
     running.join();
-    if !session.shared().destroyed.load(std::sync::atomic::Ordering::Acquire) {
+    // Bypass clients give back what they held before the file system ends.
+    if let Some(b) = bypass {
+        b.stop();
+    }
+    if !session.shared().destroyed.load(Ordering::Acquire) {
         session.fs().destroy();
     }
     // Workers may also stop on an error while the mount is still there.

@@ -123,6 +123,12 @@ pub struct StatsReport {
     /// What the file system holds now ([`crate::Filesystem::usage`]).
     #[serde(default)]
     pub usage: FsUsage,
+    /// Bypass clients connected now.
+    #[serde(default)]
+    pub bypass_clients: u64,
+    /// Requests bypass clients sent since mount.
+    #[serde(default)]
+    pub bypass_requests: u64,
 }
 
 /// What a file system holds now, for `efuse stats`: each field is None when

@@ -144,6 +144,7 @@ impl Mount {
                 session: SessionConfig::default(),
                 transport: TransportConfig { kind: TransportKind::Uring, queue_depth: 4, threads: 1 },
                 observe: Default::default(),
+                bypass: false,
             };
             let r = serve(Blocking::default(), &mp, opts, |r| {
                 let _ = ready_tx.send(r);

@@ -12,6 +12,7 @@
 //! INIT always arrives on /dev/fuse and is answered there; which transport
 //! serves the rest is settled by what INIT negotiated ([`run`]).
 
+pub mod bypass;
 pub mod dev;
 pub mod uring;
 
@@ -75,6 +76,9 @@ pub struct Running {
     pub threads: usize,
     /// "dev" or "uring", as `efuse stats` reports it.
     pub transport: &'static str,
+    /// The connection's descriptor for the daemon's own messages (cache
+    /// invalidations), e.g. for the bypass transport.
+    pub connection: crate::connection::Connection,
     workers: Vec<std::thread::JoinHandle<()>>,
     uring: Option<uring::UringRunning>,
 }
@@ -134,6 +138,7 @@ pub fn run<F: Filesystem>(
     config: TransportConfig,
 ) -> Result<Running, InitError> {
     let (main, negotiated, buf) = dev::handshake(&session, fd)?;
+    let connection = crate::connection::Connection::new(dev::session_fd(&main).clone());
     let offered = negotiated.flags & init::OVER_IO_URING != 0;
     let use_uring = match config.kind {
         TransportKind::Dev => false,
@@ -167,7 +172,7 @@ pub fn run<F: Filesystem>(
                     "transport uring: {threads} queue(s), a crew of {} pinned threads per online CPU",
                     config.queue_depth
                 );
-                return Ok(Running { negotiated, threads, transport: "uring", workers, uring: Some(u) });
+                return Ok(Running { negotiated, threads, transport: "uring", connection, workers, uring: Some(u) });
             }
             Err(e) if config.kind == TransportKind::Uring => {
                 return Err(InitError::NotInit(format!("--transport uring: {e}")));
@@ -182,7 +187,7 @@ pub fn run<F: Filesystem>(
     let threads = config.threads.max(1);
     let workers = dev::start_workers(&session, &main, threads, buf)?;
     tracing::info!(threads, "transport dev: {threads} worker(s), one /dev/fuse descriptor each");
-    Ok(Running { negotiated, threads, transport: "dev", workers, uring: None })
+    Ok(Running { negotiated, threads, transport: "dev", connection, workers, uring: None })
 }
 
 /// Whether a session for `config` should ask for FUSE_OVER_IO_URING at INIT.

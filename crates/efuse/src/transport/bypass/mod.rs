@@ -1,0 +1,355 @@
+//! The bypass transport: the third way requests reach the session, beside
+//! /dev/fuse and FUSE-over-io_uring. Applications whose client library
+//! (`efuse run`) talks to the daemon directly send their file requests
+//! through a shared-memory region instead of through the kernel; the daemon
+//! serves them with the same [`Session`] and file system as kernel requests.
+//!
+//! - this file: the listener. One Unix socket per mount in the runtime
+//!   directory ([`efuse_bypass::socket_name`]), one accept thread, the
+//!   handshake (SO_PEERCRED, Hello, access rules, Welcome with the region).
+//! - `client`: one serving thread per client: slots, validation of every
+//!   request copy, the client's own tables of lookups and open handles,
+//!   cache coherence with the kernel mount, cleanup at disconnect.
+//! - `perm`: the kernel's permission rules (default_permissions), applied to
+//!   the client's credentials.
+//! - `walk`: the WALK opcode (a path resolved in one round trip).
+//!
+//! The protocol itself (region layout, slots, messages) lives in the
+//! `efuse-bypass` crate, shared with the client library.
+
+mod client;
+mod perm;
+mod walk;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use efuse_abi::consts::init;
+use efuse_bypass::{Hello, Welcome, MAGIC, VERSION};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::connection::Connection;
+use crate::filesystem::Filesystem;
+use crate::session::{Negotiated, Session};
+
+/// Most clients served at once per file system; one thread each.
+pub const MAX_CLIENTS: u64 = 64;
+/// Slots per client region: as many of a client's threads can have a
+/// request in flight at once.
+pub const SLOTS: u32 = 8;
+/// How long a new connection may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the accept thread looks at the stop flag.
+const ACCEPT_POLL_MS: i32 = 200;
+
+/// What the mount allows, for the handshake's checks.
+#[derive(Debug, Clone, Copy)]
+pub struct BypassOptions {
+    /// Serve bypass clients (`--bypass on`, the default). Off: the socket
+    /// still answers, refusing every client with EOPNOTSUPP, so a client
+    /// library learns at once that it must go through the kernel.
+    pub enabled: bool,
+    /// The mount has allow_other: any user may connect, else only the owner.
+    pub allow_other: bool,
+    /// The mount is read-only: changes are answered EROFS.
+    pub read_only: bool,
+}
+
+impl Default for BypassOptions {
+    fn default() -> Self {
+        BypassOptions { enabled: true, allow_other: false, read_only: false }
+    }
+}
+
+/// Counters for `efuse stats`.
+#[derive(Debug, Default)]
+pub struct BypassStats {
+    /// Clients connected now.
+    pub clients: AtomicU64,
+    /// Requests served since mount (WALK counts once).
+    pub requests: AtomicU64,
+}
+
+/// State every client's thread shares.
+pub(crate) struct Shared {
+    pub(crate) stats: Arc<BypassStats>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) connection: Option<Connection>,
+    pub(crate) opts: BypassOptions,
+    pub(crate) negotiated: Negotiated,
+    /// Uniques of the daemon's own requests: far above the kernel's (which
+    /// count up from 0 in steps of 2), even, never 0, so the session's
+    /// request tracking never confuses the two.
+    unique: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_unique(&self) -> u64 {
+        self.unique.fetch_add(2, Ordering::Relaxed)
+    }
+}
+
+/// A running listener; stops its threads and removes the socket when
+/// dropped (or at [`BypassServer::stop`]).
+pub struct BypassServer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BypassServer {
+    pub fn stats(&self) -> Arc<BypassStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, disconnects every client (releasing what each held,
+    /// through the session), and waits for the threads.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for BypassServer {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Binds the bypass socket of the mount at `mountpoint` (absolute) and
+/// serves it. Called after INIT, from a thread that is no worker (it stats
+/// the mount point, which the workers answer).
+pub fn start<F: Filesystem>(
+    session: Arc<Session<F>>,
+    connection: Option<Connection>,
+    negotiated: Negotiated,
+    mountpoint: &Path,
+    opts: BypassOptions,
+) -> io::Result<BypassServer> {
+    let dir = crate::control::ensure_runtime_dir()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Other users must reach the socket: search, but no listing. The
+        // control sockets in it stay 0600.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let path = dir.join(efuse_bypass::socket_name(mountpoint.as_os_str().as_bytes()));
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another daemon serves bypass clients of {} ({})", mountpoint.display(), path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    // Anyone may knock; the handshake decides who gets in.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    let dev = std::fs::metadata(mountpoint).map(|m| std::os::unix::fs::MetadataExt::dev(&m))?;
+    let shared = Arc::new(Shared {
+        stats: Arc::default(),
+        stop: AtomicBool::new(false),
+        connection,
+        opts,
+        negotiated,
+        unique: AtomicU64::new(1 << 62),
+    });
+    let accept = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("efuse-bypass".into())
+            .spawn(move || accept_loop(session, listener, dev, shared))?
+    };
+    tracing::info!(socket = %path.display(), enabled = opts.enabled, "bypass socket ready");
+    Ok(BypassServer { path, shared, accept: Some(accept) })
+}
+
+fn accept_loop<F: Filesystem>(
+    session: Arc<Session<F>>,
+    listener: std::os::unix::net::UnixListener,
+    dev: u64,
+    shared: Arc<Shared>,
+) {
+    let clients: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+    while !shared.stop.load(Ordering::Acquire) {
+        let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd on our listener.
+        let n = unsafe { libc::poll(&mut p, 1, ACCEPT_POLL_MS) };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: accept4 on our listener; the result is checked.
+        let fd = unsafe {
+            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::ECONNABORTED)) {
+                tracing::warn!("bypass: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            continue;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut list = clients.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|h| !h.is_finished());
+        match handshake(&session, sock, dev, &shared) {
+            Ok(Some(c)) => {
+                let shared2 = shared.clone();
+                let session2 = session.clone();
+                shared.stats.clients.fetch_add(1, Ordering::AcqRel);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("efuse-bypass-{}", c.creds.pid))
+                    .spawn(move || client::serve(session2, c, shared2));
+                match spawned {
+                    Ok(h) => list.push(h),
+                    Err(e) => {
+                        shared.stats.clients.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!("bypass: cannot start a client thread: {e}");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::info!("bypass: handshake failed: {e}"),
+        }
+    }
+    let list = std::mem::take(&mut *clients.lock().unwrap_or_else(|p| p.into_inner()));
+    for h in list {
+        let _ = h.join();
+    }
+}
+
+/// Reads the Hello, decides, answers. Ok(None): refused (answered already).
+fn handshake<F: Filesystem>(
+    session: &Arc<Session<F>>,
+    sock: OwnedFd,
+    dev: u64,
+    shared: &Arc<Shared>,
+) -> io::Result<Option<client::Conn>> {
+    let fd = sock.as_raw_fd();
+    let cred = peer_cred(fd)?;
+    let tv = libc::timeval { tv_sec: HELLO_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: setsockopt with a timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut buf = [0u8; std::mem::size_of::<Hello>()];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reads into the rest of our buffer.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io::Error::new(e.kind(), format!("pid {} sent no Hello: {e}", cred.pid)));
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("pid {} closed before Hello", cred.pid)));
+        }
+        got += n as usize;
+    }
+    let refuse = |errno: i32, why: &str| -> io::Result<Option<client::Conn>> {
+        tracing::info!(pid = cred.pid, uid = cred.uid, "bypass: refusing a client: {why}");
+        let w = Welcome { magic: MAGIC, version: VERSION, error: -errno, ..Default::default() };
+        let _ = efuse_bypass::client::send_with_fd(fd, w.as_bytes(), None);
+        Ok(None)
+    };
+    let hello = match Hello::read_from_bytes(&buf) {
+        Ok(h) => h,
+        Err(_) => return refuse(libc::EPROTO, "malformed Hello"),
+    };
+    if hello.magic != MAGIC || hello.version != VERSION {
+        return refuse(libc::EPROTO, &format!("protocol {:#x} version {}", hello.magic, hello.version));
+    }
+    if !shared.opts.enabled {
+        return refuse(libc::EOPNOTSUPP, "the mount runs with --bypass off");
+    }
+    // As the kernel's fuse_allow_current_process: without allow_other only
+    // the user the mount was made for (its user_id and group_id) gets in.
+    // SAFETY: getuid/getgid have no preconditions.
+    let (owner_uid, owner_gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    if !shared.opts.allow_other && (cred.uid != owner_uid || cred.gid != owner_gid) {
+        return refuse(libc::EACCES, "not the mount's owner, and the mount has no allow_other");
+    }
+    if shared.negotiated.flags & init::WRITEBACK_CACHE != 0 {
+        return refuse(
+            libc::EOPNOTSUPP,
+            "the mount uses the writeback cache (dirty kernel pages hide from bypass reads)",
+        );
+    }
+    if shared.stats.clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+        return refuse(libc::EAGAIN, "too many bypass clients");
+    }
+    let slot_size = shared.negotiated.max_write.max(4096) + 4096;
+    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("bypass: cannot create a region: {e}");
+            return refuse(libc::ENOMEM, "no region");
+        }
+    };
+    let groups = crate::types::Caller { uid: cred.uid, gid: cred.gid, pid: cred.pid as u32 }
+        .supplementary_groups()
+        .unwrap_or_default();
+    let w = Welcome {
+        magic: MAGIC,
+        version: VERSION,
+        error: 0,
+        dev,
+        slot_count: SLOTS,
+        slot_size,
+        max_io: shared.negotiated.max_write,
+        flags: 0,
+    };
+    efuse_bypass::client::send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd()))?;
+    drop(memfd);
+    let _ = session;
+    tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
+    Ok(Some(client::Conn {
+        sock,
+        region: Arc::new(region),
+        creds: perm::Creds { uid: cred.uid, gid: cred.gid, pid: cred.pid as u32, groups },
+    }))
+}
+
+fn peer_cred(fd: i32) -> io::Result<libc::ucred> {
+    // SAFETY: ucred is plain data; getsockopt fills at most its size.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above, on our socket.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}

@@ -1,0 +1,136 @@
+//! WALK: a relative path resolved in one round trip, as the kernel's path
+//! walk resolves it (search permission on every directory, symbolic links
+//! followed, the kernel's errors), each step a LOOKUP or READLINK through
+//! the session. The walk never leaves the node it started from upwards and
+//! never follows an absolute link: it answers LEFT and the client resolves
+//! the path through the kernel.
+
+use efuse_abi::structs::{Attr, EntryOut};
+use efuse_bypass::wire::{self, walk as flag, WalkIn, WalkOut};
+use zerocopy::FromBytes;
+
+use super::client::Client;
+use super::perm::{self, MAY_EXEC};
+use crate::filesystem::Filesystem;
+
+const NAME_MAX: usize = 255;
+
+/// What the walk found: the final node, or that the path leaves the tree.
+enum Found {
+    Done(EntryOut),
+    Left,
+}
+
+/// Serves a WALK whose arguments (after the header) are `body`.
+pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) -> Result<WalkOut, i32> {
+    let (arg, path) = WalkIn::read_from_prefix(body).map_err(|_| libc::EIO)?;
+    if arg.path_len as usize != path.len() {
+        return Err(libc::EIO);
+    }
+    if path.len() > wire::WALK_PATH_MAX {
+        return Err(libc::ENAMETOOLONG);
+    }
+    if path.is_empty() {
+        return Err(libc::ENOENT);
+    }
+    if !c.holds(start) {
+        return Err(libc::ENOENT);
+    }
+    // Every lookup the walk made, to forget but for the one the client keeps.
+    let mut looked: Vec<u64> = Vec::new();
+    let found = resolve(c, start, arg.flags, path, &mut looked);
+    let mut keep = None;
+    if let Ok(Found::Done(e)) = &found {
+        if arg.flags & flag::NO_KEEP == 0 {
+            keep = Some(e.nodeid);
+        }
+    }
+    if let Some(id) = keep {
+        match looked.iter().position(|n| *n == id) {
+            Some(i) => {
+                looked.swap_remove(i);
+                c.keep_lookup(id);
+            }
+            // The walk ended where it began: the client holds it already.
+            None => c.keep_extra(id),
+        }
+    }
+    looked.sort_unstable();
+    for run in looked.chunk_by(|a, b| a == b) {
+        c.fs_forget(run[0], run.len() as u64);
+    }
+    let zero = EntryOut::default();
+    match found? {
+        Found::Done(entry) => Ok(WalkOut { status: flag::DONE, _pad: 0, entry }),
+        Found::Left => Ok(WalkOut { status: flag::LEFT, _pad: 0, entry: zero }),
+    }
+}
+
+fn resolve<F: Filesystem>(
+    c: &Client<F>,
+    start: u64,
+    flags: u32,
+    path: &[u8],
+    looked: &mut Vec<u64>,
+) -> Result<Found, i32> {
+    let start_attr = c.getattr(start)?;
+    let mut cur = synth(start, start_attr);
+    // Directories above `cur` within this walk, for "..".
+    let mut above: Vec<EntryOut> = Vec::new();
+    // Components still to walk, last first.
+    let mut pending: Vec<Vec<u8>> = path.split(|b| *b == b'/').rev().map(|s| s.to_vec()).collect();
+    let mut links = 0u32;
+    while let Some(name) = pending.pop() {
+        if name.is_empty() {
+            continue;
+        }
+        if !perm::is_dir(&cur.attr) {
+            return Err(libc::ENOTDIR);
+        }
+        perm::permission(c.creds(), &cur.attr, MAY_EXEC)?;
+        if name == b"." {
+            continue;
+        }
+        if name == b".." {
+            match above.pop() {
+                Some(up) => cur = up,
+                None => return Ok(Found::Left),
+            }
+            continue;
+        }
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let e = c.lookup(cur.nodeid, &name)?;
+        looked.push(e.nodeid);
+        let last = pending.iter().all(|p| p.is_empty());
+        let trailing_slash = last && !pending.is_empty();
+        let follow = !last || flags & (flag::FOLLOW_LAST | flag::DIRECTORY) != 0 || trailing_slash;
+        if perm::is_symlink(&e.attr) && follow {
+            links += 1;
+            if links > wire::WALK_MAX_LINKS {
+                return Err(libc::ELOOP);
+            }
+            let target = c.readlink(e.nodeid)?;
+            if target.is_empty() {
+                return Err(libc::ENOENT);
+            }
+            if target[0] == b'/' {
+                return Ok(Found::Left);
+            }
+            // The target's components come next, from the link's directory.
+            pending.extend(target.split(|b| *b == b'/').rev().map(|s| s.to_vec()));
+            continue;
+        }
+        above.push(std::mem::replace(&mut cur, e));
+    }
+    if (flags & flag::DIRECTORY != 0 || path.ends_with(b"/")) && !perm::is_dir(&cur.attr) {
+        return Err(libc::ENOTDIR);
+    }
+    Ok(Found::Done(cur))
+}
+
+/// An entry for a node the walk did not look up (where it started).
+fn synth(nodeid: u64, attr: Attr) -> EntryOut {
+    EntryOut { nodeid, generation: 0, entry_valid: 0, attr_valid: 0, entry_valid_nsec: 0, attr_valid_nsec: 0, attr }
+}
