@@ -636,14 +636,44 @@ macro_rules! converting {
 converting!(flock(fd: c_int, op: c_int) -> c_int, "flock");
 converting!(lockf(fd: c_int, cmd: c_int, len: off_t) -> c_int, "lockf");
 converting!(lockf64(fd: c_int, cmd: c_int, len: off_t) -> c_int, "lockf");
-converting!(ioctl(fd: c_int, req: libc::c_ulong, arg: usize) -> c_int, "ioctl");
+/// FICLONE (`cp --reflink=auto`): a FUSE mount has no reflinks and answers
+/// EOPNOTSUPP (EXDEV across file systems), after which cp copies with read
+/// and write. Every other ioctl is the kernel's, on a kernel open.
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: usize) -> c_int {
+    if req == libc::FICLONE as libc::c_ulong {
+        let (dst, src) = (files::get(fd).is_some(), files::get(arg as c_int).is_some());
+        if dst || src {
+            guard::set_errno(if dst && src { libc::EOPNOTSUPP } else { libc::EXDEV });
+            return -1;
+        }
+    }
+    convert(fd, "ioctl");
+    real::ioctl()(fd, req, arg)
+}
 converting!(tee(fd: c_int, out: c_int, len: size_t, fl: c_uint) -> ssize_t, "tee");
 converting!(fstatfs(fd: c_int, b: *mut libc::statfs) -> c_int, "fstatfs");
 converting!(fstatfs64(fd: c_int, b: *mut libc::statfs) -> c_int, "fstatfs");
 converting!(fstatvfs(fd: c_int, b: *mut libc::statvfs) -> c_int, "fstatvfs");
 converting!(fstatvfs64(fd: c_int, b: *mut libc::statvfs) -> c_int, "fstatvfs");
-converting!(posix_fadvise(fd: c_int, o: off_t, l: off_t, adv: c_int) -> c_int, "posix_fadvise");
-converting!(posix_fadvise64(fd: c_int, o: off_t, l: off_t, adv: c_int) -> c_int, "posix_fadvise");
+
+/// Advice changes no result, only how a kernel caches: on a served
+/// descriptor (whose data the daemon serves) it is checked and taken, as
+/// the kernel takes it, without turning the descriptor into a kernel open.
+macro_rules! advising {
+    ($name:ident) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(fd: c_int, o: off_t, l: off_t, adv: c_int) -> c_int {
+            if files::get(fd).is_some() {
+                let known = (libc::POSIX_FADV_NORMAL..=libc::POSIX_FADV_NOREUSE).contains(&adv);
+                return if !known || l < 0 { libc::EINVAL } else { 0 };
+            }
+            real::$name()(fd, o, l, adv)
+        }
+    };
+}
+advising!(posix_fadvise);
+advising!(posix_fadvise64);
 converting!(fallocate(fd: c_int, mode: c_int, o: off_t, l: off_t) -> c_int, "fallocate");
 converting!(fallocate64(fd: c_int, mode: c_int, o: off_t, l: off_t) -> c_int, "fallocate");
 converting!(posix_fallocate(fd: c_int, o: off_t, l: off_t) -> c_int, "posix_fallocate");
@@ -696,8 +726,16 @@ pub unsafe extern "C" fn copy_file_range(
     n: size_t,
     f: c_uint,
 ) -> ssize_t {
-    convert(a, "copy_file_range");
-    convert(b, "copy_file_range");
+    // The kernel answers EXDEV for a copy it cannot make inside one file
+    // system, and programs (cat, cp) then copy with read and write, which
+    // the library serves: no need to hand the descriptors to the kernel.
+    if files::get(a).is_some() || files::get(b).is_some() {
+        let g = guard::enter();
+        crate::log::blog!("copy_file_range fd {a} -> fd {b}: EXDEV (programs copy with read and write then)");
+        drop(g);
+        guard::set_errno(libc::EXDEV);
+        return -1;
+    }
     real::copy_file_range()(a, ao, b, bo, n, f)
 }
 

@@ -30,9 +30,8 @@ pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) ->
     if path.len() > wire::WALK_PATH_MAX {
         return Err(libc::ENAMETOOLONG);
     }
-    if path.is_empty() {
-        return Err(libc::ENOENT);
-    }
+    // An empty path names the start itself (the mount's root, for the
+    // client): open("") is the client's to refuse, as the kernel does.
     if !c.holds(start) {
         return Err(libc::ENOENT);
     }
