@@ -90,7 +90,7 @@ impl Client {
         if welcome.dev != dev {
             return Err(broken("the daemon serves another mount"));
         }
-        if welcome.slot_count == 0 || welcome.slot_count > 64 || welcome.slot_size < 8192 {
+        if !crate::geometry_ok(welcome.slot_count, welcome.slot_size, welcome.table_buckets) {
             return Err(broken("bad region geometry"));
         }
         // SAFETY: fstat into a zeroed stat.
@@ -98,10 +98,10 @@ impl Client {
         if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size) {
+        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size, welcome.table_buckets) {
             return Err(broken("region smaller than announced"));
         }
-        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size)?;
+        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size, welcome.table_buckets)?;
         if region.header().magic != MAGIC {
             return Err(broken("region without magic"));
         }
@@ -111,6 +111,11 @@ impl Client {
     /// What the daemon said at connection.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// The metadata table the daemon publishes to this client, if any.
+    pub fn table(&self) -> Option<crate::table::Table> {
+        self.region.table()
     }
 
     /// The socket: kept open for the client's life; the daemon drops the
@@ -410,7 +415,7 @@ mod tests {
             // SAFETY: reads into our buffer.
             let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
             assert_eq!(n as usize, hello.len());
-            let (memfd, region) = Region::create(4, 8192).expect("region");
+            let (memfd, region) = Region::create(4, 8192, 0).expect("region");
             let w = Welcome {
                 magic: MAGIC,
                 version: VERSION,
@@ -420,6 +425,8 @@ mod tests {
                 slot_size: 8192,
                 max_io: 4096,
                 flags: 0,
+                table_buckets: 0,
+                _pad: 0,
             };
             send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
             let mut served = 0;

@@ -75,7 +75,8 @@ pub struct RegionHeader {
     pub slot_count: u32,
     /// Bytes of data per slot (requests and replies).
     pub slot_size: u32,
-    pub _pad: u32,
+    /// Buckets of the metadata table after the slots ([`table`]).
+    pub table_buckets: u32,
     /// Incremented by the client after each request it publishes; the
     /// daemon's thread futex-waits on it when it has nothing to do.
     pub doorbell: AtomicU32,
@@ -109,8 +110,14 @@ pub mod slot_flags {
     pub const NO_REPLY: u32 = 1 << 0;
 }
 
-/// Bytes of a region with `slot_count` slots of `slot_size` bytes.
-pub fn region_len(slot_count: u32, slot_size: u32) -> usize {
+/// Bytes of a region with `slot_count` slots of `slot_size` bytes and a
+/// metadata table of `table_buckets` buckets (0: none).
+pub fn region_len(slot_count: u32, slot_size: u32, table_buckets: u32) -> usize {
+    table_offset(slot_count, slot_size) + table::table_len(table_buckets)
+}
+
+/// Where the metadata table starts.
+pub fn table_offset(slot_count: u32, slot_size: u32) -> usize {
     HEADER_SIZE + slot_count as usize * slot_stride(slot_size)
 }
 
@@ -125,6 +132,7 @@ pub struct Region {
     len: usize,
     slot_count: u32,
     slot_size: u32,
+    table_buckets: u32,
 }
 
 // SAFETY: the region is shared memory reached only through atomics and
@@ -137,11 +145,11 @@ impl Region {
     /// Creates a sealed memfd for a new region (daemon side) and maps it.
     /// The seals keep the client from shrinking the file under the daemon's
     /// mapping (which would make the daemon's reads fault).
-    pub fn create(slot_count: u32, slot_size: u32) -> io::Result<(OwnedFd, Region)> {
-        if slot_count == 0 || slot_count > 64 || slot_size < 8192 {
+    pub fn create(slot_count: u32, slot_size: u32, table_buckets: u32) -> io::Result<(OwnedFd, Region)> {
+        if !geometry_ok(slot_count, slot_size, table_buckets) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass region: bad geometry"));
         }
-        let len = region_len(slot_count, slot_size);
+        let len = region_len(slot_count, slot_size, table_buckets);
         // SAFETY: the name is a NUL-terminated literal.
         let fd = unsafe { libc::memfd_create(c"efuse-bypass".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
@@ -161,7 +169,7 @@ impl Region {
                 return Err(io::Error::last_os_error());
             }
         }
-        let region = Region::map(fd.as_raw_fd(), slot_count, slot_size)?;
+        let region = Region::map(fd.as_raw_fd(), slot_count, slot_size, table_buckets)?;
         // SAFETY: the header page is ours to initialise; nobody else has it yet.
         unsafe {
             let p = region.base as *mut RegionHeader;
@@ -169,14 +177,18 @@ impl Region {
             std::ptr::addr_of_mut!((*p).version).write(VERSION);
             std::ptr::addr_of_mut!((*p).slot_count).write(slot_count);
             std::ptr::addr_of_mut!((*p).slot_size).write(slot_size);
+            std::ptr::addr_of_mut!((*p).table_buckets).write(table_buckets);
         }
         Ok((fd, region))
     }
 
     /// Maps the region in `fd` shared, read-write. The client checks the
     /// geometry against the [`Welcome`] before it maps.
-    pub fn map(fd: RawFd, slot_count: u32, slot_size: u32) -> io::Result<Region> {
-        let len = region_len(slot_count, slot_size);
+    pub fn map(fd: RawFd, slot_count: u32, slot_size: u32, table_buckets: u32) -> io::Result<Region> {
+        if !geometry_ok(slot_count, slot_size, table_buckets) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass region: bad geometry"));
+        }
+        let len = region_len(slot_count, slot_size, table_buckets);
         // SAFETY: a fresh shared mapping of a file at least `len` long (the
         // daemon sealed it; the client checked its size).
         let base = unsafe {
@@ -185,7 +197,19 @@ impl Region {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Region { base: base as *mut u8, len, slot_count, slot_size })
+        Ok(Region { base: base as *mut u8, len, slot_count, slot_size, table_buckets })
+    }
+
+    /// The metadata table, if the region has one.
+    pub fn table(&self) -> Option<table::Table> {
+        if self.table_buckets == 0 {
+            return None;
+        }
+        // SAFETY: the table lies inside the mapping, page aligned, and the
+        // mapping outlives every use the owner of `self` makes of it.
+        Some(unsafe {
+            table::Table::at(self.base.add(table_offset(self.slot_count, self.slot_size)), self.table_buckets)
+        })
     }
 
     pub fn slot_count(&self) -> u32 {
@@ -265,6 +289,15 @@ impl Drop for Region {
         // SAFETY: unmaps exactly what map() mapped.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
     }
+}
+
+/// Whether a region of this shape is one efuse makes: 1-64 slots of at
+/// least 8 KiB and at most 64 MiB, a table of 0 or a power of two buckets up
+/// to 2^16.
+pub fn geometry_ok(slot_count: u32, slot_size: u32, table_buckets: u32) -> bool {
+    (1..=64).contains(&slot_count)
+        && (8192..=64 << 20).contains(&slot_size)
+        && (table_buckets == 0 || (table_buckets.is_power_of_two() && table_buckets <= 1 << 16))
 }
 
 /// Waits while `word` holds `expected`, for at most `timeout` (None: no
@@ -347,4 +380,7 @@ pub struct Welcome {
     pub max_io: u32,
     /// Reserved (0).
     pub flags: u32,
+    /// Buckets of the region's metadata table (0: none).
+    pub table_buckets: u32,
+    pub _pad: u32,
 }

@@ -392,6 +392,12 @@ mod tests {
 /// that cleared something in between bumped the epoch, and the publish is
 /// dropped. Changes call the `forget_*` methods after the change is made
 /// and before its reply is sent.
+///
+/// Each entry stands for one lookup of its node that the daemon holds on
+/// the table's behalf (so the client may name the node in requests while
+/// the entry lives): a successful publish takes over one lookup from the
+/// caller, and every entry that goes hands its node back through
+/// [`Publisher::take_dropped`], for the daemon to forget.
 pub struct Publisher {
     table: Table,
     by_name: std::collections::HashMap<(u64, Box<[u8]>), u32>,
@@ -400,6 +406,8 @@ pub struct Publisher {
     held: Vec<Option<Held>>,
     cursor: Vec<u8>,
     epoch: u64,
+    /// Nodes of entries that went, one per entry.
+    dropped: Vec<u64>,
 }
 
 /// What a published entry holds: (parent, name, nodeid).
@@ -420,6 +428,7 @@ impl Publisher {
             held: vec![None; n],
             cursor: vec![0; buckets],
             epoch: 0,
+            dropped: Vec::new(),
         }
     }
 
@@ -444,6 +453,9 @@ impl Publisher {
         let i = match self.by_name.get(&key) {
             Some(&i) => {
                 self.unlink_node(i);
+                if let Some(old) = self.held[i as usize].take() {
+                    self.dropped.push(old.2);
+                }
                 i
             }
             None => {
@@ -482,12 +494,35 @@ impl Publisher {
         true
     }
 
-    /// `name` in `parent` changed (created, removed, renamed): its entry goes.
+    /// `name` in `parent` changed (created, removed, renamed): its entry
+    /// goes, and so does every entry of the node it named (whose link count
+    /// and ctime changed with it).
     pub fn forget_name(&mut self, parent: u64, name: &[u8]) {
         self.epoch += 1;
         if let Some(i) = self.by_name.get(&(parent, Box::<[u8]>::from(name))).copied() {
+            let nodeid = self.held[i as usize].as_ref().map(|h| h.2);
             self.drop_entry(i);
+            if let Some(n) = nodeid {
+                self.forget_node(n);
+            }
         }
+    }
+
+    /// A name of `nodeid` in the table: (parent, name).
+    pub fn name_of(&self, nodeid: u64) -> Option<(u64, Box<[u8]>)> {
+        let i = *self.by_node.get(&nodeid)?.first()?;
+        self.held[i as usize].as_ref().map(|h| (h.0, h.1.clone()))
+    }
+
+    /// Whether some entry names `nodeid`.
+    pub fn has_node(&self, nodeid: u64) -> bool {
+        self.by_node.contains_key(&nodeid)
+    }
+
+    /// The nodes of entries that went since the last call, one per entry:
+    /// the lookups the daemon held for them are to be forgotten.
+    pub fn take_dropped(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// What is known of `nodeid` changed (attributes, data): every entry
@@ -505,9 +540,9 @@ impl Publisher {
     pub fn forget_all(&mut self) {
         self.epoch += 1;
         for i in 0..self.table.len() {
-            if self.held[i as usize].is_some() {
+            if let Some(h) = self.held[i as usize].take() {
                 self.table.clear(i);
-                self.held[i as usize] = None;
+                self.dropped.push(h.2);
             }
         }
         self.by_name.clear();
@@ -526,8 +561,9 @@ impl Publisher {
 
     fn drop_entry_keeping_node(&mut self, i: u32) {
         self.table.clear(i);
-        if let Some((parent, name, _)) = self.held[i as usize].take() {
+        if let Some((parent, name, nodeid)) = self.held[i as usize].take() {
             self.by_name.remove(&(parent, name));
+            self.dropped.push(nodeid);
         }
     }
 
@@ -584,10 +620,17 @@ mod publisher_tests {
         pb.forget_node(10);
         assert!(t.find(1, b"a", 0).is_none() && t.find(5, b"c", 0).is_none());
         assert!(t.find(1, b"b", 0).is_some());
+        let mut dropped = pb.take_dropped();
+        dropped.sort();
+        assert_eq!(dropped, [10, 10]);
+        // A removed name takes every entry of its node along.
+        assert!(pb.publish(pb.epoch(), b"hard", &p(7, 11, 2)));
         pb.forget_name(1, b"b");
-        assert!(t.find(1, b"b", 0).is_none());
+        assert!(t.find(1, b"b", 0).is_none() && t.find(7, b"hard", 0).is_none());
+        assert_eq!(pb.take_dropped(), [11, 11]);
         assert_eq!(pb.published(), 0);
         assert_eq!(pb.nodes().count(), 0);
+        assert!(!pb.has_node(11));
     }
 
     #[test]
@@ -610,6 +653,8 @@ mod publisher_tests {
             assert!(pb.publish(e, name.as_bytes(), &p(1, 100 + k, k)));
         }
         assert_eq!(pb.published(), WAYS as usize);
+        // Every eviction handed its node back.
+        assert_eq!(pb.take_dropped().len(), 20 - WAYS as usize);
         let t = reader(&mut m, 1);
         let live: Vec<u64> = (0..20u64).filter(|k| t.find(1, format!("n{k}").as_bytes(), 0).is_some()).collect();
         assert_eq!(live.len(), WAYS as usize);
@@ -621,7 +666,9 @@ mod publisher_tests {
         assert!(pb.publish(e, format!("n{k}").as_bytes(), &p(1, 999, 0)));
         assert_eq!(t.find(1, format!("n{k}").as_bytes(), 0).map(|(_, x)| x.nodeid), Some(999));
         assert!(!pb.nodes().any(|n| n == 100 + k));
+        assert_eq!(pb.take_dropped(), [100 + k]);
         pb.forget_all();
+        assert_eq!(pb.take_dropped().len(), WAYS as usize);
         assert_eq!(pb.published(), 0);
         assert!((0..20u64).all(|k| t.find(1, format!("n{k}").as_bytes(), 0).is_none()));
     }

@@ -552,8 +552,8 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
         (libc::CMSG_DATA(c) as *const i32).read_unaligned()
     };
     let w = efuse_bypass::Welcome::read_from_bytes(&buf).unwrap();
-    let region = efuse_bypass::Region::map(memfd, w.slot_count, w.slot_size).expect("map");
-    let len = efuse_bypass::region_len(w.slot_count, w.slot_size);
+    let region = efuse_bypass::Region::map(memfd, w.slot_count, w.slot_size, w.table_buckets).expect("map");
+    let len = efuse_bypass::region_len(w.slot_count, w.slot_size, w.table_buckets);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rounds = 0;
     // SAFETY: the region's header page is ours to scribble on, as any

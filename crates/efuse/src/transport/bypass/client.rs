@@ -25,8 +25,11 @@ use efuse_abi::{Opcode, Operation, ProtocolOptions, Request, ROOT_ID};
 use efuse_bypass::{futex_wait, futex_wake, state, Region};
 use zerocopy::{FromBytes, IntoBytes};
 
+use efuse_bypass::table::{now_ns, Published, Publisher};
+
 use super::perm::{self, Creds, MAY_EXEC, MAY_READ, MAY_WRITE};
 use super::Shared;
+use crate::changes::{Change as Told, ChangeListener};
 use crate::filesystem::Filesystem;
 use crate::reply::{Refused, Reply, ReplySink};
 use crate::session::{Session, SessionShared};
@@ -238,6 +241,9 @@ pub(super) struct Client<F: Filesystem> {
     session: Arc<Session<F>>,
     shared: Arc<Shared>,
     conn: Conn,
+    /// What this client's metadata table holds, kept exact by `ear`.
+    table: Option<Arc<Mutex<Publisher>>>,
+    ear: Option<Arc<dyn ChangeListener>>,
     sink: Arc<Sink>,
     dyn_sink: Arc<dyn ReplySink>,
     tables: Tables,
@@ -264,8 +270,16 @@ pub(crate) fn serve<F: Filesystem>(session: Arc<Session<F>>, conn: Conn, shared:
         cv: Condvar::new(),
     });
     let opts = ProtocolOptions { setxattr_ext: shared.negotiated.flags & init::SETXATTR_EXT != 0 };
+    let table = conn.region.table().map(|t| Arc::new(Mutex::new(Publisher::new(t))));
+    let ear = table.as_ref().map(|t| {
+        let ear: Arc<dyn ChangeListener> = Arc::new(TableEar { table: t.clone() });
+        session.shared().changes.listen(ear.clone());
+        ear
+    });
     let mut c = Client {
         session,
+        table,
+        ear,
         shared: shared.clone(),
         dyn_sink: sink.clone(),
         sink,
@@ -300,6 +314,7 @@ impl<F: Filesystem> Client<F> {
                     self.serve_slot(i);
                 }
             }
+            self.drain_table();
             if any {
                 continue;
             }
@@ -343,6 +358,8 @@ impl<F: Filesystem> Client<F> {
         let region = self.conn.region.clone();
         let sh = region.slot(i);
         let len = sh.len.load(Ordering::Acquire) as usize;
+        // Read once, with the request: nobody waits for this one's reply.
+        let no_reply = sh.flags.load(Ordering::Acquire) & efuse_bypass::slot_flags::NO_REPLY != 0;
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = std::mem::take(&mut self.req);
         let written = match region.copy_out(i, len, &mut req) {
@@ -350,6 +367,13 @@ impl<F: Filesystem> Client<F> {
             Err(_) => self.error_reply(i, libc::EIO),
         };
         self.req = req;
+        if no_reply {
+            // The client let go of the slot when it posted the request; it
+            // is free again once served.
+            sh.state.store(state::FREE, Ordering::Release);
+            region.header().claimed.fetch_and(!(1u64 << i), Ordering::Release);
+            return;
+        }
         sh.len.store(written as u32, Ordering::Relaxed);
         sh.state.store(state::REPLY, Ordering::SeqCst);
         if sh.client_waiting.load(Ordering::SeqCst) != 0 {
@@ -414,6 +438,11 @@ impl<F: Filesystem> Client<F> {
             // Checked above, as the kernel does with default_permissions
             // (which never sends ACCESS to the file system).
             return self.error_reply(i, 0);
+        }
+        if matches!(op, Opcode::Open | Opcode::Opendir) {
+            if let Err(e) = self.adopt(h.nodeid) {
+                return self.error_reply(i, e);
+            }
         }
         let out = self.call(req, Target::Slot(i));
         if let Some(dh) = release {
@@ -557,12 +586,17 @@ impl<F: Filesystem> Client<F> {
 
     /// The node's attributes, through the session.
     pub(super) fn getattr(&self, nodeid: u64) -> Result<abi::Attr, i32> {
+        self.attr_out(nodeid).map(|a| a.attr)
+    }
+
+    /// The node's attributes and how long they may be cached.
+    pub(super) fn attr_out(&self, nodeid: u64) -> Result<abi::AttrOut, i32> {
         let g = abi::GetattrIn::default();
         let out = self.internal(Opcode::Getattr, nodeid, &[g.as_bytes()]);
         if out.error != 0 {
             return Err(-out.error);
         }
-        abi::AttrOut::read_from_prefix(&out.payload).map(|(a, _)| a.attr).map_err(|_| libc::EIO)
+        abi::AttrOut::read_from_prefix(&out.payload).map(|(a, _)| a).map_err(|_| libc::EIO)
     }
 
     /// Looks `name` up in `parent` through the session; the file system
@@ -599,7 +633,68 @@ impl<F: Filesystem> Client<F> {
     }
 
     pub(super) fn holds(&self, nodeid: u64) -> bool {
-        self.tables.holds(nodeid)
+        self.tables.holds(nodeid) || self.published(nodeid)
+    }
+
+    /// Whether the client's table names `nodeid` (the daemon then holds a
+    /// lookup of it for the table, so the client may name it).
+    fn published(&self, nodeid: u64) -> bool {
+        self.table.as_ref().is_some_and(|t| lock(t).has_node(nodeid))
+    }
+
+    /// The table's change counter, read before asking the file system for
+    /// what to publish (0 without a table).
+    pub(super) fn epoch(&self) -> u64 {
+        self.table.as_ref().map_or(0, |t| lock(t).epoch())
+    }
+
+    /// Publishes `e` as `name` in `parent` in the client's table, handing
+    /// the table the one lookup of `e.nodeid` the caller holds. False (the
+    /// caller keeps its lookup) without a table, after a change since
+    /// `epoch`, or for a node written behind the daemon's back (a kernel
+    /// passthrough open for writing).
+    pub(super) fn publish(&self, epoch: u64, parent: u64, name: &[u8], e: &abi::EntryOut) -> bool {
+        let Some(t) = &self.table else { return false };
+        if e.nodeid == 0 || self.session.shared().changes.unseen_writers(e.nodeid) > 0 {
+            return false;
+        }
+        let now = now_ns();
+        let p = Published {
+            parent,
+            nodeid: e.nodeid,
+            generation: e.generation,
+            entry_expires: expiry(now, e.entry_valid, e.entry_valid_nsec),
+            attr_expires: expiry(now, e.attr_valid, e.attr_valid_nsec),
+            attr: e.attr,
+        };
+        lock(t).publish(epoch, name, &p)
+    }
+
+    /// Forgets, in the file system, the lookups of table entries that went.
+    fn drain_table(&self) {
+        let Some(t) = &self.table else { return };
+        let dropped = lock(t).take_dropped();
+        for n in dropped {
+            self.fs_forget(n, 1);
+        }
+    }
+
+    /// The client names a node its table holds in a request that makes it
+    /// keep the node (OPEN): it gets a lookup of its own, taken again by
+    /// name, so the node outlives the table's entry.
+    fn adopt(&mut self, nodeid: u64) -> Result<(), i32> {
+        if self.tables.holds(nodeid) {
+            return Ok(());
+        }
+        let named = self.table.as_ref().and_then(|t| lock(t).name_of(nodeid));
+        let Some((parent, name)) = named else { return Err(libc::ENOENT) };
+        let e = self.lookup(parent, &name)?;
+        if e.nodeid != nodeid {
+            self.fs_forget(e.nodeid, 1);
+            return Err(libc::ESTALE);
+        }
+        self.tables.add_lookup(nodeid);
+        Ok(())
     }
 
     /// The client keeps one lookup of `nodeid` that the file system counted.
@@ -1020,6 +1115,13 @@ impl<F: Filesystem> Client<F> {
 
     /// The client is gone: release its handles and forget its lookups.
     fn cleanup(&mut self) {
+        if let Some(ear) = self.ear.take() {
+            self.session.shared().changes.unlisten(&ear);
+        }
+        if let Some(t) = &self.table {
+            lock(t).forget_all();
+        }
+        self.drain_table();
         let handles: Vec<Handle> = self.tables.handles.drain().map(|(_, h)| h).collect();
         for h in handles {
             if h.stateless {
@@ -1037,6 +1139,30 @@ impl<F: Filesystem> Client<F> {
             self.fs_forget(nodeid, held.fs);
         }
     }
+}
+
+/// Keeps a client's table exact: every change the session answers clears
+/// what it makes wrong, before its reply goes out.
+struct TableEar {
+    table: Arc<Mutex<Publisher>>,
+}
+
+impl ChangeListener for TableEar {
+    fn changed(&self, changes: &[Told]) {
+        let mut t = lock(&self.table);
+        for c in changes {
+            match c {
+                Told::Name { parent, name } => t.forget_name(*parent, name),
+                Told::Node { nodeid } => t.forget_node(*nodeid),
+                Told::All => t.forget_all(),
+            }
+        }
+    }
+}
+
+/// `now` plus a reply's validity, in CLOCK_MONOTONIC ns.
+pub(super) fn expiry(now: u64, secs: u64, nsec: u32) -> u64 {
+    now.saturating_add(secs.saturating_mul(1_000_000_000)).saturating_add(nsec as u64)
 }
 
 /// SETATTR's checks (setattr_prepare, chown_ok, chgrp_ok), editing `arg`

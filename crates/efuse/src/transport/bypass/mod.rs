@@ -43,6 +43,9 @@ pub const MAX_CLIENTS: u64 = 64;
 /// Slots per client region: as many of a client's threads can have a
 /// request in flight at once.
 pub const SLOTS: u32 = 8;
+/// Buckets of each client's metadata table: 4,096 names and attributes
+/// (2 MiB of shared memory, touched as it fills).
+pub const TABLE_BUCKETS: u32 = 1024;
 /// How long a new connection may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the accept thread looks at the stop flag.
@@ -309,7 +312,7 @@ fn handshake<F: Filesystem>(
         return refuse(libc::EAGAIN, "too many bypass clients");
     }
     let slot_size = shared.negotiated.max_write.max(4096) + 4096;
-    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size) {
+    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size, TABLE_BUCKETS) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("bypass: cannot create a region: {e}");
@@ -328,6 +331,8 @@ fn handshake<F: Filesystem>(
         slot_size,
         max_io: shared.negotiated.max_write,
         flags: 0,
+        table_buckets: TABLE_BUCKETS,
+        _pad: 0,
     };
     efuse_bypass::client::send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd()))?;
     drop(memfd);

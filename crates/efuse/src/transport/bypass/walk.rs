@@ -12,6 +12,7 @@ use zerocopy::FromBytes;
 use super::client::Client;
 use super::perm::{self, MAY_EXEC};
 use crate::filesystem::Filesystem;
+use efuse_abi::ROOT_ID;
 
 const NAME_MAX: usize = 255;
 
@@ -35,9 +36,11 @@ pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) ->
     if !c.holds(start) {
         return Err(libc::ENOENT);
     }
-    // Every lookup the walk made, to forget but for the one the client keeps.
+    // Every lookup the walk made, to forget but for the one the client keeps
+    // (lookups handed to the client's table are not in it).
     let mut looked: Vec<u64> = Vec::new();
-    let found = resolve(c, start, arg.flags, path, &mut looked);
+    let mut last: Option<(u64, Vec<u8>)> = None;
+    let found = resolve(c, start, arg.flags, path, &mut looked, &mut last);
     let mut keep = None;
     if let Ok(Found::Done(e)) = &found {
         if arg.flags & flag::NO_KEEP == 0 {
@@ -50,8 +53,23 @@ pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) ->
                 looked.swap_remove(i);
                 c.keep_lookup(id);
             }
-            // The walk ended where it began: the client holds it already.
-            None => c.keep_extra(id),
+            None => match last {
+                // The table took the walk's lookup of it: one more for the client.
+                Some((parent, name)) if id != start => match c.lookup(parent, &name) {
+                    Ok(e) if e.nodeid == id => c.keep_lookup(id),
+                    Ok(e) => {
+                        c.fs_forget(e.nodeid, 1);
+                        keep_failed(c, &looked);
+                        return Err(libc::ESTALE);
+                    }
+                    Err(e) => {
+                        keep_failed(c, &looked);
+                        return Err(e);
+                    }
+                },
+                // The walk ended where it began: the client holds it already.
+                _ => c.keep_extra(id),
+            },
         }
     }
     looked.sort_unstable();
@@ -65,17 +83,39 @@ pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) ->
     }
 }
 
+/// Forgets the walk's lookups when it fails at the end.
+fn keep_failed<F: Filesystem>(c: &Client<F>, looked: &[u64]) {
+    for n in looked {
+        c.fs_forget(*n, 1);
+    }
+}
+
 fn resolve<F: Filesystem>(
     c: &Client<F>,
     start: u64,
     flags: u32,
     path: &[u8],
     looked: &mut Vec<u64>,
+    last: &mut Option<(u64, Vec<u8>)>,
 ) -> Result<Found, i32> {
-    let start_attr = c.getattr(start)?;
+    let epoch = c.epoch();
+    let start_out = c.attr_out(start)?;
+    let start_attr = start_out.attr;
+    if start == ROOT_ID {
+        // The root, for the client's own walks: "/" in no directory.
+        let mut root = synth(start, start_attr);
+        root.entry_valid = start_out.attr_valid;
+        root.entry_valid_nsec = start_out.attr_valid_nsec;
+        root.attr_valid = start_out.attr_valid;
+        root.attr_valid_nsec = start_out.attr_valid_nsec;
+        c.publish(epoch, 0, b"/", &root);
+    }
     let mut cur = synth(start, start_attr);
-    // Directories above `cur` within this walk, for "..".
+    // How `cur` was reached: (directory, name); None for the start.
+    let mut cur_name: Option<(u64, Vec<u8>)> = None;
+    // Directories above `cur` within this walk, for "..", and their names.
     let mut above: Vec<EntryOut> = Vec::new();
+    let mut above_names: Vec<Option<(u64, Vec<u8>)>> = Vec::new();
     // Components still to walk, last first.
     let mut pending: Vec<Vec<u8>> = path.split(|b| *b == b'/').rev().map(|s| s.to_vec()).collect();
     let mut links = 0u32;
@@ -92,7 +132,10 @@ fn resolve<F: Filesystem>(
         }
         if name == b".." {
             match above.pop() {
-                Some(up) => cur = up,
+                Some(up) => {
+                    cur = up;
+                    cur_name = above_names.pop().flatten();
+                }
                 None => return Ok(Found::Left),
             }
             continue;
@@ -100,8 +143,11 @@ fn resolve<F: Filesystem>(
         if name.len() > NAME_MAX {
             return Err(libc::ENAMETOOLONG);
         }
+        let epoch = c.epoch();
         let e = c.lookup(cur.nodeid, &name)?;
-        looked.push(e.nodeid);
+        if !c.publish(epoch, cur.nodeid, &name, &e) {
+            looked.push(e.nodeid);
+        }
         let last = pending.iter().all(|p| p.is_empty());
         let trailing_slash = last && !pending.is_empty();
         let follow = !last || flags & (flag::FOLLOW_LAST | flag::DIRECTORY) != 0 || trailing_slash;
@@ -121,11 +167,13 @@ fn resolve<F: Filesystem>(
             pending.extend(target.split(|b| *b == b'/').rev().map(|s| s.to_vec()));
             continue;
         }
+        above_names.push(std::mem::replace(&mut cur_name, Some((cur.nodeid, name))));
         above.push(std::mem::replace(&mut cur, e));
     }
     if (flags & flag::DIRECTORY != 0 || path.ends_with(b"/")) && !perm::is_dir(&cur.attr) {
         return Err(libc::ENOTDIR);
     }
+    *last = cur_name;
     Ok(Found::Done(cur))
 }
 
