@@ -167,7 +167,7 @@ fn resolve<F: Filesystem>(
             pending.extend(target.split(|b| *b == b'/').rev().map(|s| s.to_vec()));
             continue;
         }
-        above_names.push(std::mem::replace(&mut cur_name, Some((cur.nodeid, name))));
+        above_names.push(cur_name.replace((cur.nodeid, name)));
         above.push(std::mem::replace(&mut cur, e));
     }
     if (flags & flag::DIRECTORY != 0 || path.ends_with(b"/")) && !perm::is_dir(&cur.attr) {
