@@ -46,3 +46,9 @@ pub mod walk {
 pub const WALK_PATH_MAX: usize = 4095;
 /// The most symbolic links one WALK follows (as the kernel: ELOOP after 40).
 pub const WALK_MAX_LINKS: u32 = 40;
+
+/// In OPEN's `open_flags` (a bit the kernel never sets): the client found
+/// the node in its metadata table, not by a WALK that kept it, and will
+/// FORGET it when it closes the file; the daemon takes a lookup of the node
+/// for the client with the open.
+pub const OPEN_ADOPT: u32 = 1 << 31;

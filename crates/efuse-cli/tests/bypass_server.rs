@@ -203,7 +203,9 @@ fn walk_follows_links_as_the_kernel() {
             forget(&c, a.nodeid, 1);
             assert!(getattr(&c, a.nodeid).is_ok(), "the first lookup is still held");
             forget(&c, a.nodeid, 1);
-            assert_eq!(getattr(&c, a.nodeid), Err(libc::ENOENT));
+            // The walks also published "a" in the client's metadata table,
+            // which holds a lookup of its own: the client may still name it.
+            assert!(getattr(&c, a.nodeid).is_ok(), "named by the client's table");
         });
     });
 }

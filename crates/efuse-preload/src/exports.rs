@@ -1155,6 +1155,7 @@ fn credentials_changed() {
     if g.is_some() {
         let _ = catch_unwind(|| {
             if crate::config::on() {
+                crate::creds::forget();
                 serve::convert_all(true, "a credential change");
                 if let Some(m) = crate::mounts::discovered() {
                     m.reset_connections();

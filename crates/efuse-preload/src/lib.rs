@@ -21,6 +21,7 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod config;
+mod creds;
 mod env;
 #[cfg(not(test))]
 mod exports;

@@ -123,6 +123,7 @@ impl Mounts {
             match Client::connect(&b.socket, b.uid, dev) {
                 Ok(c) => {
                     blog!("mount {}: connected (max_io {})", Show(&self.lines[i].point), c.welcome().max_io);
+                    crate::creds::take();
                     b.client.store(Box::into_raw(Box::new(c)), Ordering::Release);
                     b.state.store(CONNECTED, Ordering::Release);
                 }

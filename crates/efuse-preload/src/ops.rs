@@ -54,6 +54,12 @@ pub fn walk(c: &Client, path: &[u8], flags: u32) -> R<Walked> {
     if path.len() > efuse_bypass::wire::WALK_PATH_MAX {
         return Err(Fail::Errno(libc::ENAMETOOLONG));
     }
+    // Attributes only: the table answers when it knows the whole path.
+    if flags & walk::NO_KEEP != 0 {
+        if let Some(e) = walk_local(c, path, flags) {
+            return Ok(Walked::Done(e));
+        }
+    }
     let inp = WalkIn { flags, path_len: path.len() as u32 };
     let out: WalkOut = call_struct(c, efuse_bypass::op::WALK, efuse_abi::ROOT_ID, &[inp.as_bytes(), path])?;
     match out.status {
@@ -61,6 +67,45 @@ pub fn walk(c: &Client, path: &[u8], flags: u32) -> R<Walked> {
         walk::LEFT => Ok(Walked::Left),
         _ => Err(Fail::Broken),
     }
+}
+
+/// The walk the library makes over its metadata table, without a request:
+/// Some when every component is there and fresh, each directory on the way
+/// is searchable with this process's credentials, and no symbolic link needs
+/// following (anything else: None, and the daemon walks). The entry it
+/// returns holds no lookup for the client.
+pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
+    use efuse_bypass::table::now_ns;
+    let t = c.table()?;
+    let now = now_ns();
+    let (_, root) = t.find(0, b"/", now)?;
+    if root.attr_expires <= now || root.nodeid != efuse_abi::ROOT_ID {
+        return None;
+    }
+    let (mut nodeid, mut generation, mut attr) = (root.nodeid, root.generation, root.attr);
+    let mut parts = path.split(|b| *b == b'/').filter(|p| !p.is_empty() && *p != b".").peekable();
+    while let Some(name) = parts.next() {
+        if name == b".." || attr.mode & libc::S_IFMT != libc::S_IFDIR {
+            return None;
+        }
+        if !crate::creds::may_search(&attr)? {
+            return None;
+        }
+        let (_, p) = t.find(nodeid, name, now)?;
+        if p.attr_expires <= now {
+            return None;
+        }
+        let last = parts.peek().is_none();
+        let follow = !last || flags & (walk::FOLLOW_LAST | walk::DIRECTORY) != 0;
+        if p.attr.mode & libc::S_IFMT == libc::S_IFLNK && follow {
+            return None;
+        }
+        (nodeid, generation, attr) = (p.nodeid, p.generation, p.attr);
+    }
+    if flags & walk::DIRECTORY != 0 && attr.mode & libc::S_IFMT != libc::S_IFDIR {
+        return None;
+    }
+    Some(EntryOut { nodeid, generation, entry_valid: 0, attr_valid: 0, entry_valid_nsec: 0, attr_valid_nsec: 0, attr })
 }
 
 pub fn forget(c: &Client, nodeid: u64) {
@@ -88,6 +133,13 @@ pub fn setattr(c: &Client, nodeid: u64, inp: &SetattrIn) -> R<Attr> {
 
 pub fn open(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
     call_struct(c, Opcode::Open as u32, nodeid, &[OpenIn { flags, open_flags: 0 }.as_bytes()])
+}
+
+/// OPEN of a node found by [`walk_local`]: the daemon takes the lookup the
+/// client will FORGET at close ([`efuse_bypass::wire::OPEN_ADOPT`]).
+pub fn open_adopting(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
+    let inp = OpenIn { flags, open_flags: efuse_bypass::wire::OPEN_ADOPT };
+    call_struct(c, Opcode::Open as u32, nodeid, &[inp.as_bytes()])
 }
 
 /// CREATE: the new node's entry (one lookup held) and its open handle.

@@ -425,8 +425,19 @@ impl<F: Filesystem> Client<F> {
         if op == Opcode::Forget {
             return self.forget_request(i, req);
         }
-        if !self.tables.holds(h.nodeid) {
+        if !self.holds(h.nodeid) {
             return self.error_reply(i, libc::ENOENT);
+        }
+        // OPEN of a node the client found in its table: it will FORGET it
+        // at close, so the open takes a lookup for it (the bit is ours, not
+        // the file system's).
+        let mut adopt = false;
+        if op == Opcode::Open {
+            if let Ok((mut o, _)) = abi::OpenIn::read_from_prefix(&req[IN_HEADER..]) {
+                adopt = o.open_flags & efuse_bypass::wire::OPEN_ADOPT != 0;
+                o.open_flags &= !efuse_bypass::wire::OPEN_ADOPT;
+                req[IN_HEADER..IN_HEADER + std::mem::size_of::<abi::OpenIn>()].copy_from_slice(o.as_bytes());
+            }
         }
         let mut changes = Vec::new();
         let mut release: Option<u64> = None;
@@ -440,7 +451,7 @@ impl<F: Filesystem> Client<F> {
             return self.error_reply(i, 0);
         }
         if matches!(op, Opcode::Open | Opcode::Opendir) {
-            if let Err(e) = self.adopt(h.nodeid) {
+            if let Err(e) = self.adopt(h.nodeid, adopt) {
                 return self.error_reply(i, e);
             }
         }
@@ -682,8 +693,8 @@ impl<F: Filesystem> Client<F> {
     /// The client names a node its table holds in a request that makes it
     /// keep the node (OPEN): it gets a lookup of its own, taken again by
     /// name, so the node outlives the table's entry.
-    fn adopt(&mut self, nodeid: u64) -> Result<(), i32> {
-        if self.tables.holds(nodeid) {
+    fn adopt(&mut self, nodeid: u64, asked: bool) -> Result<(), i32> {
+        if !asked && self.tables.holds(nodeid) {
             return Ok(());
         }
         let named = self.table.as_ref().and_then(|t| lock(t).name_of(nodeid));
@@ -846,7 +857,7 @@ impl<F: Filesystem> Client<F> {
             }
             Operation::Link { arg, name } => {
                 check_name(name)?;
-                if !self.tables.holds(arg.oldnodeid) {
+                if !self.holds(arg.oldnodeid) {
                     return Err(libc::ENOENT);
                 }
                 self.create_check(ino, ro)?;
@@ -1049,7 +1060,7 @@ impl<F: Filesystem> Client<F> {
     ) -> Result<(), i32> {
         check_name(name)?;
         check_name(newname)?;
-        if !self.tables.holds(newdir) {
+        if !self.holds(newdir) {
             return Err(libc::ENOENT);
         }
         let c = &self.conn.creds;

@@ -1,0 +1,99 @@
+//! The process's credentials, for the walks the library makes over its
+//! metadata table: search permission on each directory, as the daemon (and
+//! the kernel with default_permissions) would check it. Taken when a
+//! connection is made, forgotten when the process changes its credentials
+//! (the connections start over then). Plain atomics: a signal handler may
+//! read them.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use efuse_abi::structs::Attr;
+
+const MAX_GROUPS: usize = 32;
+
+static VALID: AtomicBool = AtomicBool::new(false);
+static UID: AtomicU32 = AtomicU32::new(0);
+static GID: AtomicU32 = AtomicU32::new(0);
+/// Supplementary groups; more than MAX_GROUPS: u32::MAX (unknown: group
+/// checks go to the daemon).
+static NGROUPS: AtomicU32 = AtomicU32::new(0);
+static GROUPS: [AtomicU32; MAX_GROUPS] = [const { AtomicU32::new(0) }; MAX_GROUPS];
+
+/// Takes the credentials now (after a connection is made). The effective
+/// ids are what the daemon's SO_PEERCRED reports and checks with.
+pub fn take() {
+    // SAFETY: plain system calls without preconditions; getgroups fills at
+    // most MAX_GROUPS entries of a live buffer.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let mut g = [0 as libc::gid_t; MAX_GROUPS];
+    let n = unsafe { libc::getgroups(MAX_GROUPS as i32, g.as_mut_ptr()) };
+    VALID.store(false, Ordering::Release);
+    UID.store(uid, Ordering::Relaxed);
+    GID.store(gid, Ordering::Relaxed);
+    if n < 0 {
+        NGROUPS.store(u32::MAX, Ordering::Relaxed);
+    } else {
+        for (d, s) in GROUPS.iter().zip(&g[..n as usize]) {
+            d.store(*s, Ordering::Relaxed);
+        }
+        NGROUPS.store(n as u32, Ordering::Relaxed);
+    }
+    VALID.store(true, Ordering::Release);
+}
+
+/// Forgets them (a credential change).
+pub fn forget() {
+    VALID.store(false, Ordering::Release);
+}
+
+/// May this process search directory `dir` (mode bits, as the kernel's
+/// generic_permission)? None when the library cannot tell.
+pub fn may_search(dir: &Attr) -> Option<bool> {
+    if !VALID.load(Ordering::Acquire) {
+        return None;
+    }
+    let uid = UID.load(Ordering::Relaxed);
+    if uid == 0 {
+        // CAP_DAC_OVERRIDE: directories are always searchable by root.
+        return Some(true);
+    }
+    let mode = dir.mode;
+    if uid == dir.uid {
+        return Some(mode & 0o100 != 0);
+    }
+    let in_group = if GID.load(Ordering::Relaxed) == dir.gid {
+        true
+    } else {
+        let n = NGROUPS.load(Ordering::Relaxed);
+        if n == u32::MAX {
+            return None;
+        }
+        GROUPS[..n as usize].iter().any(|g| g.load(Ordering::Relaxed) == dir.gid)
+    };
+    if in_group {
+        return Some(mode & 0o010 != 0);
+    }
+    Some(mode & 0o001 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_follows_the_owner_then_group_then_other_bits() {
+        take();
+        let me = unsafe { libc::geteuid() };
+        let dir = |mode, uid, gid| Attr { mode: libc::S_IFDIR | mode, uid, gid, ..Default::default() };
+        if me == 0 {
+            assert_eq!(may_search(&dir(0o000, 5, 5)), Some(true));
+        } else {
+            assert_eq!(may_search(&dir(0o700, me, 5)), Some(true));
+            // The owner's bits decide for the owner, even when others' allow.
+            assert_eq!(may_search(&dir(0o077, me, 5)), Some(false));
+            assert_eq!(may_search(&dir(0o001, me.wrapping_add(1), u32::MAX - 3)), Some(true));
+        }
+        forget();
+        assert_eq!(may_search(&dir(0o777, me, 0)), None);
+    }
+}
