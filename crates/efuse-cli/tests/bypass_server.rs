@@ -423,6 +423,12 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
         std::fs::set_permissions(r.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
         std::fs::write(r.join("tmp/roots"), b"r").unwrap();
         std::fs::set_permissions(r.join("tmp/roots"), std::fs::Permissions::from_mode(0o666)).unwrap();
+        // Set-id files anyone may write: a write or truncate by someone
+        // without CAP_FSETID must clear the bits (else: a root shell).
+        for name in ["setid-w", "setid-t"] {
+            std::fs::write(r.join(name), b"#!/bin/true\n").unwrap();
+            std::fs::set_permissions(r.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
+        }
         let mnt = m.mnt.clone();
         let got = as_nobody(move |out| {
             let c = match connect(&mnt) {
@@ -467,6 +473,11 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
             out.push(code(call(&c, Opcode::Access as u32, ro.nodeid, &[acc.as_bytes()])));
             let acc = abi::AccessIn { mask: libc::R_OK as u32, padding: 0 };
             out.push(code(call(&c, Opcode::Access as u32, public.nodeid, &[acc.as_bytes()])));
+            let w = walk_to(&c, "setid-w").expect("walk setid-w");
+            let fh = open(&c, w.nodeid, libc::O_WRONLY);
+            out.push(code(fh.and_then(|fh| write(&c, w.nodeid, fh, 0, b"x"))));
+            let t = walk_to(&c, "setid-t").expect("walk setid-t");
+            out.push(code(call(&c, Opcode::Setattr as u32, t.nodeid, &[trunc.as_bytes()])));
         });
         let want = vec![
             0,            // connected
@@ -487,6 +498,8 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
             0,            // create in the sticky directory
             libc::EACCES, // access(W_OK) on rootonly
             0,            // access(R_OK) on public
+            0,            // write to a set-id file anyone may write
+            0,            // truncate of one
         ];
         assert_eq!(got, want, "{test}: results of the unprivileged client");
         // Through the kernel, as root: nothing changed but the new file.
@@ -494,6 +507,10 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
         assert_eq!(std::fs::metadata(m.mnt.join("public")).unwrap().mode() & 0o777, 0o644);
         assert_eq!(std::fs::metadata(m.mnt.join("tmp/nobodys")).unwrap().uid(), 65534);
         assert!(m.mnt.join("tmp/roots").exists());
+        for name in ["setid-w", "setid-t"] {
+            let mode = std::fs::metadata(m.mnt.join(name)).unwrap().mode() & 0o7777;
+            assert_eq!(mode, 0o777, "{test}: {name} kept its set-id bits after a change by nobody");
+        }
     }
 }
 

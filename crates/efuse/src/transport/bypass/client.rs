@@ -500,7 +500,11 @@ impl<F: Filesystem> Client<F> {
     fn stateless_open(&mut self, i: u32, ino: u64, flags: i32, dir: bool) -> usize {
         if !dir && flags & libc::O_TRUNC != 0 {
             // Without OPEN the kernel truncates with SETATTR; so do we.
-            let s = abi::SetattrIn { valid: fattr::SIZE, size: 0, ..Default::default() };
+            let mut valid = fattr::SIZE;
+            if !self.conn.creds.capable(perm::cap::FSETID) {
+                valid |= fattr::KILL_SUIDGID;
+            }
+            let s = abi::SetattrIn { valid, size: 0, ..Default::default() };
             let out = self.internal(Opcode::Setattr, ino, &[s.as_bytes()]);
             if out.error != 0 {
                 return self.error_reply(i, -out.error);
@@ -808,6 +812,14 @@ impl<F: Filesystem> Client<F> {
                 // Only the kernel sets ctime and lock owners.
                 arg.valid &= !(fattr::CTIME | fattr::LOCKOWNER);
                 setattr_prepare(&c, &a, &mut arg, fh)?;
+                // As the kernel with HANDLE_KILLPRIV_V2: a truncate without
+                // CAP_FSETID, and any chown of a non-directory, clear the
+                // set-id bits (the file system does it, told by this flag).
+                let kill_on_size = arg.valid & fattr::SIZE != 0 && !c.capable(perm::cap::FSETID);
+                let kill_on_chown = arg.valid & (fattr::UID | fattr::GID) != 0 && !perm::is_dir(&a);
+                if kill_on_size || kill_on_chown {
+                    arg.valid |= fattr::KILL_SUIDGID;
+                }
                 rewrite = Some(arg.as_bytes().to_vec());
                 changes.push(Change::Data(ino));
             }
@@ -825,7 +837,7 @@ impl<F: Filesystem> Client<F> {
                 let kind = arg.mode & libc::S_IFMT;
                 match kind {
                     libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
-                    libc::S_IFCHR | libc::S_IFBLK if c.root() => {}
+                    libc::S_IFCHR | libc::S_IFBLK if c.capable(perm::cap::MKNOD) => {}
                     libc::S_IFCHR | libc::S_IFBLK => return Err(libc::EPERM),
                     _ => return Err(libc::EINVAL),
                 }
@@ -888,11 +900,14 @@ impl<F: Filesystem> Client<F> {
                     return Err(libc::EROFS);
                 }
                 perm::permission(&c, &a, need)?;
-                if flags & libc::O_NOATIME != 0 && !c.owner_or_root(&a) {
+                if flags & libc::O_NOATIME != 0 && !c.owner_or_capable(&a) {
                     return Err(libc::EPERM);
                 }
                 // As the kernel: these never reach a file system's OPEN.
                 arg.flags &= !((libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY) as u32);
+                if flags & libc::O_TRUNC != 0 && !c.capable(perm::cap::FSETID) {
+                    arg.open_flags |= efuse_abi::consts::OPEN_KILL_SUIDGID;
+                }
                 rewrite = Some(arg.as_bytes().to_vec());
                 *open_fallback = Some((arg.flags as i32, false));
                 if flags & libc::O_TRUNC != 0 {
@@ -918,6 +933,12 @@ impl<F: Filesystem> Client<F> {
                 arg.fh = self.file_handle(arg.fh, ino, false, MAY_WRITE)?.fh;
                 if data.len() != arg.size as usize {
                     return Err(libc::EINVAL);
+                }
+                // A write without CAP_FSETID clears the set-id bits
+                // (file_remove_privs; the file system does it, told by
+                // this flag, as the kernel tells it).
+                if !c.capable(perm::cap::FSETID) {
+                    arg.write_flags |= efuse_abi::consts::write::KILL_SUIDGID;
                 }
                 rewrite = Some(arg.as_bytes().to_vec());
                 changes.push(Change::Data(ino));
@@ -1194,35 +1215,36 @@ fn setattr_prepare(c: &Creds, a: &abi::Attr, arg: &mut abi::SetattrIn, fh: Optio
             None => perm::permission(c, a, MAY_WRITE)?,
         }
     }
-    if v & fattr::UID != 0 && !(c.root() || (c.owns(a) && arg.uid == a.uid)) {
+    let chown_cap = c.capable(perm::cap::CHOWN);
+    if v & fattr::UID != 0 && !(chown_cap || (c.owns(a) && arg.uid == a.uid)) {
         return Err(libc::EPERM);
     }
-    if v & fattr::GID != 0 && !(c.root() || (c.owns(a) && (arg.gid == a.gid || c.in_group(arg.gid)))) {
+    if v & fattr::GID != 0 && !(chown_cap || (c.owns(a) && (arg.gid == a.gid || c.in_group(arg.gid)))) {
         return Err(libc::EPERM);
     }
     if v & fattr::MODE != 0 {
-        if !c.owner_or_root(a) {
+        if !c.owner_or_capable(a) {
             return Err(libc::EPERM);
         }
         // Also check the setgid bit: cleared for a group the caller is not in.
         let gid = if v & fattr::GID != 0 { arg.gid } else { a.gid };
-        if !c.root() && !c.in_group(gid) {
+        if !c.capable(perm::cap::FSETID) && !c.in_group(gid) {
             arg.mode &= !libc::S_ISGID;
         }
     }
     let explicit =
         (v & fattr::ATIME != 0 && v & fattr::ATIME_NOW == 0) || (v & fattr::MTIME != 0 && v & fattr::MTIME_NOW == 0);
-    if explicit && !c.owner_or_root(a) {
+    if explicit && !c.owner_or_capable(a) {
         return Err(libc::EPERM);
     }
     let now = v & (fattr::ATIME_NOW | fattr::MTIME_NOW) != 0;
-    if now && !explicit && !c.owner_or_root(a) {
+    if now && !explicit && !c.owner_or_capable(a) {
         perm::permission(c, a, MAY_WRITE).map_err(|_| libc::EACCES)?;
     }
     // An empty SETATTR (or KILL_SUIDGID) clears suid/sgid: the kernel asks
     // for it on writes and chowns, so a client must be able to write.
     let kill = v & !fattr::FH == 0 || v & fattr::KILL_SUIDGID != 0;
-    if kill && !c.owner_or_root(a) && perm::permission(c, a, MAY_WRITE).is_err() {
+    if kill && !c.owner_or_capable(a) && perm::permission(c, a, MAY_WRITE).is_err() {
         return Err(libc::EPERM);
     }
     Ok(())

@@ -319,9 +319,10 @@ fn handshake<F: Filesystem>(
             return refuse(libc::ENOMEM, "no region");
         }
     };
-    let groups = crate::types::Caller { uid: cred.uid, gid: cred.gid, pid: cred.pid as u32 }
-        .supplementary_groups()
-        .unwrap_or_default();
+    // The ids and capabilities the kernel would check this process with.
+    let Some(creds) = perm::Creds::of_process(cred.pid as u32) else {
+        return refuse(libc::ESRCH, "its /proc status cannot be read");
+    };
     let w = Welcome {
         magic: MAGIC,
         version: VERSION,
@@ -338,11 +339,7 @@ fn handshake<F: Filesystem>(
     drop(memfd);
     let _ = session;
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
-    Ok(Some(client::Conn {
-        sock,
-        region: Arc::new(region),
-        creds: perm::Creds { uid: cred.uid, gid: cred.gid, pid: cred.pid as u32, groups },
-    }))
+    Ok(Some(client::Conn { sock, region: Arc::new(region), creds }))
 }
 
 fn peer_cred(fd: i32) -> io::Result<libc::ucred> {

@@ -4,9 +4,10 @@
 //! xattr_permission), on mode bits only: efuse never negotiates
 //! FUSE_POSIX_ACL, so the kernel checks no ACLs on its mounts either.
 //!
-//! uid 0 stands for the capabilities root has (CAP_DAC_OVERRIDE,
-//! CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_CHOWN, CAP_MKNOD, CAP_SYS_ADMIN):
-//! the daemon cannot see a client's capability sets through the socket.
+//! A client is judged as the kernel judges a process: by its file-system
+//! ids (fsuid, fsgid), supplementary groups and effective capabilities, read
+//! from `/proc/PID/status` when it connects (the client library starts a
+//! new connection, or stops serving, when the process changes them).
 
 use efuse_abi::structs::Attr;
 
@@ -14,19 +15,47 @@ pub(crate) const MAY_EXEC: u32 = 1;
 pub(crate) const MAY_WRITE: u32 = 2;
 pub(crate) const MAY_READ: u32 = 4;
 
-/// Who a client is, learned at connection (SO_PEERCRED and the
-/// process's `Groups:` line).
+/// Capabilities (bit numbers of `CapEff`) the checks look at.
+pub(crate) mod cap {
+    pub const CHOWN: u32 = 0;
+    pub const DAC_OVERRIDE: u32 = 1;
+    pub const DAC_READ_SEARCH: u32 = 2;
+    pub const FOWNER: u32 = 3;
+    pub const FSETID: u32 = 4;
+    pub const SYS_ADMIN: u32 = 21;
+    pub const MKNOD: u32 = 27;
+}
+
+/// Who a client is, learned at connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Creds {
+    /// File-system uid and gid (what the kernel checks with).
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
     pub groups: Vec<u32>,
+    /// Effective capabilities (`CapEff`).
+    pub caps: u64,
 }
 
 impl Creds {
-    pub(crate) fn root(&self) -> bool {
-        self.uid == 0
+    /// The credentials of process `pid` from `/proc/PID/status`: fsuid,
+    /// fsgid, groups, CapEff. None when it cannot be read (the process is
+    /// gone).
+    pub(crate) fn of_process(pid: u32) -> Option<Creds> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        // "Uid:  real effective saved fs"
+        let fs_id = |name: &str| field(name)?.split_whitespace().nth(3)?.parse::<u32>().ok();
+        let uid = fs_id("Uid:")?;
+        let gid = fs_id("Gid:")?;
+        let groups = field("Groups:")?.split_whitespace().filter_map(|g| g.parse().ok()).collect();
+        let caps = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+        Some(Creds { uid, gid, pid, groups, caps })
+    }
+
+    pub(crate) fn capable(&self, cap: u32) -> bool {
+        self.caps & (1u64 << cap) != 0
     }
 
     pub(crate) fn in_group(&self, gid: u32) -> bool {
@@ -37,9 +66,9 @@ impl Creds {
         self.uid == a.uid
     }
 
-    /// inode_owner_or_capable.
-    pub(crate) fn owner_or_root(&self, a: &Attr) -> bool {
-        self.root() || self.owns(a)
+    /// inode_owner_or_capable: the owner, or CAP_FOWNER.
+    pub(crate) fn owner_or_capable(&self, a: &Attr) -> bool {
+        self.owns(a) || self.capable(cap::FOWNER)
     }
 }
 
@@ -55,16 +84,10 @@ pub(crate) fn is_symlink(a: &Attr) -> bool {
     a.mode & libc::S_IFMT == libc::S_IFLNK
 }
 
-/// generic_permission: Ok or the errno (positive).
+/// generic_permission: the mode bits of the caller's class, then the
+/// capabilities that override them. Ok or the errno (positive).
 pub(crate) fn permission(c: &Creds, a: &Attr, mask: u32) -> Result<(), i32> {
     let mask = mask & (MAY_READ | MAY_WRITE | MAY_EXEC);
-    if c.root() {
-        // CAP_DAC_OVERRIDE: all but executing a file nobody may execute.
-        if mask & MAY_EXEC == 0 || is_dir(a) || a.mode & 0o111 != 0 {
-            return Ok(());
-        }
-        return Err(libc::EACCES);
-    }
     let bits = if c.owns(a) {
         a.mode >> 6
     } else if c.in_group(a.gid) {
@@ -72,10 +95,26 @@ pub(crate) fn permission(c: &Creds, a: &Attr, mask: u32) -> Result<(), i32> {
     } else {
         a.mode
     } & 7;
-    if mask & !bits != 0 {
+    if mask & !bits == 0 {
+        return Ok(());
+    }
+    if is_dir(a) {
+        if mask & MAY_WRITE == 0 && c.capable(cap::DAC_READ_SEARCH) {
+            return Ok(());
+        }
+        if c.capable(cap::DAC_OVERRIDE) {
+            return Ok(());
+        }
         return Err(libc::EACCES);
     }
-    Ok(())
+    if mask == MAY_READ && c.capable(cap::DAC_READ_SEARCH) {
+        return Ok(());
+    }
+    // CAP_DAC_OVERRIDE: all but executing a file nobody may execute.
+    if (mask & MAY_EXEC == 0 || a.mode & 0o111 != 0) && c.capable(cap::DAC_OVERRIDE) {
+        return Ok(());
+    }
+    Err(libc::EACCES)
 }
 
 /// may_create: write and search on the parent directory.
@@ -85,10 +124,10 @@ pub(crate) fn may_create(c: &Creds, dir: &Attr) -> Result<(), i32> {
 
 /// may_delete: write and search on the parent, and the sticky-bit rule
 /// (in a sticky directory only the file's owner, the directory's owner or
-/// root may remove or replace a name).
+/// a holder of CAP_FOWNER may remove or replace a name).
 pub(crate) fn may_delete(c: &Creds, dir: &Attr, victim: &Attr) -> Result<(), i32> {
     permission(c, dir, MAY_WRITE | MAY_EXEC)?;
-    if dir.mode & libc::S_ISVTX != 0 && !c.root() && !c.owns(victim) && !c.owns(dir) {
+    if dir.mode & libc::S_ISVTX != 0 && !c.capable(cap::FOWNER) && !c.owns(victim) && !c.owns(dir) {
         return Err(libc::EPERM);
     }
     Ok(())
@@ -101,7 +140,7 @@ pub(crate) fn may_link(c: &Creds, src: &Attr, protected: bool) -> Result<(), i32
     if is_dir(src) {
         return Err(libc::EPERM);
     }
-    if !protected || c.owner_or_root(src) {
+    if !protected || c.owner_or_capable(src) {
         return Ok(());
     }
     let sgid_exec = src.mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP);
@@ -120,7 +159,7 @@ pub(crate) fn protected_hardlinks() -> bool {
 pub(crate) fn xattr_permission(c: &Creds, a: &Attr, name: &[u8], mask: u32) -> Result<(), i32> {
     let write = mask & MAY_WRITE != 0;
     if name.starts_with(b"trusted.") {
-        if c.root() {
+        if c.capable(cap::SYS_ADMIN) {
             return Ok(());
         }
         return Err(if write { libc::EPERM } else { libc::ENODATA });
@@ -129,14 +168,15 @@ pub(crate) fn xattr_permission(c: &Creds, a: &Attr, name: &[u8], mask: u32) -> R
         if !is_reg(a) && !is_dir(a) {
             return Err(if write { libc::EPERM } else { libc::ENODATA });
         }
-        if is_dir(a) && a.mode & libc::S_ISVTX != 0 && write && !c.owner_or_root(a) {
+        if is_dir(a) && a.mode & libc::S_ISVTX != 0 && write && !c.owner_or_capable(a) {
             return Err(libc::EPERM);
         }
         return permission(c, a, mask);
     }
     if name.starts_with(b"security.") {
-        // Left to security modules by the kernel; only root changes them here.
-        if write && !c.root() {
+        // Left to security modules by the kernel; only CAP_SYS_ADMIN changes
+        // them here.
+        if write && !c.capable(cap::SYS_ADMIN) {
             return Err(libc::EPERM);
         }
         return Ok(());
@@ -154,7 +194,9 @@ mod tests {
     }
 
     fn user(uid: u32, gid: u32, groups: &[u32]) -> Creds {
-        Creds { uid, gid, pid: 0, groups: groups.to_vec() }
+        // Root with every capability; anyone else with none.
+        let caps = if uid == 0 { u64::MAX } else { 0 };
+        Creds { uid, gid, pid: 0, groups: groups.to_vec(), caps }
     }
 
     #[test]
@@ -177,6 +219,32 @@ mod tests {
         assert_eq!(permission(&root, &attr(libc::S_IFREG | 0o600, 1, 1), MAY_EXEC), Err(libc::EACCES));
         assert_eq!(permission(&root, &attr(libc::S_IFREG | 0o001, 1, 1), MAY_EXEC), Ok(()));
         assert_eq!(permission(&root, &attr(libc::S_IFDIR, 1, 1), MAY_EXEC), Ok(()));
+    }
+
+    #[test]
+    fn root_without_capabilities_is_an_ordinary_user() {
+        let bare = Creds { uid: 0, gid: 0, pid: 0, groups: vec![], caps: 0 };
+        let theirs = attr(libc::S_IFREG | 0o600, 65534, 65534);
+        assert_eq!(permission(&bare, &theirs, MAY_READ), Err(libc::EACCES));
+        let dir = attr(libc::S_IFDIR | 0o700, 65534, 65534);
+        assert_eq!(permission(&bare, &dir, MAY_EXEC), Err(libc::EACCES));
+        // CAP_DAC_READ_SEARCH alone: read files and search directories, no writes.
+        let rs = Creds { caps: 1 << cap::DAC_READ_SEARCH, ..bare.clone() };
+        assert_eq!(permission(&rs, &theirs, MAY_READ), Ok(()));
+        assert_eq!(permission(&rs, &theirs, MAY_WRITE), Err(libc::EACCES));
+        assert_eq!(permission(&rs, &dir, MAY_EXEC | MAY_READ), Ok(()));
+        assert_eq!(permission(&rs, &dir, MAY_WRITE | MAY_EXEC), Err(libc::EACCES));
+        let sticky = attr(libc::S_IFDIR | 0o1777, 7, 7);
+        assert_eq!(may_delete(&bare, &sticky, &theirs), Err(libc::EPERM));
+    }
+
+    #[test]
+    fn credentials_come_from_proc() {
+        let me = Creds::of_process(std::process::id()).expect("own status");
+        // SAFETY: no preconditions.
+        assert_eq!(me.uid, unsafe { libc::geteuid() });
+        assert_eq!(me.gid, unsafe { libc::getegid() });
+        assert!(Creds::of_process(u32::MAX).is_none());
     }
 
     #[test]
