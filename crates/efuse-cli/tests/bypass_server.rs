@@ -604,3 +604,35 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
     unsafe { libc::close(memfd) };
     rounds
 }
+
+/// Connections that never send their Hello hold nobody else up: a real
+/// client gets in while they wait, the daemon drops a user's fifth silent
+/// connection at once and the others after the Hello timeout.
+#[test]
+fn silent_connections_hold_nobody_up() {
+    let Some(m) = mounted(Fs::Memfs, "bypass-silent", &[]) else { return };
+    let sock = socket_of(&m.mnt);
+    let knock = || std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..3).map(|_| knock()).collect();
+    // Each would cost a second of waiting, one after the other, if the
+    // daemon read Hellos in turn; it waits on none of them.
+    let t = std::time::Instant::now();
+    let c = connect(&m.mnt).expect("a real client gets in");
+    assert!(getattr(&c, ROOT).is_ok());
+    assert!(t.elapsed() < Duration::from_millis(900), "the client waited {:?} behind silent ones", t.elapsed());
+    let hung_up = |s: &std::os::unix::net::UnixStream, within: Duration| {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut b = [0u8; 1];
+        matches!(std::io::Read::read(&mut &*s, &mut b), Ok(0))
+    };
+    // Beyond four pending connections of one user, the daemon hangs up at once.
+    silent.push(knock());
+    silent.push(knock());
+    assert!(hung_up(&silent[4], Duration::from_millis(500)), "the fifth silent connection is dropped at once");
+    assert!(!hung_up(&silent[3], Duration::from_millis(50)), "the fourth waits for its Hello");
+    // The rest go when their Hello is overdue.
+    assert!(
+        silent.iter().all(|s| hung_up(s, Duration::from_secs(3))),
+        "silent connections are dropped after the timeout"
+    );
+}

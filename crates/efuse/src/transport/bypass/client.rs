@@ -48,6 +48,8 @@ pub(crate) struct Conn {
     pub sock: OwnedFd,
     pub region: Arc<Region>,
     pub creds: Creds,
+    /// The uid SO_PEERCRED gave (what the per-user limit counts).
+    pub peer_uid: u32,
 }
 
 /// A handle the client holds, by the daemon's number for it.
@@ -291,7 +293,7 @@ pub(crate) fn serve<F: Filesystem>(session: Arc<Session<F>>, conn: Conn, shared:
     };
     c.run();
     c.cleanup();
-    shared.stats.clients.fetch_sub(1, Ordering::AcqRel);
+    shared.client_out(c.conn.peer_uid);
     tracing::info!(pid = c.conn.creds.pid, "bypass: client disconnected");
 }
 

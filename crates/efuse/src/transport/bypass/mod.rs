@@ -28,7 +28,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use efuse_abi::consts::init;
 use efuse_bypass::{Hello, Welcome, MAGIC, VERSION};
@@ -48,6 +48,12 @@ pub const SLOTS: u32 = 8;
 pub const TABLE_BUCKETS: u32 = 1024;
 /// How long a new connection may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections without a Hello yet, at most, per user and in all.
+const PENDING_PER_UID: usize = 4;
+const MAX_PENDING: usize = 64;
+/// Clients one user may have connected at once: a quarter of all, so that
+/// one user cannot take every place.
+pub const MAX_CLIENTS_PER_UID: u32 = (MAX_CLIENTS / 4) as u32;
 /// How often the accept thread looks at the stop flag.
 const ACCEPT_POLL_MS: i32 = 200;
 
@@ -90,11 +96,35 @@ pub(crate) struct Shared {
     /// count up from 0 in steps of 2), even, never 0, so the session's
     /// request tracking never confuses the two.
     unique: AtomicU64,
+    /// Clients connected now, per uid.
+    per_uid: Mutex<std::collections::HashMap<u32, u32>>,
 }
 
 impl Shared {
     pub(crate) fn next_unique(&self) -> u64 {
         self.unique.fetch_add(2, Ordering::Relaxed)
+    }
+
+    fn clients_of(&self, uid: u32) -> u32 {
+        self.per_uid.lock().unwrap_or_else(|p| p.into_inner()).get(&uid).copied().unwrap_or(0)
+    }
+
+    /// A client of `uid` starts being served.
+    pub(crate) fn client_in(&self, uid: u32) {
+        self.stats.clients.fetch_add(1, Ordering::AcqRel);
+        *self.per_uid.lock().unwrap_or_else(|p| p.into_inner()).entry(uid).or_default() += 1;
+    }
+
+    /// A client of `uid` is gone.
+    pub(crate) fn client_out(&self, uid: u32) {
+        self.stats.clients.fetch_sub(1, Ordering::AcqRel);
+        let mut m = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&uid);
+            }
+        }
     }
 }
 
@@ -175,6 +205,7 @@ pub fn start<F: Filesystem>(
         opts,
         negotiated,
         unique: AtomicU64::new(1 << 62),
+        per_uid: Mutex::default(),
     });
     let accept = {
         let shared = shared.clone();
@@ -186,58 +217,149 @@ pub fn start<F: Filesystem>(
     Ok(BypassServer { path, shared, accept: Some(accept) })
 }
 
+/// A connection that has not sent its whole Hello yet.
+struct Pending {
+    sock: OwnedFd,
+    cred: libc::ucred,
+    since: Instant,
+    hello: [u8; std::mem::size_of::<Hello>()],
+    got: usize,
+}
+
+/// Accepts connections and reads their Hellos without ever waiting on one
+/// of them: a connection that sends nothing costs a pending entry for at
+/// most [`HELLO_TIMEOUT`], and one user may hold only [`PENDING_PER_UID`]
+/// of them, so nobody can keep other users' clients waiting.
 fn accept_loop<F: Filesystem>(
     session: Arc<Session<F>>,
     listener: std::os::unix::net::UnixListener,
     dev: u64,
     shared: Arc<Shared>,
 ) {
-    let clients: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::warn!("bypass: cannot make the socket non-blocking, no bypass clients: {e}");
+        return;
+    }
+    let mut clients: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     while !shared.stop.load(Ordering::Acquire) {
-        let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd on our listener.
-        let n = unsafe { libc::poll(&mut p, 1, ACCEPT_POLL_MS) };
-        if n <= 0 {
+        let mut fds = Vec::with_capacity(1 + pending.len());
+        fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.extend(pending.iter().map(|p| libc::pollfd { fd: p.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+        let wait = pending
+            .iter()
+            .map(|p| HELLO_TIMEOUT.saturating_sub(p.since.elapsed()).as_millis() as i32 + 1)
+            .min()
+            .unwrap_or(ACCEPT_POLL_MS)
+            .min(ACCEPT_POLL_MS);
+        // SAFETY: a live array of pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
+        if n < 0 {
             continue;
         }
-        // SAFETY: accept4 on our listener; the result is checked.
-        let fd = unsafe {
-            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::ECONNABORTED)) {
-                tracing::warn!("bypass: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            continue;
-        }
-        // SAFETY: a fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut list = clients.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|h| !h.is_finished());
-        match handshake(&session, sock, dev, &shared) {
-            Ok(Some(c)) => {
-                let shared2 = shared.clone();
-                let session2 = session.clone();
-                shared.stats.clients.fetch_add(1, Ordering::AcqRel);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("efuse-bypass-{}", c.creds.pid))
-                    .spawn(move || client::serve(session2, c, shared2));
-                match spawned {
-                    Ok(h) => list.push(h),
-                    Err(e) => {
-                        shared.stats.clients.fetch_sub(1, Ordering::AcqRel);
-                        tracing::warn!("bypass: cannot start a client thread: {e}");
+        // Hellos (or hang-ups) of pending connections; done ones leave the
+        // list (from the end, so that the indices still to visit stay put).
+        let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
+        let mut done: Vec<Pending> = Vec::new();
+        for k in (0..pending.len()).rev() {
+            let p = &mut pending[k];
+            if ready[k] {
+                // SAFETY: reads into the rest of this connection's buffer.
+                let r = unsafe {
+                    libc::recv(
+                        p.sock.as_raw_fd(),
+                        p.hello[p.got..].as_mut_ptr().cast(),
+                        p.hello.len() - p.got,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if r > 0 {
+                    p.got += r as usize;
+                } else {
+                    let e = io::Error::last_os_error();
+                    if r == 0 || !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
+                        tracing::debug!(pid = p.cred.pid, "bypass: a connection closed before its Hello");
+                        pending.swap_remove(k);
+                        continue;
                     }
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::info!("bypass: handshake failed: {e}"),
+            if p.got == p.hello.len() {
+                done.push(pending.swap_remove(k));
+            } else if p.since.elapsed() >= HELLO_TIMEOUT {
+                tracing::info!(
+                    pid = p.cred.pid,
+                    uid = p.cred.uid,
+                    "bypass: no Hello within {HELLO_TIMEOUT:?}; dropped"
+                );
+                pending.swap_remove(k);
+            }
+        }
+        clients.retain(|h| !h.is_finished());
+        for p in done {
+            let (cred, hello) = (p.cred, p.hello);
+            match handshake(&session, p.sock, cred, &hello, dev, &shared) {
+                Ok(Some(c)) => {
+                    let shared2 = shared.clone();
+                    let session2 = session.clone();
+                    // Counted by the connecting process's uid (SO_PEERCRED).
+                    let uid = cred.uid;
+                    shared.client_in(uid);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("efuse-bypass-{}", c.creds.pid))
+                        .spawn(move || client::serve(session2, c, shared2));
+                    match spawned {
+                        Ok(h) => clients.push(h),
+                        Err(e) => {
+                            shared.client_out(uid);
+                            tracing::warn!("bypass: cannot start a client thread: {e}");
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::info!("bypass: handshake failed: {e}"),
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        // New connections: as many as are waiting.
+        loop {
+            // SAFETY: accept4 on our listener; the result is checked.
+            let fd = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::ECONNABORTED)) {
+                    tracing::warn!("bypass: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                break;
+            }
+            // SAFETY: a fresh descriptor we own.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let Ok(cred) = peer_cred(fd) else { continue };
+            let mine = pending.iter().filter(|p| p.cred.uid == cred.uid).count();
+            if mine >= PENDING_PER_UID || pending.len() >= MAX_PENDING {
+                tracing::info!(pid = cred.pid, uid = cred.uid, "bypass: too many connections without a Hello; dropped");
+                continue;
+            }
+            pending.push(Pending {
+                sock,
+                cred,
+                since: Instant::now(),
+                hello: [0; std::mem::size_of::<Hello>()],
+                got: 0,
+            });
         }
     }
-    let list = std::mem::take(&mut *clients.lock().unwrap_or_else(|p| p.into_inner()));
-    for h in list {
+    for h in clients {
         let _ = h.join();
     }
 }
@@ -246,46 +368,19 @@ fn accept_loop<F: Filesystem>(
 fn handshake<F: Filesystem>(
     session: &Arc<Session<F>>,
     sock: OwnedFd,
+    cred: libc::ucred,
+    buf: &[u8],
     dev: u64,
     shared: &Arc<Shared>,
 ) -> io::Result<Option<client::Conn>> {
     let fd = sock.as_raw_fd();
-    let cred = peer_cred(fd)?;
-    let tv = libc::timeval { tv_sec: HELLO_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-    // SAFETY: setsockopt with a timeval of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    let mut buf = [0u8; std::mem::size_of::<Hello>()];
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: reads into the rest of our buffer.
-        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(io::Error::new(e.kind(), format!("pid {} sent no Hello: {e}", cred.pid)));
-        }
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("pid {} closed before Hello", cred.pid)));
-        }
-        got += n as usize;
-    }
     let refuse = |errno: i32, why: &str| -> io::Result<Option<client::Conn>> {
         tracing::info!(pid = cred.pid, uid = cred.uid, "bypass: refusing a client: {why}");
         let w = Welcome { magic: MAGIC, version: VERSION, error: -errno, ..Default::default() };
         let _ = efuse_bypass::client::send_with_fd(fd, w.as_bytes(), None);
         Ok(None)
     };
-    let hello = match Hello::read_from_bytes(&buf) {
+    let hello = match Hello::read_from_bytes(buf) {
         Ok(h) => h,
         Err(_) => return refuse(libc::EPROTO, "malformed Hello"),
     };
@@ -310,6 +405,9 @@ fn handshake<F: Filesystem>(
     }
     if shared.stats.clients.load(Ordering::Acquire) >= MAX_CLIENTS {
         return refuse(libc::EAGAIN, "too many bypass clients");
+    }
+    if shared.clients_of(cred.uid) >= MAX_CLIENTS_PER_UID {
+        return refuse(libc::EAGAIN, "too many bypass clients of this user");
     }
     let slot_size = shared.negotiated.max_write.max(4096) + 4096;
     let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size, TABLE_BUCKETS) {
@@ -339,7 +437,7 @@ fn handshake<F: Filesystem>(
     drop(memfd);
     let _ = session;
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
-    Ok(Some(client::Conn { sock, region: Arc::new(region), creds }))
+    Ok(Some(client::Conn { sock, region: Arc::new(region), creds, peer_uid: cred.uid }))
 }
 
 fn peer_cred(fd: i32) -> io::Result<libc::ucred> {
