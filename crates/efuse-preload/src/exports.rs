@@ -290,6 +290,10 @@ pub unsafe extern "C" fn fchmod(fd: c_int, mode: mode_t) -> c_int {
     real::fchmod()(fd, mode)
 }
 
+/// SETATTR of a chown. A chown clears suid and sgid as the kernel's does:
+/// asks the file system to (KILL_SUIDGID, as the kernel asks when the
+/// daemon handles it, HANDLE_KILLPRIV_V2); the file system leaves
+/// directories alone.
 fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
     let mut inp = SetattrIn::default();
     if uid != u32::MAX {
@@ -299,6 +303,9 @@ fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
     if gid != u32::MAX {
         inp.valid |= fattr::GID;
         inp.gid = gid;
+    }
+    if inp.valid != 0 {
+        inp.valid |= fattr::KILL_SUIDGID;
     }
     inp
 }
