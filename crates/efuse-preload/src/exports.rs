@@ -240,6 +240,26 @@ pub unsafe extern "C" fn pwritev2(fd: c_int, iov: *const libc::iovec, cnt: c_int
     fd_call!(fd, |idx| serve::writev(idx, iov, cnt, at), real::pwritev2()(fd, iov, cnt, off, fl))
 }
 
+// What programs built with 64-bit file offsets call for preadv2 and
+// pwritev2 (Python's os.preadv and os.pwritev, for one).
+#[no_mangle]
+pub unsafe extern "C" fn preadv64v2(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: off_t, fl: c_int) -> ssize_t {
+    if fl != 0 {
+        convert(fd, "preadv2 with flags");
+    }
+    let at = (off != -1).then_some(off);
+    fd_call!(fd, |idx| serve::readv(idx, iov, cnt, at), real::preadv64v2()(fd, iov, cnt, off, fl))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev64v2(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: off_t, fl: c_int) -> ssize_t {
+    if fl != 0 {
+        convert(fd, "pwritev2 with flags");
+    }
+    let at = (off != -1).then_some(off);
+    fd_call!(fd, |idx| serve::writev(idx, iov, cnt, at), real::pwritev64v2()(fd, iov, cnt, off, fl))
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn lseek(fd: c_int, off: off_t, whence: c_int) -> off_t {
     fd_call!(fd, |idx| serve::lseek(idx, off, whence), real::lseek()(fd, off, whence))
