@@ -327,3 +327,100 @@ cases! {
     large_and_unaligned_io: SIZES, false, &[];
     signal_handlers_read_while_reads_are_interrupted: SIGNALS, false, &[];
 }
+
+/// The same shell steps with every program a busybox applet when `B` is
+/// `busybox` (a static binary: the library cannot be preloaded into it).
+const FALLBACK: &str = r#"
+set -e
+$B printf 'hello\nworld\n' > a
+$B cat a
+$B cp a b
+$B cmp a b && echo same
+$B dd if=/dev/zero of=z bs=4096 count=3 2>/dev/null
+$B wc -c z
+$B mv b c
+$B ls
+$B truncate -s 2 c
+$B cat c
+echo
+echo more >> a
+$B cat a
+$B rm c z
+$B ls
+$B stat -c '%s %a' a
+"#;
+
+/// `EFUSE_BYPASS=off` (bash and coreutils), and busybox-static under a
+/// library that is on: both use the kernel mount (no bypass request, no
+/// served open), give ext4's output, and a bypassed reader afterwards sees
+/// what they wrote.
+fn falls_back(test: &str, fs_kind: Fs, static_busybox: bool) {
+    if !require_fuse(test) {
+        return;
+    }
+    let busybox = if static_busybox {
+        match common::which("busybox") {
+            Some(b)
+                if {
+                    let o = Cmd::new("ldd").arg(&b).run();
+                    format!("{}{}", o.stdout, o.stderr).contains("not a dynamic executable")
+                } =>
+            {
+                Some(b)
+            }
+            Some(b) => {
+                common::skip(test, &format!("{} is not statically linked (install busybox-static)", b.display()));
+                return;
+            }
+            None => {
+                common::skip(test, "needs busybox from busybox-static (scripts/setup.sh installs it)");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let m = Mounted::new(fs_kind, test);
+    let mut outs = Vec::new();
+    let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+    let log = m.scratch.join("fallback.log");
+    for (side, dir) in m.sides() {
+        let mut c = Cmd::new(efuse_bin()).arg("run").arg("--");
+        c = match &busybox {
+            Some(b) => c.arg(b).args(["sh", "-c", FALLBACK]).env("B", &b.to_string_lossy()),
+            None => c.args(["bash", "-c", FALLBACK]).env("B", "").env("EFUSE_BYPASS", "off"),
+        };
+        let out = c.cwd(&dir).env("EFUSE_BYPASS_LOG", &log.to_string_lossy()).env("LC_ALL", "C").run();
+        assert!(out.ok(), "{test}: on {side}: {} exited {}\n{}{}", out.what, out.status, out.stdout, out.stderr);
+        outs.push(format!("{}{}", out.stdout, out.stderr));
+    }
+    assert_same(test, fs_kind.name(), &outs[0], &outs[1]);
+    let after = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert_eq!(before, after, "{test}: bypass requests were served while the library was off or absent");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains(" -> fd "), "{test}: opens were served:\n{text}");
+    // What the kernel mount was given, a bypassed process reads back.
+    let out = Cmd::new(efuse_bin()).args(["run", "--", "cat", "a"]).cwd(&m.mnt).run().expect_ok();
+    assert_eq!(out.stdout, "hello\nworld\nmore\n", "{test}: bypassed read after the kernel's writes");
+    assert!(m.bypass_requests().unwrap_or(0) > after, "{test}: the bypassed cat was not served");
+}
+
+#[test]
+fn memfs_bypass_off_uses_the_kernel_mount() {
+    falls_back("memfs_bypass_off_uses_the_kernel_mount", Fs::Memfs, false);
+}
+
+#[test]
+fn stackfs_bypass_off_uses_the_kernel_mount() {
+    falls_back("stackfs_bypass_off_uses_the_kernel_mount", Fs::Stackfs, false);
+}
+
+#[test]
+fn memfs_static_busybox_uses_the_kernel_mount() {
+    falls_back("memfs_static_busybox_uses_the_kernel_mount", Fs::Memfs, true);
+}
+
+#[test]
+fn stackfs_static_busybox_uses_the_kernel_mount() {
+    falls_back("stackfs_static_busybox_uses_the_kernel_mount", Fs::Stackfs, true);
+}
