@@ -5,6 +5,9 @@
 set -euo pipefail
 
 packages=(fuse3 fio sqlite3 attr git util-linux python3 procps coreutils tar findutils stress-ng diffutils
+    # busybox-static: a statically linked program for the bypass tests (the
+    # client library cannot be preloaded into it; it must use the kernel mount).
+    busybox-static
     # efuse-bpf: clang compiles bpf/efuse.bpf.c, libbpf-dev gives <bpf/bpf_helpers.h>,
     # linux-libc-dev <linux/bpf.h>; llvm for llvm-objdump when debugging the object.
     clang llvm libbpf-dev linux-libc-dev)

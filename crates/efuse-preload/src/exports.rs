@@ -74,8 +74,21 @@ fn convert(fd: c_int, why: &str) {
 
 // ------------------------------------------------------------------ open
 
+/// Descriptors 0, 1 and 2 are also stdio's stdin, stdout and stderr, whose
+/// reads and writes (a shell's `echo`, `printf`, `read`) go through the C
+/// library's internal calls, which this library never sees: a served file
+/// must not sit there, or those calls hit the O_PATH descriptor (EBADF).
+fn stdio_fd(fd: c_int) -> bool {
+    (0..=2).contains(&fd)
+}
+
 unsafe fn do_open(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> Option<c_int> {
-    serve::open(dirfd, cstr(path)?, flags, mode)
+    let fd = serve::open(dirfd, cstr(path)?, flags, mode)?;
+    if stdio_fd(fd) {
+        // Inside the library already (path_call holds the guard).
+        let _ = serve::convert(fd, "a standard descriptor (stdio uses it unseen)");
+    }
+    Some(fd)
 }
 
 fn mode_of(flags: c_int, mode: c_uint) -> u32 {
@@ -227,6 +240,26 @@ pub unsafe extern "C" fn pwritev2(fd: c_int, iov: *const libc::iovec, cnt: c_int
     fd_call!(fd, |idx| serve::writev(idx, iov, cnt, at), real::pwritev2()(fd, iov, cnt, off, fl))
 }
 
+// What programs built with 64-bit file offsets call for preadv2 and
+// pwritev2 (Python's os.preadv and os.pwritev, for one).
+#[no_mangle]
+pub unsafe extern "C" fn preadv64v2(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: off_t, fl: c_int) -> ssize_t {
+    if fl != 0 {
+        convert(fd, "preadv2 with flags");
+    }
+    let at = (off != -1).then_some(off);
+    fd_call!(fd, |idx| serve::readv(idx, iov, cnt, at), real::preadv64v2()(fd, iov, cnt, off, fl))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev64v2(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: off_t, fl: c_int) -> ssize_t {
+    if fl != 0 {
+        convert(fd, "pwritev2 with flags");
+    }
+    let at = (off != -1).then_some(off);
+    fd_call!(fd, |idx| serve::writev(idx, iov, cnt, at), real::pwritev64v2()(fd, iov, cnt, off, fl))
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn lseek(fd: c_int, off: off_t, whence: c_int) -> off_t {
     fd_call!(fd, |idx| serve::lseek(idx, off, whence), real::lseek()(fd, off, whence))
@@ -277,6 +310,10 @@ pub unsafe extern "C" fn fchmod(fd: c_int, mode: mode_t) -> c_int {
     real::fchmod()(fd, mode)
 }
 
+/// SETATTR of a chown. A chown clears suid and sgid as the kernel's does:
+/// asks the file system to (KILL_SUIDGID, as the kernel asks when the
+/// daemon handles it, HANDLE_KILLPRIV_V2); the file system leaves
+/// directories alone.
 fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
     let mut inp = SetattrIn::default();
     if uid != u32::MAX {
@@ -286,6 +323,9 @@ fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
     if gid != u32::MAX {
         inp.valid |= fattr::GID;
         inp.gid = gid;
+    }
+    if inp.valid != 0 {
+        inp.valid |= fattr::KILL_SUIDGID;
     }
     inp
 }
@@ -539,6 +579,10 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if old == new {
         return real::dup2()(old, new);
     }
+    if stdio_fd(new) {
+        // Both then share the kernel's open file, as dup2 promises.
+        convert(old, "dup2 onto a standard descriptor (stdio uses it unseen)");
+    }
     let idx = files::get(old);
     if files::get(new).is_some() && fcntl(old, libc::F_GETFD, 0) >= 0 {
         closing(new);
@@ -554,6 +598,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if old == new {
         return real::dup3()(old, new, flags);
+    }
+    if stdio_fd(new) {
+        convert(old, "dup3 onto a standard descriptor (stdio uses it unseen)");
     }
     let idx = files::get(old);
     if files::get(new).is_some() && fcntl(old, libc::F_GETFD, 0) >= 0 && flags & !libc::O_CLOEXEC == 0 {
@@ -575,7 +622,13 @@ unsafe fn fcntl_any(
     let Some(idx) = files::get(fd) else { return realf(fd, cmd, arg) };
     match cmd {
         libc::F_GETFD | libc::F_SETFD => realf(fd, cmd, arg),
-        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => share(idx, realf(fd, cmd, arg)),
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            let new = share(idx, realf(fd, cmd, arg));
+            if stdio_fd(new) {
+                convert(new, "a copy onto a standard descriptor (stdio uses it unseen)");
+            }
+            new
+        }
         libc::F_GETFL => serve::getfl(idx),
         libc::F_SETFL => {
             let want = arg as c_int;

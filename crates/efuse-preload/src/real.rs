@@ -68,6 +68,8 @@ reals! {
     pwritev64: fn(c_int, *const libc::iovec, c_int, off_t) -> ssize_t;
     preadv2: fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
     pwritev2: fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
+    preadv64v2: fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
+    pwritev64v2: fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
     lseek: fn(c_int, off_t, c_int) -> off_t;
     lseek64: fn(c_int, off_t, c_int) -> off_t;
     stat: fn(*const c_char, *mut libc::stat) -> c_int;

@@ -753,6 +753,11 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
             return Err(e);
         }
         crate::real::close()(nfd);
+        // The kernel's size of the file may predate served writes: a stat
+        // makes it fetch the attributes the daemon invalidated, before an
+        // mmap (SIGBUS past a stale size) or a splice relies on it.
+        let mut st: libc::stat = std::mem::zeroed();
+        crate::real::fstat()(fd, &mut st);
     }
     // A vfork child shares this memory with its parent, whose descriptor is
     // still served: leave the table alone there.

@@ -85,6 +85,55 @@ pub fn test_transport() -> Option<String> {
     }
 }
 
+/// True in the bypass suite (tests/bypass_suite.rs): every program the tests
+/// start, except the efuse binary itself, runs under `efuse run --` (`Cmd`,
+/// `Background`), in-process work on a mount runs in a child started so
+/// (`run_self_under_bypass`), and every mount must have served bypass
+/// requests by the end of its test (`Mounted`'s drop).
+pub fn bypass_suite() -> bool {
+    env!("CARGO_CRATE_NAME") == "bypass_suite"
+}
+
+/// In the child `run_self_under_bypass` starts: the directory under test
+/// and the ext4 reference directory its in-process work runs on.
+pub fn bypass_child_dirs() -> Option<(PathBuf, PathBuf)> {
+    let t = std::env::var_os("EFUSE_SUITE_CHILD_TEST_DIR")?;
+    let r = std::env::var_os("EFUSE_SUITE_CHILD_REF_DIR")?;
+    Some((PathBuf::from(t), PathBuf::from(r)))
+}
+
+/// In-process work on a mount (the differential engine calls libc itself)
+/// is preloaded only in a process started under `efuse run`: runs `test`
+/// (a module path inside this binary, e.g. "differential::memfs_...") again
+/// in this test binary started so, told `bypass_child_dirs`. Panics unless
+/// the child ran that one test and it passed; returns its output.
+pub fn run_self_under_bypass(test: &str, test_dir: &Path, ref_dir: &Path, timeout: Duration) -> Output {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{test}: locating this test binary: {e}"));
+    let out = Cmd::new(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env("EFUSE_SUITE_CHILD_TEST_DIR", &test_dir.to_string_lossy())
+        .env("EFUSE_SUITE_CHILD_REF_DIR", &ref_dir.to_string_lossy())
+        .timeout(timeout)
+        .run();
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.ok() && all.contains("test result: ok. 1 passed"),
+        "{test} under efuse run ({}): exited {}:\n{}",
+        out.what,
+        out.status,
+        tail(&all, 8000)
+    );
+    out
+}
+
+/// Does this command line run the efuse binary (itself, or through a
+/// wrapper such as setpriv or prlimit)? That one is never preloaded: it is
+/// the daemon, or a client of its control socket.
+fn runs_efuse(program: &Path, args: &[String]) -> bool {
+    let is_efuse = |p: &Path| p.file_name() == Some(OsStr::new("efuse"));
+    is_efuse(program) || args.iter().any(|a| is_efuse(Path::new(a)))
+}
+
 /// Extra mount arguments for every mount of this test binary: the suites are
 /// compiled again under other names to run in other profiles
 /// (tests/profile_plain.rs, tests/passthrough_off.rs, tests/writeback.rs,
@@ -169,7 +218,12 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if fs::remove_dir_all(&self.0).is_err() {
             // Mode 000 directories stop a non-root remove; open them up and retry.
-            let _ = Cmd::new("chmod").args(["-R", "u+rwx"]).arg(&self.0).timeout(Duration::from_secs(20)).try_run();
+            let _ = Cmd::new("chmod")
+                .args(["-R", "u+rwx"])
+                .arg(&self.0)
+                .timeout(Duration::from_secs(20))
+                .kernel_only()
+                .try_run();
             let _ = fs::remove_dir_all(&self.0);
         }
     }
@@ -219,6 +273,8 @@ pub struct Cmd {
     timeout: Duration,
     stdin: Option<Vec<u8>>,
     umask: Option<u32>,
+    /// Start it under `efuse run` (the bypass suite's default, see `bypass_suite`).
+    bypass: bool,
 }
 
 impl Cmd {
@@ -232,6 +288,7 @@ impl Cmd {
             timeout: STEP,
             stdin: None,
             umask: None,
+            bypass: bypass_suite(),
         }
     }
 
@@ -284,9 +341,29 @@ impl Cmd {
         self
     }
 
+    /// Runs the program as it is, never under `efuse run`: the harness's own
+    /// cleanup (forced unmounts, removing a test directory) must not depend
+    /// on the daemon it cleans up after.
+    pub fn kernel_only(mut self) -> Cmd {
+        self.bypass = false;
+        self
+    }
+
+    /// The program and arguments as started: in the bypass suite, every
+    /// program but the efuse binary itself runs under `efuse run --`.
+    fn command_line(&self) -> (PathBuf, Vec<String>) {
+        if self.bypass && !runs_efuse(&self.program, &self.args) {
+            let mut args = vec!["run".to_string(), "--".to_string(), self.program.display().to_string()];
+            args.extend(self.args.iter().cloned());
+            return (efuse_bin(), args);
+        }
+        (self.program.clone(), self.args.clone())
+    }
+
     pub fn describe(&self) -> String {
-        let mut s = self.program.display().to_string();
-        for a in &self.args {
+        let (program, args) = self.command_line();
+        let mut s = program.display().to_string();
+        for a in &args {
             s.push(' ');
             if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
                 s.push_str(&format!("{a:?}"));
@@ -308,8 +385,9 @@ impl Cmd {
         let err_path = base.with_extension("stderr");
         let out_file = fs::File::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
         let err_file = fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args).stdout(out_file).stderr(err_file).process_group(0);
+        let (program, args) = self.command_line();
+        let mut cmd = Command::new(&program);
+        cmd.args(&args).stdout(out_file).stderr(err_file).process_group(0);
         cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
         if let Some(d) = &self.cwd {
             cmd.current_dir(d);
@@ -814,6 +892,18 @@ impl Mounted {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("efuse stats --json printed invalid JSON ({e}):\n{out}"))
     }
 
+    /// The daemon's `bypass_requests` (requests served through the bypass
+    /// socket since the mount), without panicking.
+    pub fn bypass_requests(&self) -> Result<u64, String> {
+        let out = self.efuse().arg("stats").arg(&self.mnt).arg("--json").timeout(Duration::from_secs(20)).try_run()?;
+        if !out.ok() {
+            return Err(format!("{} exited {}: {}", out.what, out.status, out.stderr.trim()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("efuse stats --json: {e}: {}", out.stdout))?;
+        v["bypass_requests"].as_u64().ok_or_else(|| format!("no bypass_requests in efuse stats --json: {v}"))
+    }
+
     /// Both sides of a scenario: (mount, ext4 reference).
     pub fn sides(&self) -> [(&'static str, PathBuf); 2] {
         [(self.fs.name(), self.mnt.clone()), ("ext4", self.reference.clone())]
@@ -852,13 +942,14 @@ pub fn force_unmount(mnt: &Path) {
                     .args(["-t", "fusectl", "none"])
                     .arg(conns)
                     .timeout(Duration::from_secs(10))
+                    .kernel_only()
                     .try_run();
             }
             if let Some(minor) = dev.strip_prefix("0:") {
                 let _ = fs::write(conns.join(minor).join("abort"), "1");
             }
         }
-        let _ = Cmd::new("umount").arg("-l").arg(mnt).timeout(Duration::from_secs(20)).try_run();
+        let _ = Cmd::new("umount").arg("-l").arg(mnt).timeout(Duration::from_secs(20)).kernel_only().try_run();
     }
 }
 
@@ -885,6 +976,21 @@ pub fn daemon_pid(mnt: &Path) -> Option<u32> {
 impl Drop for Mounted {
     fn drop(&mut self) {
         let daemon = daemon_pid(&self.mnt);
+        // The bypass suite must prove the bypass served its programs: a test
+        // that passed with no bypass request ran them through the kernel only.
+        let unserved = if bypass_suite() && !thread::panicking() && is_fuse_mounted(&self.mnt) {
+            match self.bypass_requests() {
+                Ok(0) => Some(format!(
+                    "{}: the bypass served no request on {} (bypass_requests 0): everything went through the kernel",
+                    self.test,
+                    self.mnt.display()
+                )),
+                Ok(_) => None,
+                Err(e) => Some(format!("{}: reading bypass_requests: {e}", self.test)),
+            }
+        } else {
+            None
+        };
         let result = self.unmount();
         let still_mounted = mount_entry(&self.mnt).is_some();
         if !still_mounted {
@@ -905,6 +1011,9 @@ impl Drop for Mounted {
                 msg = Some(msg.map_or(m.clone(), |prev| format!("{prev}; {m}")));
             }
         }
+        if let Some(u) = unserved {
+            msg = Some(msg.map_or(u.clone(), |prev| format!("{u}; {prev}")));
+        }
         if let Some(msg) = msg {
             eprintln!("{msg}");
             // A clean test whose unmount misbehaves is still a failure, but never
@@ -923,8 +1032,15 @@ pub struct Background {
 
 impl Background {
     pub fn spawn(program: &str, args: &[&str], cwd: &Path) -> Background {
-        let child = Command::new(program)
-            .args(args)
+        let mut argv: Vec<&OsStr> = Vec::new();
+        let bin = efuse_bin();
+        if bypass_suite() {
+            argv.extend([bin.as_os_str(), OsStr::new("run"), OsStr::new("--")]);
+        }
+        argv.push(OsStr::new(program));
+        argv.extend(args.iter().map(OsStr::new));
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

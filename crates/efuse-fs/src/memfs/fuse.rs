@@ -264,14 +264,19 @@ impl Filesystem for MemFs {
         offset: u64,
         data: &[u8],
         write_flags: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyWrite,
     ) {
         if let Some(io) = self.io_shard(ino).get_mut(&ino) {
             io.observe_write();
         }
         let kill = (write_flags & efuse::abi::consts::write::KILL_SUIDGID != 0).then(|| ctx.caller());
-        match MemFs::write(self, ino, offset, data, kill) {
+        // An O_APPEND write goes to the end of the file as memfs knows it:
+        // the kernel's offset is the size it cached, stale after a change
+        // it did not make (a truncate through the bypass socket). Not for
+        // a write-back of cached pages, which has its own offsets.
+        let append = flags & libc::O_APPEND != 0 && write_flags & efuse::abi::consts::write::CACHE == 0;
+        match MemFs::write_at(self, ino, (!append).then_some(offset), data, kill) {
             // A WRITE is at most max_write (1 MiB) long.
             Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),
             Err(e) => reply.error(e),

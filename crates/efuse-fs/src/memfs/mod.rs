@@ -976,10 +976,25 @@ impl MemFs {
     /// Writes `data`; `kill` (the caller) when the kernel asks to clear
     /// suid/sgid (HANDLE_KILLPRIV_V2). Like any write on Linux, it drops file
     /// capabilities.
+    #[cfg(test)]
     pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8], kill: Option<Caller>) -> Result<usize, Errno> {
+        self.write_at(ino, Some(offset), data, kill)
+    }
+
+    /// A write at `offset`, or at the end of the file (None: an O_APPEND
+    /// open; the end as this file system knows it, under the node's lock).
+    pub(crate) fn write_at(
+        &self,
+        ino: u64,
+        offset: Option<u64>,
+        data: &[u8],
+        kill: Option<Caller>,
+    ) -> Result<usize, Errno> {
         let n = self.node(ino)?;
         let mut g = n.write();
-        let written = g.file_mut()?.write(offset, data)?;
+        let f = g.file_mut()?;
+        let offset = offset.unwrap_or_else(|| f.size());
+        let written = f.write(offset, data)?;
         g.touch_modified(Timespec::now());
         drop_capabilities(&mut g);
         if let Some(caller) = kill {

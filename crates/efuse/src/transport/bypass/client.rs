@@ -831,7 +831,7 @@ impl<F: Filesystem> Client<F> {
                 if target.len() > efuse_bypass::wire::WALK_PATH_MAX {
                     return Err(libc::ENAMETOOLONG);
                 }
-                self.create_check(ino, ro)?;
+                self.create_check(ino, name, ro)?;
                 changes.push(Change::Entry(ino, name.as_bytes().to_vec()));
             }
             Operation::Mknod { arg, name } => {
@@ -843,12 +843,12 @@ impl<F: Filesystem> Client<F> {
                     libc::S_IFCHR | libc::S_IFBLK => return Err(libc::EPERM),
                     _ => return Err(libc::EINVAL),
                 }
-                self.create_check(ino, ro)?;
+                self.create_check(ino, name, ro)?;
                 changes.push(Change::Entry(ino, name.as_bytes().to_vec()));
             }
             Operation::Mkdir { name, .. } => {
                 check_name(name)?;
-                self.create_check(ino, ro)?;
+                self.create_check(ino, name, ro)?;
                 changes.push(Change::Entry(ino, name.as_bytes().to_vec()));
             }
             Operation::Unlink { name } | Operation::Rmdir { name } => {
@@ -874,7 +874,7 @@ impl<F: Filesystem> Client<F> {
                 if !self.holds(arg.oldnodeid) {
                     return Err(libc::ENOENT);
                 }
-                self.create_check(ino, ro)?;
+                self.create_check(ino, name, ro)?;
                 let src = self.getattr(arg.oldnodeid)?;
                 perm::may_link(&c, &src, self.protected_hardlinks)?;
                 changes.push(Change::Entry(ino, name.as_bytes().to_vec()));
@@ -1061,9 +1061,17 @@ impl<F: Filesystem> Client<F> {
         Ok(())
     }
 
-    fn create_check(&self, parent: u64, ro: bool) -> Result<(), i32> {
+    fn create_check(&self, parent: u64, name: &OsStr, ro: bool) -> Result<(), i32> {
         let d = self.dir_attr(parent)?;
         perm::permission(&self.conn.creds, &d, MAY_EXEC)?;
+        // As the kernel's lookup of the new name: an existing one is EEXIST
+        // before any other refusal (read-only, write permission, a
+        // directory as the source of a link).
+        match self.peek(parent, name.as_bytes()) {
+            Ok(_) => return Err(libc::EEXIST),
+            Err(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
         if ro {
             return Err(libc::EROFS);
         }

@@ -1,0 +1,426 @@
+//! Programs under `efuse run` doing what the bypass client library must get
+//! right beyond plain reads and writes: fork with a shared offset, exec of a
+//! program that inherits a served descriptor, dup2 onto 0/1/2, mmap, fcntl
+//! and flock locks seen by a second process, threads on one descriptor,
+//! O_APPEND from two processes, holes (SEEK_DATA/SEEK_HOLE), large and
+//! unaligned I/O, and signal handlers that read a served file while reads
+//! are interrupted. Each script runs under `efuse run` on memfs or stackfs
+//! and on ext4; the outputs must be identical, the mount's
+//! EFUSE_BYPASS_LOG must show served opens (and the conversions the case
+//! needs), the ext4 side's none.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::{assert_same, efuse_bin, require_fuse, require_tools, Cmd, Fs, Mounted};
+
+const FORK: &str = r#"
+import os
+fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b"".join(b"%04d" % i for i in range(1000)))
+os.lseek(fd, 0, os.SEEK_SET)
+r1, w1 = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    for i in range(20):
+        os.read(r1, 1)
+        os.read(fd, 8)
+        os.write(fd, b"C%03d" % i)
+        os.write(w2, b"x")
+    os._exit(0)
+seen = []
+for i in range(20):
+    seen.append(os.read(fd, 8))
+    os.write(fd, b"P%03d" % i)
+    os.write(w1, b"x")
+    os.read(r2, 1)
+    seen.append(os.lseek(fd, 0, os.SEEK_CUR))
+_, st = os.waitpid(pid, 0)
+print("child", st)
+print(seen)
+print(os.pread(fd, 480, 0))
+print(os.fstat(fd).st_size)
+"#;
+
+const EXEC: &str = r#"
+import os, subprocess, fcntl
+fd = os.open("f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b"line1\nline2\nline3\n")
+os.lseek(fd, 6, os.SEEK_SET)
+# F_SETFD, not os.set_inheritable (an ioctl, which converts at once).
+fcntl.fcntl(fd, fcntl.F_SETFD, 0)
+pid = os.fork()
+if pid == 0:
+    os.execv("/bin/sh", ["sh", "-c", "head -c 6 <&%d; cat <&%d" % (fd, fd)])
+_, st = os.waitpid(pid, 0)
+print("child", st)
+os.lseek(fd, 0, os.SEEK_SET)
+out = subprocess.run(["cat"], stdin=fd, capture_output=True).stdout
+print("cat from a served stdin", out)
+"#;
+
+const DUP2: &str = r#"
+set -e
+printf 'one\ntwo\nthree\n' > in
+exec 3<&0
+exec 0<in
+read -r a
+echo "read $a"
+cat
+exec 0<&3
+exec 4>&1
+exec 1>out
+echo hello
+printf 'x%s\n' y
+exec 1>&4
+cat out
+exec 5>&2
+exec 2>err
+echo to-err >&2
+exec 2>&5
+cat err
+sh -c 'exec 0<in; head -n 1; cat'
+"#;
+
+const MMAP: &str = r#"
+import os, mmap
+fd = os.open("m", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, bytes(range(256)) * 64)
+m = mmap.mmap(fd, 16384)
+print(m[100:110].hex(), m[16380:16384].hex())
+m[0:5] = b"HELLO"
+m[8190:8194] = b"MIDL"
+m.flush()
+m.close()
+os.lseek(fd, 0, os.SEEK_SET)
+print(os.read(fd, 8), os.pread(fd, 6, 8189))
+os.close(fd)
+with open("m", "rb") as f:
+    print(f.read(5), len(f.read()))
+"#;
+
+const LOCKS: &str = r#"
+import os, fcntl, subprocess, sys
+probe = '''
+import os, fcntl
+for name, lock in (("l", fcntl.lockf), ("l2", fcntl.flock)):
+    fd = os.open(name, os.O_RDWR)
+    try:
+        lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print(name, "locked")
+    except OSError as e:
+        print(name, "busy", e.errno in (11, 13))
+    os.close(fd)
+'''
+fd = os.open("l", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"data")
+fcntl.lockf(fd, fcntl.LOCK_EX)
+fd2 = os.open("l2", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd2, b"data")
+fcntl.flock(fd2, fcntl.LOCK_EX)
+print("held:")
+print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout, end="")
+print("reads while locked", os.pread(fd, 4, 0), os.pread(fd2, 4, 0))
+fcntl.lockf(fd, fcntl.LOCK_UN)
+fcntl.flock(fd2, fcntl.LOCK_UN)
+print("released:")
+print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout, end="")
+"#;
+
+const THREADS: &str = r#"
+import os, threading, collections
+fd = os.open("t", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+N, R = 4, 400
+def writer(t):
+    for i in range(R):
+        rec = (b"T%d-%05d-" % (t, i)).ljust(63, b".") + b"\n"
+        assert os.write(fd, rec) == 64
+ts = [threading.Thread(target=writer, args=(t,)) for t in range(N)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("size", os.fstat(fd).st_size, "offset", os.lseek(fd, 0, os.SEEK_CUR))
+data = os.pread(fd, N * R * 64, 0)
+recs = [data[i:i + 64] for i in range(0, len(data), 64)]
+good = [r for r in recs if r.startswith(b"T") and r.endswith(b".\n")]
+print("records", len(recs), "whole", len(good), sorted(collections.Counter(r[:2] for r in good).items()))
+for t in range(N):
+    mine = [int(r[3:8]) for r in good if r[:2] == b"T%d" % t]
+    assert mine == sorted(mine) == list(range(R)), t
+os.lseek(fd, 0, os.SEEK_SET)
+got = []
+lock = threading.Lock()
+def reader():
+    while True:
+        b = os.read(fd, 64)
+        if not b:
+            return
+        with lock:
+            got.append(b)
+ts = [threading.Thread(target=reader) for _ in range(N)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("read back", len(got), sorted(got) == sorted(recs))
+"#;
+
+const APPEND: &str = r#"
+import os, subprocess, sys
+code = '''
+import os, sys
+fd = os.open("a", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+for i in range(300):
+    os.write(fd, (b"%s-%04d" % (sys.argv[1].encode(), i)).ljust(31, b" ") + b"\\n")
+'''
+ps = [subprocess.Popen([sys.executable, "-c", code, n]) for n in ("A", "B")]
+print([p.wait() for p in ps])
+data = open("a", "rb").read()
+recs = data.split(b"\n")[:-1]
+print(len(data), len(recs), sorted(set(len(r) for r in recs)), sum(r.startswith(b"A") for r in recs))
+for n in (b"A", b"B"):
+    mine = [int(r[2:6]) for r in recs if r.startswith(n)]
+    print(n, mine == list(range(300)))
+"#;
+
+const HOLES: &str = r#"
+import os, errno
+fd = os.open("s", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.ftruncate(fd, 10 << 20)
+os.pwrite(fd, b"x" * 4096, 1 << 20)
+os.pwrite(fd, b"y" * 8192, 1000 * 4096)
+os.fsync(fd)
+for off in (0, 4096, (1 << 20) - 1, 1 << 20, (1 << 20) + 4096, 1000 * 4096 + 100, 1002 * 4096, (10 << 20) - 1, 10 << 20):
+    row = []
+    for w in (os.SEEK_DATA, os.SEEK_HOLE):
+        try:
+            row.append(os.lseek(fd, off, w))
+        except OSError as e:
+            row.append(errno.errorcode[e.errno])
+    print(off, row)
+print(os.pread(fd, 16, (1 << 20) - 8), os.fstat(fd).st_size)
+"#;
+
+const SIZES: &str = r#"
+import os, hashlib, random
+fd = os.open("big", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+sizes = [1, 4095, (1 << 20) + 1, 3 << 20, 4097, 1]
+spots = []
+off = 3
+for i, n in enumerate(sizes):
+    b = random.Random(i).randbytes(n)
+    assert os.pwrite(fd, b, off) == n
+    spots.append((off, n, hashlib.sha256(b).hexdigest()))
+    off += n + 4093
+for off, n, h in spots:
+    got = os.pread(fd, n, off)
+    print(off, n, len(got), hashlib.sha256(got).hexdigest() == h)
+os.lseek(fd, 0, os.SEEK_SET)
+whole = hashlib.sha256()
+chunks = 0
+while True:
+    b = os.read(fd, (1 << 20) + 1)
+    if not b:
+        break
+    whole.update(b)
+    chunks += 1
+print("size", os.fstat(fd).st_size, "chunks", chunks, whole.hexdigest())
+a, b = bytearray(4095), bytearray((1 << 20) + 1)
+print("readv", os.preadv(fd, [a, b], 1), hashlib.sha256(a + b).hexdigest())
+print("writev", os.pwritev(fd, [b"q" * 4095, b"r" * 3], 7), os.pread(fd, 8, 4100))
+"#;
+
+const SIGNALS: &str = r#"
+import os, signal, hashlib
+fd = os.open("sig", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, bytes(range(256)) * 4096)
+other = os.open("sig2", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(other, b"handler-data")
+hits = [0, 0]
+def handler(sig, frame):
+    hits[0] += 1
+    if os.pread(other, 12, 0) != b"handler-data":
+        hits[1] += 1
+    with open("sig2", "rb") as f:
+        if f.read() != b"handler-data":
+            hits[1] += 1
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0007, 0.0007)
+total = 0
+h = hashlib.sha256()
+for _ in range(40):
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        total += len(b)
+        h.update(b)
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(total, h.hexdigest(), "bad reads in the handler", hits[1], "handler ran", hits[0] > 0)
+"#;
+
+/// Runs `script` (python3, or bash when `bash`) under `efuse run` in the
+/// mount and in the ext4 reference directory; outputs must be the same, the
+/// mount's log must show served opens and every string of `want_log`.
+fn compare(test: &str, fs_kind: Fs, script: &str, bash: bool, want_log: &[&str]) {
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::new(fs_kind, test);
+    let file = m.scratch.join(if bash { "script.sh" } else { "script.py" });
+    fs::write(&file, script).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    let mut outs = Vec::new();
+    let mut logs = Vec::new();
+    for (side, dir) in m.sides() {
+        let log = m.scratch.join(format!("{side}.log"));
+        let out = Cmd::new(efuse_bin())
+            .args(["run", "--", if bash { "bash" } else { "python3" }])
+            .arg(&file)
+            .cwd(&dir)
+            .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+            .env("LC_ALL", "C")
+            .timeout(Duration::from_secs(120))
+            .run();
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            out.ok(),
+            "{test}: on {side}: {} exited {}\n{}{}\nlog:\n{text}",
+            out.what,
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        outs.push(format!("{}{}", out.stdout, out.stderr));
+        logs.push(text);
+    }
+    assert_same(test, fs_kind.name(), &outs[0], &outs[1]);
+    assert!(logs[0].contains(" -> fd "), "{test}: no open served through the bypass:\n{}", logs[0]);
+    for w in want_log {
+        assert!(logs[0].contains(w), "{test}: the bypass log lacks {w:?}:\n{}", logs[0]);
+    }
+    assert!(!logs[1].contains(" -> fd "), "{test}: something on ext4 was served:\n{}", logs[1]);
+}
+
+macro_rules! cases {
+    ($($name:ident: $script:expr, $bash:expr, $log:expr;)*) => {
+        mod memfs {
+            use super::*;
+            $( #[test] fn $name() { compare(concat!("memfs::", stringify!($name)), Fs::Memfs, $script, $bash, $log) } )*
+        }
+        mod stackfs {
+            use super::*;
+            $( #[test] fn $name() { compare(concat!("stackfs::", stringify!($name)), Fs::Stackfs, $script, $bash, $log) } )*
+        }
+    };
+}
+
+cases! {
+    fork_shares_the_offset: FORK, false, &[];
+    exec_inherits_a_served_descriptor: EXEC, false, &["converted to a kernel open for exec"];
+    dup2_onto_stdin_stdout_stderr: DUP2, true, &["converted to a kernel open for dup2 onto a standard descriptor"];
+    mmap_after_open: MMAP, false, &["converted to a kernel open for mmap"];
+    fcntl_and_flock_locks_seen_by_another_process: LOCKS, false, &["for fcntl (locks", "for flock"];
+    threads_on_one_descriptor: THREADS, false, &[];
+    o_append_from_two_processes: APPEND, false, &[];
+    holes_seek_data_and_hole: HOLES, false, &[];
+    large_and_unaligned_io: SIZES, false, &[];
+    signal_handlers_read_while_reads_are_interrupted: SIGNALS, false, &[];
+}
+
+/// The same shell steps with every program a busybox applet when `B` is
+/// `busybox` (a static binary: the library cannot be preloaded into it).
+const FALLBACK: &str = r#"
+set -e
+$B printf 'hello\nworld\n' > a
+$B cat a
+$B cp a b
+$B cmp a b && echo same
+$B dd if=/dev/zero of=z bs=4096 count=3 2>/dev/null
+$B wc -c z
+$B mv b c
+$B ls
+$B truncate -s 2 c
+$B cat c
+echo
+echo more >> a
+$B cat a
+$B rm c z
+$B ls
+$B stat -c '%s %a' a
+"#;
+
+/// `EFUSE_BYPASS=off` (bash and coreutils), and busybox-static under a
+/// library that is on: both use the kernel mount (no bypass request, no
+/// served open), give ext4's output, and a bypassed reader afterwards sees
+/// what they wrote.
+fn falls_back(test: &str, fs_kind: Fs, static_busybox: bool) {
+    if !require_fuse(test) {
+        return;
+    }
+    let busybox = if static_busybox {
+        match common::which("busybox") {
+            Some(b)
+                if {
+                    let o = Cmd::new("ldd").arg(&b).run();
+                    format!("{}{}", o.stdout, o.stderr).contains("not a dynamic executable")
+                } =>
+            {
+                Some(b)
+            }
+            Some(b) => {
+                common::skip(test, &format!("{} is not statically linked (install busybox-static)", b.display()));
+                return;
+            }
+            None => {
+                common::skip(test, "needs busybox from busybox-static (scripts/setup.sh installs it)");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let m = Mounted::new(fs_kind, test);
+    let mut outs = Vec::new();
+    let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+    let log = m.scratch.join("fallback.log");
+    for (side, dir) in m.sides() {
+        let mut c = Cmd::new(efuse_bin()).arg("run").arg("--");
+        c = match &busybox {
+            Some(b) => c.arg(b).args(["sh", "-c", FALLBACK]).env("B", &b.to_string_lossy()),
+            None => c.args(["bash", "-c", FALLBACK]).env("B", "").env("EFUSE_BYPASS", "off"),
+        };
+        let out = c.cwd(&dir).env("EFUSE_BYPASS_LOG", &log.to_string_lossy()).env("LC_ALL", "C").run();
+        assert!(out.ok(), "{test}: on {side}: {} exited {}\n{}{}", out.what, out.status, out.stdout, out.stderr);
+        outs.push(format!("{}{}", out.stdout, out.stderr));
+    }
+    assert_same(test, fs_kind.name(), &outs[0], &outs[1]);
+    let after = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert_eq!(before, after, "{test}: bypass requests were served while the library was off or absent");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains(" -> fd "), "{test}: opens were served:\n{text}");
+    // What the kernel mount was given, a bypassed process reads back.
+    let out = Cmd::new(efuse_bin()).args(["run", "--", "cat", "a"]).cwd(&m.mnt).run().expect_ok();
+    assert_eq!(out.stdout, "hello\nworld\nmore\n", "{test}: bypassed read after the kernel's writes");
+    assert!(m.bypass_requests().unwrap_or(0) > after, "{test}: the bypassed cat was not served");
+}
+
+#[test]
+fn memfs_bypass_off_uses_the_kernel_mount() {
+    falls_back("memfs_bypass_off_uses_the_kernel_mount", Fs::Memfs, false);
+}
+
+#[test]
+fn stackfs_bypass_off_uses_the_kernel_mount() {
+    falls_back("stackfs_bypass_off_uses_the_kernel_mount", Fs::Stackfs, false);
+}
+
+#[test]
+fn memfs_static_busybox_uses_the_kernel_mount() {
+    falls_back("memfs_static_busybox_uses_the_kernel_mount", Fs::Memfs, true);
+}
+
+#[test]
+fn stackfs_static_busybox_uses_the_kernel_mount() {
+    falls_back("stackfs_static_busybox_uses_the_kernel_mount", Fs::Stackfs, true);
+}
