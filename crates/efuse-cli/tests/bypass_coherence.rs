@@ -228,15 +228,22 @@ fn coherence(test: &str, fs_kind: Fs) {
     }
     if let Some(backing) = &m.backing {
         // Behind the mount: the bypassed process sees the backing directory's
-        // changes. A name stackfs already resolved follows a rename over it or
-        // an unlink once its watcher reports them (within 1 s, as for the
-        // kernel mount; see tests/cache.rs), so those are polled for.
+        // changes. Data is read from the backing file at once; what the
+        // bypass's metadata table (like the kernel's caches) knows of a name
+        // or of attributes follows once stackfs's watcher reports the
+        // change (within 1 s, as for the kernel mount; see tests/cache.rs),
+        // so those are polled for.
         let p = |n: &str| backing.join(n);
         fs::write(p("behind"), "first").unwrap();
         assert_eq!(bypassed.ask(json!(["read_file", "behind"])), json!("first"), "{test}: file made behind");
         fs::write(p("behind"), "second, longer").unwrap();
         assert_eq!(bypassed.ask(json!(["read_file", "behind"])), json!("second, longer"), "{test}: rewritten behind");
-        assert_eq!(bypassed.ask(json!(["stat", "behind"]))[0], json!(14), "{test}: size after a write behind");
+        let mut last = Value::Null;
+        let sized = common::wait_until(Duration::from_secs(2), || {
+            last = bypassed.ask(json!(["stat", "behind"]));
+            last[0] == json!(14)
+        });
+        assert!(sized, "{test}: size after a write behind: stat still answers {last} after 2 s");
         let mut eventually = |op: Value, want: Value, what: &str| {
             let mut last = Value::Null;
             let seen = common::wait_until(Duration::from_secs(2), || {
