@@ -243,13 +243,56 @@ impl Table {
         if name.is_empty() || name.len() > NAME_MAX {
             return None;
         }
-        let mut buf = [0u8; NAME_MAX + 1];
-        for i in self.ways(parent, name) {
-            if let Some((len, p)) = self.read(i, &mut buf) {
-                if p.parent == parent && &buf[..len] == name && p.entry_expires > now {
-                    return Some((i, p));
-                }
+        // The name as the entry stores it: its bytes in words, zero padded.
+        let mut want = [0u64; NAME_WORDS];
+        for (w, chunk) in want.iter_mut().zip(name.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        let words = name.len().div_ceil(8);
+        self.ways(parent, name).find_map(|i| self.matching(i, parent, name.len(), &want[..words], now).map(|p| (i, p)))
+    }
+
+    /// Entry `i` if it is `parent`'s entry for the name whose words are
+    /// `want` (`len` bytes) and alive at `now`: a seqlock read that gives
+    /// up at the first field that differs, before copying the rest.
+    fn matching(&self, i: u32, parent: u64, len: usize, want: &[u64], now: u64) -> Option<Published> {
+        let e = self.entry(i);
+        for _ in 0..4 {
+            let s1 = e.seq.load(Ordering::Acquire);
+            if s1 & 1 != 0 {
+                std::hint::spin_loop();
+                continue;
             }
+            if e.name_len.load(Ordering::Relaxed) as usize != len
+                || e.parent.load(Ordering::Relaxed) != parent
+                || e.name.iter().zip(want).any(|(w, x)| w.load(Ordering::Relaxed) != *x)
+            {
+                // A miss, unless a writer was changing it: then look again.
+                fence(Ordering::Acquire);
+                if e.seq.load(Ordering::Relaxed) == s1 {
+                    return None;
+                }
+                continue;
+            }
+            let entry_expires = e.entry_expires.load(Ordering::Relaxed);
+            let nodeid = e.nodeid.load(Ordering::Relaxed);
+            let generation = e.generation.load(Ordering::Relaxed);
+            let attr_expires = e.attr_expires.load(Ordering::Relaxed);
+            let mut words = [0u64; ATTR_WORDS];
+            for (d, w) in words.iter_mut().zip(&e.attr) {
+                *d = w.load(Ordering::Relaxed);
+            }
+            fence(Ordering::Acquire);
+            if e.seq.load(Ordering::Relaxed) != s1 {
+                continue;
+            }
+            if entry_expires <= now {
+                return None;
+            }
+            let attr = Attr::read_from_bytes(words.as_bytes()).ok()?;
+            return Some(Published { parent, nodeid, generation, entry_expires, attr_expires, attr });
         }
         None
     }
@@ -374,6 +417,13 @@ mod tests {
                 assert_eq!(p.attr.ino, p.nodeid);
                 let want: &[u8] = if p.nodeid.is_multiple_of(2) { b"even" } else { b"odd-name" };
                 assert_eq!(&buf[..len], want);
+            }
+            // A find is the same seqlock read, stopping early on a miss.
+            for (name, even) in [(&b"even"[..], true), (&b"odd-name"[..], false)] {
+                if let Some((_, p)) = t.find(1, name, 0) {
+                    assert_eq!(p.nodeid.is_multiple_of(2), even);
+                    assert_eq!(p.attr.size, p.nodeid * 3 + name.len() as u64);
+                }
             }
         }
         stop.store(true, Ordering::Relaxed);

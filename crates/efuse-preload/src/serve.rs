@@ -94,9 +94,13 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
     if !m.any() {
         return None;
     }
-    let mut base = [0u8; 4096];
-    let blen = if path[0] == b'/' { 0 } else { base_of(dirfd, &mut base)? };
-    let t = paths::tidy(&base[..blen], path);
+    let t = if path[0] == b'/' {
+        paths::tidy(b"", path)
+    } else {
+        let mut base = [0u8; 4096];
+        let blen = base_of(dirfd, &mut base)?;
+        paths::tidy(&base[..blen], path)
+    };
     let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
     m.bypass[i].as_ref()?;
     let client = m.client(i)?;
