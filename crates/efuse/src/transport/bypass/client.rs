@@ -36,10 +36,14 @@ use crate::session::{Session, SessionShared};
 
 const IN_HEADER: usize = std::mem::size_of::<abi::InHeader>();
 const OUT_HEADER: usize = std::mem::size_of::<abi::OutHeader>();
-/// How long an idle serving thread keeps polling before it sleeps. Each
-/// poll yields the CPU first, so on a machine with as many busy threads as
-/// CPUs a spinning daemon thread never keeps a client from running.
+/// How long an idle serving thread keeps polling before it sleeps. It
+/// yields the CPU every [`SPIN_POLLS_PER_YIELD`] polls (a few hundred
+/// nanoseconds), so on a machine with as many busy threads as CPUs a
+/// spinning daemon thread never keeps a client from running; a yield each
+/// poll (a system call, about a microsecond here) made every answer late.
 const SPIN: Duration = Duration::from_micros(20);
+/// Polls between two yields while spinning.
+const SPIN_POLLS_PER_YIELD: u32 = 64;
 /// Sleep on the doorbell at most this long, then look for a hang-up.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -323,16 +327,22 @@ impl<F: Filesystem> Client<F> {
             if self.shared.stop.load(Ordering::Acquire) {
                 return;
             }
-            // Idle: poll the doorbell a short while, yielding each time.
+            // Idle: poll the doorbell a short while. Mostly a plain spin (a
+            // client on the other CPU gets its answer within a cache-line
+            // transfer); every few hundred polls a yield, so that a client
+            // waiting for this CPU gets it.
             let start = Instant::now();
             let mut rang = false;
-            while start.elapsed() < SPIN {
+            'spin: while start.elapsed() < SPIN {
+                for _ in 0..SPIN_POLLS_PER_YIELD {
+                    if h.doorbell.load(Ordering::Acquire) != seen {
+                        rang = true;
+                        break 'spin;
+                    }
+                    std::hint::spin_loop();
+                }
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };
-                if h.doorbell.load(Ordering::Acquire) != seen {
-                    rang = true;
-                    break;
-                }
             }
             if rang {
                 continue;
