@@ -378,9 +378,17 @@ pub struct Welcome {
     pub slot_size: u32,
     /// Largest READ or WRITE the daemon serves in one request.
     pub max_io: u32,
-    /// Reserved (0).
+    /// [`welcome`] flags.
     pub flags: u32,
     /// Buckets of the region's metadata table (0: none).
     pub table_buckets: u32,
     pub _pad: u32,
+}
+
+/// [`Welcome::flags`].
+pub mod welcome {
+    /// FLUSH carries nothing on this mount (the file system's FLUSH only
+    /// releases locks, which the client never takes through the daemon):
+    /// the client sends none at close.
+    pub const NO_FLUSH: u32 = 1 << 0;
 }

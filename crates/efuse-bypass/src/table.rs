@@ -54,6 +54,9 @@ const _: () = assert!(std::mem::size_of::<Attr>().is_multiple_of(8));
 /// What an entry says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
+    /// The entry's sequence number when it was read (readers fill it;
+    /// writers ignore it): it changes with every change to the entry.
+    pub seq: u32,
     pub parent: u64,
     pub nodeid: u64,
     pub generation: u64,
@@ -233,7 +236,7 @@ impl Table {
             }
             name_out[..len].copy_from_slice(&nw.as_bytes()[..len]);
             let attr = Attr::read_from_bytes(words.as_bytes()).ok()?;
-            return Some((len, Published { parent, nodeid, generation, entry_expires, attr_expires, attr }));
+            return Some((len, Published { seq: s1, parent, nodeid, generation, entry_expires, attr_expires, attr }));
         }
         None
     }
@@ -292,9 +295,25 @@ impl Table {
                 return None;
             }
             let attr = Attr::read_from_bytes(words.as_bytes()).ok()?;
-            return Some(Published { parent, nodeid, generation, entry_expires, attr_expires, attr });
+            return Some(Published { seq: s1, parent, nodeid, generation, entry_expires, attr_expires, attr });
         }
         None
+    }
+
+    /// Whether entry `i` still names `nodeid` unchanged since a read saw
+    /// sequence number `seq` (nothing was written to it since).
+    pub fn unchanged(&self, i: u32, nodeid: u64, seq: u32) -> bool {
+        if i >= self.len() || seq & 1 != 0 {
+            return false;
+        }
+        let e = self.entry(i);
+        let s1 = e.seq.load(Ordering::Acquire);
+        if s1 != seq {
+            return false;
+        }
+        let named = e.nodeid.load(Ordering::Relaxed) == nodeid && e.name_len.load(Ordering::Relaxed) != 0;
+        fence(Ordering::Acquire);
+        named && e.seq.load(Ordering::Relaxed) == seq
     }
 
     /// The attributes of `nodeid` from entry `i` (found earlier), if the
@@ -319,6 +338,7 @@ mod tests {
 
     fn published(parent: u64, nodeid: u64, size: u64) -> Published {
         Published {
+            seq: 0,
             parent,
             nodeid,
             generation: 0,
@@ -343,6 +363,9 @@ mod tests {
         let i = t.ways(1, b"a").start;
         t.write(i, b"a", &published(1, 7, 10));
         assert_eq!(t.find(1, b"a", 0).map(|(_, p)| p.nodeid), Some(7));
+        let seen = t.find(1, b"a", 0).unwrap().1.seq;
+        assert!(t.unchanged(i, 7, seen));
+        assert!(!t.unchanged(i, 8, seen));
         assert_eq!(t.find(2, b"a", 0), None);
         assert_eq!(t.find(1, b"b", 0), None);
         assert_eq!(t.find(1, b"", 0), None);
@@ -350,6 +373,8 @@ mod tests {
         assert_eq!(t.attr_of(i, 8, 0), None);
         t.write_attr(i, 7, &attr(7, 99), u64::MAX);
         assert_eq!(t.attr_of(i, 7, 0).map(|a| a.size), Some(99));
+        // Any write to the entry tells a reader that saw it before.
+        assert!(!t.unchanged(i, 7, seen));
         t.clear(i);
         assert_eq!(t.find(1, b"a", 0), None);
         assert_eq!(t.attr_of(i, 7, 0), None);
@@ -635,6 +660,7 @@ mod publisher_tests {
 
     fn p(parent: u64, nodeid: u64, size: u64) -> Published {
         Published {
+            seq: 0,
             parent,
             nodeid,
             generation: 0,

@@ -52,3 +52,30 @@ pub const WALK_MAX_LINKS: u32 = 40;
 /// FORGET it when it closes the file; the daemon takes a lookup of the node
 /// for the client with the open.
 pub const OPEN_ADOPT: u32 = 1 << 31;
+
+/// In OPEN's `open_flags` (a bit the kernel never sets): read the first
+/// [`PREFETCH_MAX`] bytes with the open, so that the client's first read
+/// needs no request. The reply is then the `fuse_open_out`, a
+/// [`PrefetchOut`] and its data. The client may use the data only while the
+/// node's entry in its metadata table stays as it was when it found the
+/// node there: every change clears or rewrites it.
+pub const OPEN_PREFETCH: u32 = 1 << 30;
+/// Most bytes read with an open.
+pub const PREFETCH_MAX: usize = 16384;
+
+/// After `fuse_open_out` in the reply of an OPEN with [`OPEN_PREFETCH`].
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable, zerocopy::KnownLayout,
+)]
+pub struct PrefetchOut {
+    /// Bytes of data that follow (from offset 0).
+    pub len: u32,
+    /// 1: the data is there; fewer than asked means end of file.
+    pub valid: u32,
+}
+
+/// In RELEASE's `release_flags` (a bit the kernel never sets): the client
+/// is done with the node too; the daemon forgets one of its lookups after
+/// the release (a FORGET in the same request).
+pub const RELEASE_FORGET: u32 = 1 << 31;

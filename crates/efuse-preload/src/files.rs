@@ -79,6 +79,12 @@ pub fn file(idx: u32) -> &'static OpenFile {
     &t[idx as usize]
 }
 
+/// The index of open file `f` (an entry of the table).
+pub fn index_of(f: &OpenFile) -> u32 {
+    let base = TABLE.load(Ordering::Acquire) as usize;
+    ((f as *const OpenFile as usize - base) / std::mem::size_of::<OpenFile>()) as u32
+}
+
 /// The open-file index of `fd` if the library serves it. One load.
 #[inline]
 pub fn get(fd: i32) -> Option<u32> {

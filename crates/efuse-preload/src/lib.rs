@@ -32,5 +32,6 @@ mod mountinfo;
 mod mounts;
 mod ops;
 mod paths;
+mod prefetch;
 mod real;
 mod serve;

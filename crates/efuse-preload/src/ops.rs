@@ -75,6 +75,12 @@ pub fn walk(c: &Client, path: &[u8], flags: u32) -> R<Walked> {
 /// following (anything else: None, and the daemon walks). The entry it
 /// returns holds no lookup for the client.
 pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
+    walk_local_at(c, path, flags).map(|(e, _, _)| e)
+}
+
+/// [`walk_local`], also giving the final node's table entry and the
+/// entry's sequence number when it was read.
+pub fn walk_local_at(c: &Client, path: &[u8], flags: u32) -> Option<(EntryOut, u32, u32)> {
     use efuse_bypass::table::now_ns;
     let t = c.table()?;
     let now = now_ns();
@@ -83,6 +89,7 @@ pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
         return None;
     }
     let (mut nodeid, mut generation, mut attr) = (root.nodeid, root.generation, root.attr);
+    let (mut entry, mut seq) = (u32::MAX, 1);
     let mut parts = path.split(|b| *b == b'/').filter(|p| !p.is_empty() && *p != b".").peekable();
     while let Some(name) = parts.next() {
         if name == b".." || attr.mode & libc::S_IFMT != libc::S_IFDIR {
@@ -91,10 +98,11 @@ pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
         if !crate::creds::may_search(&attr)? {
             return None;
         }
-        let (_, p) = t.find(nodeid, name, now)?;
+        let (i, p) = t.find(nodeid, name, now)?;
         if p.attr_expires <= now {
             return None;
         }
+        (entry, seq) = (i, p.seq);
         let last = parts.peek().is_none();
         let follow = !last || flags & (walk::FOLLOW_LAST | walk::DIRECTORY) != 0;
         if p.attr.mode & libc::S_IFMT == libc::S_IFLNK && follow {
@@ -105,7 +113,9 @@ pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
     if flags & walk::DIRECTORY != 0 && attr.mode & libc::S_IFMT != libc::S_IFDIR {
         return None;
     }
-    Some(EntryOut { nodeid, generation, entry_valid: 0, attr_valid: 0, entry_valid_nsec: 0, attr_valid_nsec: 0, attr })
+    let e =
+        EntryOut { nodeid, generation, entry_valid: 0, attr_valid: 0, entry_valid_nsec: 0, attr_valid_nsec: 0, attr };
+    Some((e, entry, seq))
 }
 
 pub fn forget(c: &Client, nodeid: u64) {
@@ -140,6 +150,28 @@ pub fn open(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
 pub fn open_adopting(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
     let inp = OpenIn { flags, open_flags: efuse_bypass::wire::OPEN_ADOPT };
     call_struct(c, Opcode::Open as u32, nodeid, &[inp.as_bytes()])
+}
+
+/// [`open_adopting`] that also reads the file's first bytes with the open
+/// ([`efuse_bypass::wire::OPEN_PREFETCH`]) and stashes them for this
+/// thread's first read ([`crate::prefetch`]), tied to table entry `entry`
+/// as it was at `seq`.
+pub fn open_prefetching(c: &Client, nodeid: u64, flags: u32, entry: u32, seq: u32) -> R<OpenOut> {
+    use efuse_bypass::wire::{PrefetchOut, OPEN_ADOPT, OPEN_PREFETCH, PREFETCH_MAX};
+    let inp = OpenIn { flags, open_flags: OPEN_ADOPT | OPEN_PREFETCH };
+    c.call(Opcode::Open as u32, nodeid, &[inp.as_bytes()], |err, payload| {
+        if err != 0 {
+            return Err(Fail::Errno(-err));
+        }
+        let (out, rest) = OpenOut::read_from_prefix(payload).map_err(|_| Fail::Broken)?;
+        if let Ok((pf, data)) = PrefetchOut::read_from_prefix(rest) {
+            let n = pf.len as usize;
+            if pf.valid == 1 && n <= PREFETCH_MAX && n <= data.len() {
+                crate::prefetch::stash(nodeid, entry, seq, &data[..n], PREFETCH_MAX);
+            }
+        }
+        Ok(out)
+    })?
 }
 
 /// CREATE: the new node's entry (one lookup held) and its open handle.
@@ -180,16 +212,18 @@ pub fn write(c: &Client, nodeid: u64, fh: u64, offset: u64, data: &[u8], flags: 
     Ok(out.size as usize)
 }
 
-pub fn flush(c: &Client, nodeid: u64, fh: u64) -> R<()> {
+/// FLUSH at close, unwaited: the library keeps no locks in the daemon and
+/// every write was answered when made, so close has nothing to wait for.
+pub fn flush(c: &Client, nodeid: u64, fh: u64) {
     let inp = FlushIn { fh, unused: 0, padding: 0, lock_owner: 0 };
-    match call_empty(c, Opcode::Flush as u32, nodeid, &[inp.as_bytes()]) {
-        Err(Fail::Errno(libc::ENOSYS)) => Ok(()),
-        r => r,
-    }
+    let _ = c.post(Opcode::Flush as u32, nodeid, &[inp.as_bytes()]);
 }
 
-pub fn release(c: &Client, nodeid: u64, fh: u64, flags: u32) {
-    let inp = ReleaseIn { fh, flags, release_flags: 0, lock_owner: 0 };
+/// RELEASE of handle `fh`; with `forget`, also the FORGET of one lookup of
+/// the node ([`efuse_bypass::wire::RELEASE_FORGET`]).
+pub fn release(c: &Client, nodeid: u64, fh: u64, flags: u32, forget: bool) {
+    let release_flags = if forget { efuse_bypass::wire::RELEASE_FORGET } else { 0 };
+    let inp = ReleaseIn { fh, flags, release_flags, lock_owner: 0 };
     // As the kernel's RELEASE: nothing waits for it (close has nothing to
     // report: every write was answered when made).
     let _ = c.post(Opcode::Release as u32, nodeid, &[inp.as_bytes()]);

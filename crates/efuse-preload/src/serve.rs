@@ -232,10 +232,11 @@ pub fn set_umask(v: u32) {
 const KERNEL_FLAGS: c_int = libc::O_PATH | libc::O_DIRECTORY | libc::O_APPEND | libc::O_DIRECT | libc::O_TMPFILE;
 
 fn release_node(c: &Client, nodeid: u64, fh: Option<(u64, u32)>) {
-    if let Some((fh, flags)) = fh {
-        ops::release(c, nodeid, fh, flags);
+    match fh {
+        // One request: the release carries the forget.
+        Some((fh, flags)) => ops::release(c, nodeid, fh, flags, true),
+        None => ops::forget(c, nodeid),
     }
-    ops::forget(c, nodeid);
 }
 
 /// open/openat/creat of a regular file under a bypass mount: the daemon
@@ -260,9 +261,15 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
     if !excl {
         // A node the table knows is opened at once (one request); if the
         // table was wrong by then, the daemon walks as usual.
-        if let Some(e) = ops::walk_local(c, &t.rest, walk_flags(&t, !nofollow, true)) {
+        if let Some((e, entry, seq)) = ops::walk_local_at(c, &t.rest, walk_flags(&t, !nofollow, true)) {
             if e.attr.mode & libc::S_IFMT == libc::S_IFREG {
-                if let Ok(o) = ops::open_adopting(c, e.nodeid, fuse_flags) {
+                let readable = flags & libc::O_ACCMODE != libc::O_WRONLY && flags & libc::O_TRUNC == 0;
+                let o = if readable {
+                    ops::open_prefetching(c, e.nodeid, fuse_flags, entry, seq)
+                } else {
+                    ops::open_adopting(c, e.nodeid, fuse_flags)
+                };
+                if let Ok(o) = o {
                     opened = Some((e, o));
                 }
             }
@@ -377,6 +384,7 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
     }
+    crate::prefetch::bind(idx, e.nodeid, o.fh);
     ensure_atfork();
     blog!("open {} -> fd {fd} (node {}, handle {})", Show(path), e.nodeid, o.fh);
     Some(fd)
@@ -450,6 +458,9 @@ fn io_limit(c: &Client, header: usize) -> usize {
 fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
     let (node, fh, flags) =
         (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
+    if let Some(n) = crate::prefetch::read(c, files::index_of(f), node, fh, off, buf) {
+        return Ok(n);
+    }
     let chunk = io_limit(c, 16);
     let mut done = 0;
     while done < buf.len() {
@@ -703,10 +714,11 @@ pub fn set_nonblock(idx: u32, on: bool) {
 pub fn drop_file(idx: u32) {
     let f = files::file(idx);
     let c = client_of(f);
-    if let Some(c) = c {
-        let _ = ops::flush(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
+    if let Some(c) = c.filter(|c| c.welcome().flags & efuse_bypass::welcome::NO_FLUSH == 0) {
+        ops::flush(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
     }
     if let Some(r) = files::drop_ref(idx) {
+        crate::prefetch::forget(idx);
         if let Some(c) = c {
             release_node(c, r.nodeid, Some((r.fh, r.flags)));
         }

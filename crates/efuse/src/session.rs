@@ -343,6 +343,12 @@ pub struct SessionShared {
 }
 
 impl SessionShared {
+    /// Whether FLUSH carries no information on this mount (see
+    /// [`Capabilities::flush_only_unlocks`]): the session answers it ENOSYS.
+    pub fn flush_ignored(&self) -> bool {
+        self.noflush.load(Ordering::Relaxed)
+    }
+
     /// The kernel refused a reply that granted `g`: the session has the file
     /// system undo it ([`Filesystem::refused`]) after the request in progress.
     pub fn refused(&self, g: Refused) {

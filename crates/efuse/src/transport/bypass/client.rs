@@ -408,9 +408,33 @@ impl<F: Filesystem> Client<F> {
         }
     }
 
+    /// Serves the copy `req` of slot `i`'s request (see [`Self::serve_request`]),
+    /// then the FORGET a RELEASE may carry
+    /// ([`efuse_bypass::wire::RELEASE_FORGET`]), after the release.
+    fn handle(&mut self, i: u32, req: &mut [u8]) -> usize {
+        let mut forget_after = None;
+        if let Ok((h, rest)) = abi::InHeader::read_from_prefix(req) {
+            if h.opcode == Opcode::Release as u32 {
+                if let Ok((mut r, _)) = abi::ReleaseIn::read_from_prefix(rest) {
+                    if r.release_flags & efuse_bypass::wire::RELEASE_FORGET != 0 {
+                        forget_after = Some(h.nodeid);
+                        r.release_flags &= !efuse_bypass::wire::RELEASE_FORGET;
+                        let at = IN_HEADER..IN_HEADER + std::mem::size_of::<abi::ReleaseIn>();
+                        req[at].copy_from_slice(r.as_bytes());
+                    }
+                }
+            }
+        }
+        let len = self.serve_request(i, req);
+        if let Some(n) = forget_after {
+            self.forget_held(n, 1);
+        }
+        len
+    }
+
     /// Validates the copy `req` of slot `i`'s request, serves it, writes the
     /// reply; returns the reply's length.
-    fn handle(&mut self, i: u32, req: &mut [u8]) -> usize {
+    fn serve_request(&mut self, i: u32, req: &mut [u8]) -> usize {
         let Ok((mut h, _)) = abi::InHeader::read_from_prefix(req) else {
             return self.error_reply(i, libc::EIO);
         };
@@ -444,10 +468,12 @@ impl<F: Filesystem> Client<F> {
         // at close, so the open takes a lookup for it (the bit is ours, not
         // the file system's).
         let mut adopt = false;
+        let mut prefetch = false;
         if op == Opcode::Open {
             if let Ok((mut o, _)) = abi::OpenIn::read_from_prefix(&req[IN_HEADER..]) {
                 adopt = o.open_flags & efuse_bypass::wire::OPEN_ADOPT != 0;
-                o.open_flags &= !efuse_bypass::wire::OPEN_ADOPT;
+                prefetch = o.open_flags & efuse_bypass::wire::OPEN_PREFETCH != 0;
+                o.open_flags &= !(efuse_bypass::wire::OPEN_ADOPT | efuse_bypass::wire::OPEN_PREFETCH);
                 req[IN_HEADER..IN_HEADER + std::mem::size_of::<abi::OpenIn>()].copy_from_slice(o.as_bytes());
             }
         }
@@ -479,7 +505,7 @@ impl<F: Filesystem> Client<F> {
         if let Some(g) = &out.grant {
             self.tables.grant(g);
         }
-        let len = if out.held_back { self.finish_open(i, op, &out) } else { out.len };
+        let len = if out.held_back { self.finish_open(i, op, &out, prefetch) } else { out.len };
         if out.error == 0 {
             self.invalidate(&changes);
         }
@@ -488,7 +514,7 @@ impl<F: Filesystem> Client<F> {
 
     /// OPEN/OPENDIR/CREATE succeeded: the client gets the daemon's handle,
     /// never the file system's, and no passthrough (it has no kernel file).
-    fn finish_open(&mut self, i: u32, op: Opcode, out: &Outcome) -> usize {
+    fn finish_open(&mut self, i: u32, op: Opcode, out: &Outcome, prefetch: bool) -> usize {
         let mut payload = out.payload.clone();
         let at = if op == Opcode::Create { std::mem::size_of::<abi::EntryOut>() } else { 0 };
         let (ino, fh, flags, dir) = match &out.grant {
@@ -504,7 +530,37 @@ impl<F: Filesystem> Client<F> {
         o.open_flags &= !fopen::PASSTHROUGH;
         o.backing_id = 0;
         payload[at..at + std::mem::size_of::<abi::OpenOut>()].copy_from_slice(o.as_bytes());
+        if prefetch && op == Opcode::Open {
+            self.prefetch(ino, fh, flags, &mut payload);
+        }
         self.reply_bytes(i, &payload)
+    }
+
+    /// Appends the first bytes of the file just opened (handle `fs_fh` of
+    /// the file system) to an OPEN reply: a [`efuse_bypass::wire::PrefetchOut`]
+    /// and the data; nothing (valid 0) when the handle cannot read or the
+    /// read fails.
+    fn prefetch(&self, ino: u64, fs_fh: u64, flags: i32, payload: &mut Vec<u8>) {
+        use efuse_bypass::wire::{PrefetchOut, PREFETCH_MAX};
+        let readable = matches!(flags & libc::O_ACCMODE, libc::O_RDONLY | libc::O_RDWR);
+        let mut head = PrefetchOut::default();
+        let mut data = Vec::new();
+        if readable {
+            let r = abi::ReadIn {
+                fh: fs_fh,
+                offset: 0,
+                size: PREFETCH_MAX as u32,
+                flags: flags as u32,
+                ..Default::default()
+            };
+            let out = self.internal(Opcode::Read, ino, &[r.as_bytes()]);
+            if out.error == 0 && out.payload.len() <= PREFETCH_MAX {
+                head = PrefetchOut { len: out.payload.len() as u32, valid: 1 };
+                data = out.payload;
+            }
+        }
+        payload.extend_from_slice(head.as_bytes());
+        payload.extend_from_slice(&data);
     }
 
     /// The session answered OPEN/OPENDIR with ENOSYS (stateless opens): the
@@ -687,6 +743,7 @@ impl<F: Filesystem> Client<F> {
         }
         let now = now_ns();
         let p = Published {
+            seq: 0,
             parent,
             nodeid: e.nodeid,
             generation: e.generation,

@@ -429,13 +429,12 @@ fn handshake<F: Filesystem>(
         slot_count: SLOTS,
         slot_size,
         max_io: shared.negotiated.max_write,
-        flags: 0,
+        flags: if session.shared().flush_ignored() { efuse_bypass::welcome::NO_FLUSH } else { 0 },
         table_buckets: TABLE_BUCKETS,
         _pad: 0,
     };
     efuse_bypass::client::send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd()))?;
     drop(memfd);
-    let _ = session;
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
     Ok(Some(client::Conn { sock, region: Arc::new(region), creds, peer_uid: cred.uid }))
 }
