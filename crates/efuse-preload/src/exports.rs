@@ -559,6 +559,15 @@ fn share(old_idx: u32, new: c_int) -> c_int {
     new
 }
 
+/// After a dup that the kernel placed on 0, 1 or 2 (they were closed):
+/// convert the copy (and with it the whole open file).
+fn std_after(new: c_int) -> c_int {
+    if stdio_fd(new) {
+        convert(new, "a copy onto descriptor 0, 1 or 2");
+    }
+    new
+}
+
 /// Before the kernel closes `fd` implicitly (dup2/dup3 onto it): drop its
 /// reference properly.
 fn closing(fd: c_int) {
@@ -571,7 +580,10 @@ fn closing(fd: c_int) {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    fd_call!(fd, |idx| share(idx, real::dup()(fd)), real::dup()(fd))
+    if let Some(idx) = files::get(fd) {
+        return std_after(share(idx, real::dup()(fd)));
+    }
+    real::dup()(fd)
 }
 
 #[no_mangle]
@@ -622,13 +634,7 @@ unsafe fn fcntl_any(
     let Some(idx) = files::get(fd) else { return realf(fd, cmd, arg) };
     match cmd {
         libc::F_GETFD | libc::F_SETFD => realf(fd, cmd, arg),
-        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
-            let new = share(idx, realf(fd, cmd, arg));
-            if stdio_fd(new) {
-                convert(new, "a copy onto a standard descriptor (stdio uses it unseen)");
-            }
-            new
-        }
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => std_after(share(idx, realf(fd, cmd, arg))),
         libc::F_GETFL => serve::getfl(idx),
         libc::F_SETFL => {
             let want = arg as c_int;

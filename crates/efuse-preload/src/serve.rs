@@ -353,6 +353,17 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
     // SAFETY: a NUL-terminated path.
     let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
     let dev = mounts::get().dev(t.mount);
+    // Descriptors 0, 1 and 2 stay kernel files: the C library's stdio
+    // writes and reads them with its internal calls, which this library
+    // does not see. Landing there (0-2 was closed), the open is the
+    // kernel's, which gives the same number.
+    if (0..=2).contains(&fd) {
+        blog!("open {}: would be fd {fd} (standard stream); through the kernel", Show(path));
+        // SAFETY: our own descriptor.
+        unsafe { crate::real::close()(fd) };
+        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+        return None;
+    }
     let same = fd >= 0 && same_file(fd, e.attr.ino, dev);
     if !same {
         blog!("open {}: the kernel's name leads to another file; through the kernel", Show(path));
@@ -728,8 +739,10 @@ pub fn close(fd: c_int) -> c_int {
 
 /// Turns served descriptor `fd` into an ordinary kernel open of the same
 /// file with the same flags and offset (same number, same FD_CLOEXEC), for
-/// a use the library does not serve. Err: errno; the descriptor stays as
-/// it was.
+/// a use the library does not serve. Every other descriptor of this process
+/// on the same open file (its dups) becomes a copy of that kernel open too,
+/// so they keep sharing one offset as dups do. Err: errno; the descriptors
+/// stay as they were.
 pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     let Some(idx) = files::get(fd) else { return Ok(()) };
     let f = files::file(idx);
@@ -738,6 +751,13 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     use std::fmt::Write as _;
     let _ = write!(l, "/proc/self/fd/{fd}\0");
     let real = crate::real::openat();
+    let mut fds = vec![fd];
+    files::each(|d, i| {
+        if i == idx && d != fd {
+            fds.push(d);
+        }
+    });
+    let mut done = Vec::with_capacity(fds.len());
     // SAFETY: a NUL-terminated path; plain descriptor calls on our fds.
     unsafe {
         let nfd = real(libc::AT_FDCWD, l.bytes().as_ptr().cast(), flags | libc::O_CLOEXEC, 0);
@@ -749,12 +769,19 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
         let _lock = f.lock_offset();
         let off = f.offset.load(Ordering::Acquire) as i64;
         crate::real::lseek()(nfd, off, libc::SEEK_SET);
-        let fdfl = crate::real::fcntl()(fd, libc::F_GETFD, 0);
-        let cloexec = if fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
-        if crate::real::dup3()(nfd, fd, cloexec) < 0 {
-            let e = crate::guard::errno();
-            crate::real::close()(nfd);
-            return Err(e);
+        for &d in &fds {
+            let fdfl = crate::real::fcntl()(d, libc::F_GETFD, 0);
+            let cloexec = if fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+            if crate::real::dup3()(nfd, d, cloexec) < 0 {
+                let e = crate::guard::errno();
+                if d == fd {
+                    crate::real::close()(nfd);
+                    return Err(e);
+                }
+                // A dup the kernel refuses to replace stays served.
+                continue;
+            }
+            done.push(d);
         }
         crate::real::close()(nfd);
         // The kernel's size of the file may predate served writes: a stat
@@ -763,13 +790,16 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
         let mut st: libc::stat = std::mem::zeroed();
         crate::real::fstat()(fd, &mut st);
     }
-    // A vfork child shares this memory with its parent, whose descriptor is
-    // still served: leave the table alone there.
+    // A vfork child shares this memory with its parent, whose descriptors
+    // are still served: leave the table alone there.
     if owns_memory() {
-        files::unbind(fd);
-        drop_file(idx);
+        for &d in &done {
+            if files::unbind(d).is_some() {
+                drop_file(idx);
+            }
+        }
     }
-    blog!("fd {fd}: converted to a kernel open for {why}");
+    blog!("fd {fd}: converted to a kernel open for {why} ({} descriptor(s))", done.len());
     Ok(())
 }
 
