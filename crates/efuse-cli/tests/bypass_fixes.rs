@@ -12,13 +12,21 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{efuse_bin, require_fuse, Cmd, Fs, Mounted, Output};
+use common::{efuse_bin, require_fuse, Cmd, Fs, MountSpec, Mounted, Output};
 
 fn mounted(test: &str) -> Option<Mounted> {
     if !require_fuse(test) {
         return None;
     }
     Some(Mounted::new(Fs::Memfs, test))
+}
+
+/// A mount other users may use too (the tests that change credentials).
+fn mounted_for_all(test: &str) -> Option<Mounted> {
+    if !require_fuse(test) {
+        return None;
+    }
+    Some(Mounted::with(Fs::Memfs, test, MountSpec::default().arg("-o").arg("allow_other"), |_| {}))
 }
 
 /// `efuse run -- argv` in `cwd`; its output and the library's log.
@@ -126,5 +134,96 @@ int main(void) {
     assert_eq!(out.stdout, "stdin: printf through dup2\nagain: printf through dup2\n");
     assert_eq!(read(m.mnt.join("c1")), "printf through dup2\n");
     assert_eq!(read(m.mnt.join("c2")), "printf on a reopened 1\n");
+    assert_served(&log);
+}
+
+/// A forked child that changes its credentials gives up only its own use
+/// of the connection it shares with its parent: the parent's served
+/// descriptors keep working, and the child reconnects as its new self.
+#[test]
+fn a_childs_credential_change_leaves_the_parents_connection_alone() {
+    let Some(m) = mounted_for_all("bypass-fix-child-creds") else { return };
+    let prog = cc(
+        &m,
+        "childcreds",
+        r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    char buf[64];
+    int fd = open("shared", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 3) return 10;
+    if (write(fd, "parent1\n", 8) != 8) return 11;
+    pid_t p = fork();
+    if (p == 0) {
+        if (setgroups(0, NULL) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(2);
+        /* A new connection, judged by the new credentials. */
+        int r = open("shared", O_RDONLY);
+        if (r < 0) _exit(3);
+        if (pread(r, buf, sizeof buf, 0) != 8) _exit(4);
+        if (open("shared", O_WRONLY) >= 0 || errno != EACCES) _exit(5);
+        _exit(0);
+    }
+    int st = 0;
+    if (waitpid(p, &st, 0) != p || !WIFEXITED(st)) return 12;
+    if (WEXITSTATUS(st) != 0) return 20 + WEXITSTATUS(st);
+    /* Time for the daemon to act on anything the child did to the
+       connection (a shut-down socket drops the client). */
+    usleep(300000);
+    if (write(fd, "parent2\n", 8) != 8) return 13;
+    if (lseek(fd, 0, SEEK_SET) != 0) return 14;
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n != 16 || memcmp(buf, "parent1\nparent2\n", 16) != 0) return 15;
+    return 0;
+}
+"#,
+    );
+    let (out, log) = efuse_run(&m, &m.mnt, &[prog.to_str().expect("utf-8")]);
+    assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+    assert_eq!(read(m.mnt.join("shared")), "parent1\nparent2\n");
+    assert_served(&log);
+}
+
+/// open as root, then drop privileges (daemons do): the descriptor keeps
+/// the access it was opened with, as a kernel open does.
+#[test]
+fn descriptors_opened_before_dropping_privileges_keep_working() {
+    let Some(m) = mounted_for_all("bypass-fix-drop-privs") else { return };
+    let prog = cc(
+        &m,
+        "dropprivs",
+        r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(void) {
+    char buf[64];
+    struct stat st;
+    int fd = open("secret", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 3) return 10;
+    if (write(fd, "root\n", 5) != 5) return 11;
+    /* uid first: the credentials change in one call. */
+    if (setuid(65534) != 0) return 2;
+    if (write(fd, "more\n", 5) != 5) return 12;
+    if (lseek(fd, 0, SEEK_SET) != 0) return 13;
+    if (read(fd, buf, sizeof buf) != 10 || memcmp(buf, "root\nmore\n", 10) != 0) return 14;
+    if (fstat(fd, &st) != 0 || st.st_uid != 0 || st.st_size != 10) return 15;
+    /* A new open is judged by the new credentials. */
+    if (open("secret", O_RDONLY) >= 0 || errno != EACCES) return 16;
+    if (close(fd) != 0) return 17;
+    return 0;
+}
+"#,
+    );
+    let (out, log) = efuse_run(&m, &m.mnt, &[prog.to_str().expect("utf-8")]);
+    assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+    assert_eq!(read(m.mnt.join("secret")), "root\nmore\n");
     assert_served(&log);
 }

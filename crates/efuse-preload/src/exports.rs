@@ -1206,18 +1206,37 @@ pub unsafe extern "C" fn posix_spawnp(
 
 // ------------------------------------------------------------------ credentials
 
-/// After a credential change: the daemon learned the old credentials at
-/// connect, so every served descriptor becomes a kernel open and every
-/// connection starts over.
-fn credentials_changed() {
+/// Before a credential change: every served descriptor becomes a kernel
+/// open now, while the process still has the credentials it opened them
+/// with (reopening through /proc/self/fd is checked against the caller's
+/// credentials: a daemon that opens as root and then drops privileges must
+/// keep its descriptors). Kernel opens are right whatever the call's result.
+/// (In a vfork child the conversion changes only the child's descriptors.)
+fn credentials_changing() {
     let g = guard::enter();
     if g.is_some() {
         let _ = catch_unwind(|| {
             if crate::config::on() {
-                crate::creds::forget();
                 serve::convert_all(true, "a credential change");
+            }
+        });
+    }
+    drop(g);
+}
+
+/// After a successful credential change: the daemon judged this process's
+/// connections by the old credentials, so the process gives them up (a
+/// forked parent sharing them keeps them) and connects again at next use.
+/// A vfork child shares the parent's memory and is about to exec: the
+/// connections are the parent's, not the child's to give up.
+fn credentials_changed() {
+    let g = guard::enter();
+    if g.is_some() && serve::owns_memory() {
+        let _ = catch_unwind(|| {
+            if crate::config::on() {
+                crate::creds::forget();
                 if let Some(m) = crate::mounts::discovered() {
-                    m.reset_connections();
+                    m.disown_connections();
                 }
             }
         });
@@ -1229,6 +1248,7 @@ macro_rules! credential {
     ($name:ident ($($a:ident : $t:ty),*)) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+            credentials_changing();
             let r = real::$name()($($a),*);
             if r == 0 {
                 credentials_changed();
@@ -1250,6 +1270,7 @@ credential!(setgroups(n: size_t, l: *const libc::gid_t));
 
 #[no_mangle]
 pub unsafe extern "C" fn setfsuid(u: libc::uid_t) -> c_int {
+    credentials_changing();
     let r = real::setfsuid()(u);
     credentials_changed();
     r
@@ -1257,6 +1278,7 @@ pub unsafe extern "C" fn setfsuid(u: libc::uid_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn setfsgid(g: libc::gid_t) -> c_int {
+    credentials_changing();
     let r = real::setfsgid()(g);
     credentials_changed();
     r

@@ -24,7 +24,7 @@ pub struct Bypass {
     pub uid: u32,
     state: AtomicU32,
     /// The connection; set once, then only replaced by a credential change
-    /// (the old one is shut down and kept: calls in flight may still use it).
+    /// (the old one is disowned and kept: calls in flight may still use it).
     client: AtomicPtr<Client>,
     connecting: Mutex<()>,
 }
@@ -142,17 +142,18 @@ impl Mounts {
         self.lines[i].dev
     }
 
-    /// After a credential change: shut every connection down (the daemon
-    /// drops this client and its state) and connect again at next use, so
-    /// the daemon learns the new credentials.
-    pub fn reset_connections(&self) {
+    /// After a credential change: this process gives up every connection
+    /// (the daemon judged it by the old credentials) and connects again at
+    /// next use, so the daemon learns the new ones. Only this process's
+    /// access goes: a forked parent that shares a connection keeps it.
+    pub fn disown_connections(&self) {
         for b in self.bypass.iter().flatten() {
             let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
             let p = b.client.swap(std::ptr::null_mut(), Ordering::AcqRel);
             if !p.is_null() {
-                // SAFETY: p is a live leaked client; shutting its socket down
-                // makes the daemon drop the client; the memory stays.
-                unsafe { libc::shutdown((*p).socket_fd(), libc::SHUT_RDWR) };
+                // SAFETY: p is a live leaked client; its memory stays (calls
+                // in flight may still hold it), only its use ends.
+                unsafe { (*p).disown() };
             }
             if b.state.load(Ordering::Acquire) == CONNECTED {
                 b.state.store(UNTRIED, Ordering::Release);
