@@ -227,3 +227,71 @@ int main(void) {
     assert_eq!(read(m.mnt.join("secret")), "root\nmore\n");
     assert_served(&log);
 }
+
+/// After chroot (or entering another mount namespace and changing mounts
+/// there) the mount table the library read no longer says which file a
+/// path names: path calls must reach what the kernel reaches.
+#[test]
+fn paths_after_chroot_and_unshare_are_the_kernels() {
+    let Some(m) = mounted("bypass-fix-chroot") else { return };
+    let mnt = m.mnt.to_str().expect("utf-8").to_string();
+    // The same absolute path inside the new root names an ext4 file.
+    let root = m.scratch.join("root");
+    let inside = root.join(mnt.trim_start_matches('/'));
+    std::fs::create_dir_all(&inside).expect("mkdir");
+    std::fs::write(inside.join("victim"), "jail\n").expect("write");
+    std::fs::write(m.mnt.join("victim"), "mount\n").expect("write");
+    std::fs::create_dir(m.mnt.join("sub")).expect("mkdir");
+    let prog = cc(
+        &m,
+        "rootchange",
+        r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char p[4096], buf[64];
+    struct stat st;
+    /* A served descriptor first: the library is connected. */
+    snprintf(p, sizeof p, "%s/victim", argv[2]);
+    int fd = open(p, O_RDONLY);
+    if (fd < 3) return 10;
+    if (strcmp(argv[1], "chroot") == 0) {
+        if (chroot(argv[3]) != 0 || chdir("/") != 0) return 11;
+        /* Still served: a descriptor does not depend on paths. */
+        if (pread(fd, buf, sizeof buf, 0) != 6 || memcmp(buf, "mount\n", 6) != 0) return 12;
+        if (stat(p, &st) != 0 || st.st_size != 5) return 13;
+        int j = open(p, O_RDONLY);
+        if (j < 0 || read(j, buf, sizeof buf) != 5 || memcmp(buf, "jail\n", 5) != 0) return 14;
+        if (unlink(p) != 0) return 15;
+        return 0;
+    }
+    if (unshare(CLONE_NEWNS) != 0) return 20;
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) return 21;
+    snprintf(p, sizeof p, "%s/sub", argv[2]);
+    if (mount("tmpfs", p, "tmpfs", 0, NULL) != 0) return 22;
+    snprintf(p, sizeof p, "%s/sub/new", argv[2]);
+    int n = open(p, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (n < 0 || write(n, "tmpfs\n", 6) != 6) return 23;
+    if (stat(p, &st) != 0 || st.st_size != 6) return 24;
+    return 0;
+}
+"#,
+    );
+    let (out, log) =
+        efuse_run(&m, &m.scratch, &[prog.to_str().expect("utf-8"), "chroot", &mnt, root.to_str().expect("utf-8")]);
+    assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+    assert_served(&log);
+    assert!(!inside.join("victim").exists(), "unlink inside the chroot missed the chroot's file");
+    assert_eq!(read(m.mnt.join("victim")), "mount\n", "unlink inside the chroot reached the mount");
+
+    let (out, log) = efuse_run(&m, &m.scratch, &[prog.to_str().expect("utf-8"), "unshare", &mnt]);
+    assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+    assert_served(&log);
+    assert!(!m.mnt.join("sub/new").exists(), "a create on the tmpfs of another namespace reached the mount");
+}

@@ -1283,3 +1283,85 @@ pub unsafe extern "C" fn setfsgid(g: libc::gid_t) -> c_int {
     credentials_changed();
     r
 }
+
+// ------------------------------------------------------------------ root and mounts
+
+/// After a successful change of the process's root or mount table: path
+/// calls go to the kernel from now on (see `mounts::paths_valid`).
+fn paths_changed(what: &str) {
+    crate::mounts::paths_changed();
+    let g = guard::enter();
+    if g.is_some() {
+        crate::log::blog!(
+            "{what}: the mount table no longer describes this process's paths; path calls go to the kernel"
+        );
+    }
+    drop(g);
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn chroot(path: *const c_char) -> c_int {
+    let r = real::chroot()(path);
+    if r == 0 {
+        paths_changed("chroot");
+    }
+    r
+}
+
+/// Namespaces that change which mount a path reaches (a user namespace may
+/// bring a mount namespace with it).
+const MOUNT_NAMESPACES: c_int = libc::CLONE_NEWNS | libc::CLONE_NEWUSER;
+
+#[no_mangle]
+pub unsafe extern "C" fn unshare(flags: c_int) -> c_int {
+    let r = real::unshare()(flags);
+    if r == 0 && flags & MOUNT_NAMESPACES != 0 {
+        paths_changed("unshare");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn setns(fd: c_int, nstype: c_int) -> c_int {
+    let r = real::setns()(fd, nstype);
+    // nstype 0 (or a pidfd with several types) may join a mount namespace.
+    if r == 0 && (nstype == 0 || nstype & MOUNT_NAMESPACES != 0) {
+        paths_changed("setns");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mount(
+    src: *const c_char,
+    target: *const c_char,
+    fstype: *const c_char,
+    flags: libc::c_ulong,
+    data: *const c_void,
+) -> c_int {
+    let r = real::mount()(src, target, fstype, flags, data);
+    // Propagation changes (MS_PRIVATE etc.) alone move nothing.
+    let propagation = libc::MS_SHARED | libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_UNBINDABLE;
+    if r == 0 && (flags & propagation == 0 || flags & !(propagation | libc::MS_REC) != 0) {
+        paths_changed("mount");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn umount(target: *const c_char) -> c_int {
+    let r = real::umount()(target);
+    if r == 0 {
+        paths_changed("umount");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn umount2(target: *const c_char, flags: c_int) -> c_int {
+    let r = real::umount2()(target, flags);
+    if r == 0 {
+        paths_changed("umount");
+    }
+    r
+}

@@ -5,7 +5,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use efuse_bypass::client::Client;
@@ -160,6 +160,23 @@ impl Mounts {
             }
         }
     }
+}
+
+/// False once the process changed its root or mount namespace (chroot,
+/// unshare, setns, mount, umount): the table read from mountinfo no longer
+/// says which paths are on which mount, so path calls go to the kernel for
+/// the rest of the process (a new program after exec reads its own table).
+/// Descriptors already served stay served: they do not depend on paths.
+static PATHS_VALID: AtomicBool = AtomicBool::new(true);
+
+/// May path calls be classified with the mount table? One atomic load.
+pub fn paths_valid() -> bool {
+    PATHS_VALID.load(Ordering::Relaxed)
+}
+
+/// The process's view of paths changed (see [`paths_valid`]).
+pub fn paths_changed() {
+    PATHS_VALID.store(false, Ordering::Relaxed);
 }
 
 /// Mounts if they were already discovered (never discovers).

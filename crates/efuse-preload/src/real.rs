@@ -173,4 +173,10 @@ reals! {
     setgroups: fn(size_t, *const libc::gid_t) -> c_int;
     setfsuid: fn(libc::uid_t) -> c_int;
     setfsgid: fn(libc::gid_t) -> c_int;
+    chroot: fn(*const c_char) -> c_int;
+    unshare: fn(c_int) -> c_int;
+    setns: fn(c_int, c_int) -> c_int;
+    mount: fn(*const c_char, *const c_char, *const c_char, libc::c_ulong, *const c_void) -> c_int;
+    umount: fn(*const c_char) -> c_int;
+    umount2: fn(*const c_char, c_int) -> c_int;
 }

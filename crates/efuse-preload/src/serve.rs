@@ -87,7 +87,7 @@ fn base_of(dirfd: c_int, buf: &mut [u8]) -> Option<usize> {
 /// Classifies `path` (relative to `dirfd`): Some if it is under a bypass
 /// mount whose daemon is connected.
 pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
-    if path.is_empty() || !crate::config::on() {
+    if path.is_empty() || !crate::config::on() || !mounts::paths_valid() {
         return None;
     }
     let m = mounts::get();
