@@ -295,3 +295,78 @@ int main(int argc, char **argv) {
     assert_served(&log);
     assert!(!m.mnt.join("sub/new").exists(), "a create on the tmpfs of another namespace reached the mount");
 }
+
+/// The name-changing calls on paths that end with a slash, `.` or `..`:
+/// the same results (errno or success) and the same tree as on ext4.
+#[test]
+fn trailing_slashes_and_dots_on_name_changing_calls_answer_as_the_kernel() {
+    let Some(m) = mounted("bypass-fix-trailing") else { return };
+    const SCRIPT: &str = r#"
+import errno, os
+def fresh():
+    for name in sorted(os.listdir("."), reverse=True):
+        if os.path.islink(name) or os.path.isfile(name):
+            os.unlink(name)
+        else:
+            for sub in os.listdir(name):
+                os.unlink(os.path.join(name, sub))
+            os.rmdir(name)
+    with open("file", "w") as f:
+        f.write("data\n")
+    os.mkdir("d")
+    os.mkdir("e")
+    os.symlink("d", "linktodir")
+def tree():
+    return " ".join(sorted(n + ("/" if os.path.isdir(n) and not os.path.islink(n) else "") for n in os.listdir(".")))
+ops = [
+    ("unlink file/", lambda: os.unlink("file/")),
+    ("unlink file/.", lambda: os.unlink("file/.")),
+    ("unlink linktodir/", lambda: os.unlink("linktodir/")),
+    ("unlink d/", lambda: os.unlink("d/")),
+    ("unlinkat d/ REMOVEDIR", lambda: os.rmdir("d/")),
+    ("rmdir d/.", lambda: os.rmdir("d/.")),
+    ("rmdir d/..", lambda: os.rmdir("d/..")),
+    ("rmdir file/", lambda: os.rmdir("file/")),
+    ("rmdir linktodir/", lambda: os.rmdir("linktodir/")),
+    ("rename d/. x", lambda: os.rename("d/.", "x")),
+    ("rename d/.. x", lambda: os.rename("d/..", "x")),
+    ("rename file/ x", lambda: os.rename("file/", "x")),
+    ("rename file x/", lambda: os.rename("file", "x/")),
+    ("rename d x/", lambda: os.rename("d", "x/")),
+    ("rename d/ x", lambda: os.rename("d/", "x")),
+    ("rename d e/.", lambda: os.rename("d", "e/.")),
+    ("rename linktodir/ x", lambda: os.rename("linktodir/", "x")),
+    ("link file new/", lambda: os.link("file", "new/")),
+    ("link file/ new", lambda: os.link("file/", "new")),
+    ("link file e/.", lambda: os.link("file", "e/.")),
+    ("symlink file s/", lambda: os.symlink("file", "s/")),
+    ("mkdir n/", lambda: os.mkdir("n/")),
+    ("mkdir n/.", lambda: os.mkdir("n/.")),
+    ("mkdir d/.", lambda: os.mkdir("d/.")),
+    ("mkdir d/..", lambda: os.mkdir("d/..")),
+]
+for name, op in ops:
+    fresh()
+    try:
+        op()
+        r = "ok"
+    except OSError as e:
+        r = errno.errorcode[e.errno]
+    print(f"{name}: {r}; {tree()}")
+"#;
+    let script = m.scratch.join("trailing.py");
+    std::fs::write(&script, SCRIPT).expect("write script");
+    let script = script.to_str().expect("utf-8");
+    let ext4 = Cmd::new("python3").arg(script).cwd(&m.reference).run().expect_ok();
+    let (out, log) = efuse_run(&m, &m.mnt, &["python3", script]);
+    let out = out.expect_ok();
+    assert_served(&log);
+    let diff: Vec<String> = ext4
+        .stdout
+        .lines()
+        .zip(out.stdout.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("ext4:   {a}\nbypass: {b}"))
+        .collect();
+    assert!(diff.is_empty() && ext4.stdout.lines().count() == out.stdout.lines().count(), "{}", diff.join("\n"));
+}

@@ -824,7 +824,14 @@ pub fn convert_all(all: bool, why: &str) {
 
 /// Walks to the parent of a path's last component (one lookup held, the
 /// caller forgets it). Err(None): the kernel's; Err(Some(e)): fail with e.
+/// A path that ends with a slash, `.` or `..` is the kernel's: the name
+/// must then be a directory (or cannot be used at all), which the kernel
+/// checks per call (unlink: ENOTDIR or EISDIR, rmdir of `d/.`: EINVAL,
+/// rename: ENOTDIR or EBUSY, link: ENOENT).
 fn parent_of(t: &Target) -> Result<(u64, &[u8]), Option<i32>> {
+    if t.dir {
+        return Err(None);
+    }
     let (parent, name) = paths::parent_and_name(&t.rest).ok_or(None)?;
     match ops::walk(t.client, parent, walk::FOLLOW_LAST | walk::DIRECTORY) {
         Ok(Walked::Done(p)) => Ok((p.nodeid, name)),
@@ -847,7 +854,12 @@ fn answer(r: ops::R<()>, what: &str, path: &[u8]) -> Option<isize> {
 }
 
 pub fn mkdir(dirfd: c_int, path: &[u8], mode: u32) -> Option<isize> {
-    let t = resolve(dirfd, path)?;
+    // "d/" creates d; "d/." and "d/.." are the kernel's (EEXIST, ENOENT).
+    if paths::ends_with_dots(path) {
+        return None;
+    }
+    let mut t = resolve(dirfd, path)?;
+    t.dir = false;
     let (p, name) = match parent_of(&t) {
         Ok(x) => x,
         Err(Some(e)) => return fail(e),
@@ -906,7 +918,7 @@ pub fn symlink(target: &[u8], dirfd: c_int, path: &[u8]) -> Option<isize> {
 pub fn link(olddirfd: c_int, old: &[u8], newdirfd: c_int, new: &[u8], follow: bool) -> Option<isize> {
     let a = resolve(olddirfd, old)?;
     let b = resolve(newdirfd, new)?;
-    if a.mount != b.mount || a.dir {
+    if a.mount != b.mount || a.dir || b.dir {
         return None;
     }
     let node = match ops::walk(a.client, &a.rest, walk_flags(&a, follow, true)) {
