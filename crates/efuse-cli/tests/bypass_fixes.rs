@@ -370,3 +370,68 @@ for name, op in ops:
         .collect();
     assert!(diff.is_empty() && ext4.stdout.lines().count() == out.stdout.lines().count(), "{}", diff.join("\n"));
 }
+
+/// Descriptors closed by close_range, closefrom or a raw close: the number
+/// the kernel hands out next is a new file, never the old served one.
+#[test]
+fn closes_the_library_does_not_see_leave_no_stale_entry() {
+    let Some(m) = mounted("bypass-fix-close-range") else { return };
+    std::fs::write(m.mnt.join("served"), "served data\n").expect("write");
+    let other = m.scratch.join("other");
+    std::fs::write(&other, "kernel file\n").expect("write");
+    let prog = cc(
+        &m,
+        "closerange",
+        r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int check(int fd, int want_fd) {
+    char buf[64];
+    if (fd != want_fd) return 1;
+    ssize_t n = read(fd, buf, sizeof buf);
+    return n != 12 || memcmp(buf, "kernel file\n", 12) != 0;
+}
+int main(int argc, char **argv) {
+    const char *other = argv[1];
+    char buf[64];
+    int fd, k;
+    /* close_range over a served descriptor, then a kernel open. */
+    fd = open("served", O_RDONLY);
+    if (fd < 3) return 10;
+    if (close_range(fd, ~0U, 0) != 0) return 11;
+    if (check(open(other, O_RDONLY), fd)) return 12;
+    close(fd);
+    /* closefrom. */
+    fd = open("served", O_RDONLY);
+    if (fd < 3) return 20;
+    closefrom(fd);
+    if (check(open(other, O_RDONLY), fd)) return 21;
+    close(fd);
+    /* A raw close, then a dup of a kernel descriptor onto the number. */
+    k = open(other, O_RDONLY);
+    fd = open("served", O_RDONLY);
+    if (k < 3 || fd < 3) return 30;
+    syscall(SYS_close, fd);
+    if (check(dup(k), fd)) return 31;
+    close(fd);
+    close(k);
+    /* A raw close, then a served open of the same number stays exact. */
+    fd = open("served", O_RDONLY);
+    syscall(SYS_close, fd);
+    if (open("served", O_RDONLY) != fd || read(fd, buf, sizeof buf) != 12) return 40;
+    /* CLOSE_RANGE_CLOEXEC only marks: still open and served. */
+    if (close_range(fd, fd, CLOSE_RANGE_CLOEXEC) != 0) return 50;
+    if (fcntl(fd, F_GETFD) != FD_CLOEXEC) return 51;
+    if (pread(fd, buf, 6, 0) != 6 || memcmp(buf, "served", 6) != 0) return 52;
+    return 0;
+}
+"#,
+    );
+    let (out, log) = efuse_run(&m, &m.mnt, &[prog.to_str().expect("utf-8"), other.to_str().expect("utf-8")]);
+    assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+    assert_served(&log);
+}

@@ -101,12 +101,12 @@ fn mode_of(flags: c_int, mode: c_uint) -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), real::open()(path, flags, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), fresh(real::open()(path, flags, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), real::open64()(path, flags, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), fresh(real::open64()(path, flags, mode)))
 }
 
 #[no_mangle]
@@ -121,12 +121,12 @@ pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int 
 
 #[no_mangle]
 pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), real::openat()(dirfd, path, flags, mode))
+    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), fresh(real::openat()(dirfd, path, flags, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), real::openat64()(dirfd, path, flags, mode))
+    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), fresh(real::openat64()(dirfd, path, flags, mode)))
 }
 
 #[no_mangle]
@@ -142,18 +142,54 @@ pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: 
 #[no_mangle]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), real::creat()(path, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), fresh(real::creat()(path, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), real::creat64()(path, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), fresh(real::creat64()(path, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     fd_call!(fd, |_idx| serve::close(fd), real::close()(fd))
+}
+
+/// A descriptor the kernel has just made (an open, a dup the library does
+/// not serve): an entry left for its number is stale (see
+/// `serve::forget_stale`).
+fn fresh(fd: c_int) -> c_int {
+    if fd >= 0 && files::get(fd).is_some() {
+        let g = guard::enter();
+        let _ = catch_unwind(AssertUnwindSafe(|| serve::forget_stale(fd)));
+        drop(g);
+    }
+    fd
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // CLOSE_RANGE_CLOEXEC only marks; bad arguments close nothing.
+    let known = (libc::CLOSE_RANGE_UNSHARE | libc::CLOSE_RANGE_CLOEXEC) as c_int;
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || flags & !known != 0 || first > last {
+        return real::close_range()(first, last, flags);
+    }
+    let g = guard::enter();
+    let r = serve::close_range(first, last, || real::close_range()(first, last, flags));
+    drop(g);
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    let g = guard::enter();
+    let first = low.max(0) as u32;
+    serve::close_range(first, u32::MAX, || {
+        real::closefrom()(low);
+        0
+    });
+    drop(g);
 }
 
 // ------------------------------------------------------------------ data
@@ -550,6 +586,7 @@ pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, how: c_int
 /// shares old's open file.
 fn share(old_idx: u32, new: c_int) -> c_int {
     if new >= 0 {
+        fresh(new);
         files::add_ref(old_idx);
         if !files::bind(new, old_idx) {
             // Too high to track: make it an ordinary open.
@@ -571,6 +608,9 @@ fn std_after(new: c_int) -> c_int {
 /// Before the kernel closes `fd` implicitly (dup2/dup3 onto it): drop its
 /// reference properly.
 fn closing(fd: c_int) {
+    if !serve::owns_memory() {
+        return;
+    }
     if let Some(idx) = files::unbind(fd) {
         let g = guard::enter();
         let _ = catch_unwind(AssertUnwindSafe(|| serve::drop_file(idx)));
@@ -583,7 +623,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     if let Some(idx) = files::get(fd) {
         return std_after(share(idx, real::dup()(fd)));
     }
-    real::dup()(fd)
+    fresh(real::dup()(fd))
 }
 
 #[no_mangle]
@@ -631,7 +671,10 @@ unsafe fn fcntl_any(
     arg: usize,
     realf: unsafe extern "C" fn(c_int, c_int, usize) -> c_int,
 ) -> c_int {
-    let Some(idx) = files::get(fd) else { return realf(fd, cmd, arg) };
+    let Some(idx) = files::get(fd) else {
+        let r = realf(fd, cmd, arg);
+        return if matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) { fresh(r) } else { r };
+    };
     match cmd {
         libc::F_GETFD | libc::F_SETFD => realf(fd, cmd, arg),
         libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => std_after(share(idx, realf(fd, cmd, arg))),

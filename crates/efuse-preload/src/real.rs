@@ -54,6 +54,8 @@ reals! {
     creat: fn(*const c_char, mode_t) -> c_int;
     creat64: fn(*const c_char, mode_t) -> c_int;
     close: fn(c_int) -> c_int;
+    close_range: fn(c_uint, c_uint, c_int) -> c_int;
+    closefrom: fn(c_int) -> ();
     read: fn(c_int, *mut c_void, size_t) -> ssize_t;
     write: fn(c_int, *const c_void, size_t) -> ssize_t;
     pread: fn(c_int, *mut c_void, size_t, off_t) -> ssize_t;

@@ -382,6 +382,9 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
     };
+    // The kernel just handed out this number: an entry still there is one
+    // whose close the library did not see (a raw system call).
+    forget_stale(fd);
     if !files::bind(fd, idx) {
         unsafe { crate::real::close()(fd) };
         let _ = files::drop_ref(idx);
@@ -724,8 +727,57 @@ pub fn drop_file(idx: u32) {
     }
 }
 
+/// Drops the entry of `fd`, a number the kernel has just handed out for a
+/// new descriptor: it was free in the kernel, so an entry for it is stale
+/// (its close was not seen). Costs one atomic load when there is none.
+pub fn forget_stale(fd: c_int) {
+    if fd >= 0 && files::get(fd).is_some() && owns_memory() {
+        if let Some(idx) = files::unbind(fd) {
+            blog!("fd {fd}: closed without the library seeing it; its entry dropped");
+            drop_file(idx);
+        }
+    }
+}
+
+/// close_range/closefrom of `first..=last` (without CLOSE_RANGE_CLOEXEC):
+/// the served descriptors in the range are closed as close() closes them.
+/// `real` closes the range; its result is returned.
+pub fn close_range(first: u32, last: u32, real: impl FnOnce() -> c_int) -> c_int {
+    let hi = (last as usize).min(files::MAX_FDS - 1);
+    let mut gone = Vec::new();
+    // A vfork child closes its own descriptors; the table is its parent's.
+    if (first as usize) <= hi && owns_memory() {
+        for fd in first as usize..=hi {
+            if let Some(idx) = files::unbind(fd as c_int) {
+                gone.push((fd as c_int, idx));
+            }
+        }
+    }
+    let r = real();
+    let e = crate::guard::errno();
+    if r != 0 {
+        // Nothing was closed (bad arguments): the entries stand.
+        for &(fd, idx) in &gone {
+            files::bind(fd, idx);
+        }
+    } else {
+        for &(fd, idx) in &gone {
+            blog!("fd {fd}: closed by close_range/closefrom");
+            drop_file(idx);
+        }
+    }
+    set_errno(e);
+    r
+}
+
 /// close() of a served descriptor.
 pub fn close(fd: c_int) -> c_int {
+    if !owns_memory() {
+        // A vfork child (before its exec) closes its own copy; the entry and
+        // the reference are the parent's (vfork runs no fork handlers).
+        // SAFETY: closes the program's descriptor, as it asked.
+        return unsafe { crate::real::close()(fd) };
+    }
     let idx = files::unbind(fd);
     // SAFETY: closes the program's descriptor, as it asked.
     let r = unsafe { crate::real::close()(fd) };
