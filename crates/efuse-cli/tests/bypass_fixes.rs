@@ -435,3 +435,47 @@ int main(int argc, char **argv) {
     assert!(out.ok(), "exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
     assert_served(&log);
 }
+
+/// Long paths: a relative path from a deep working directory that the
+/// kernel accepts, and a path of PATH_MAX bytes or more (made of `./`) that
+/// it refuses, answered as on ext4.
+#[test]
+fn long_paths_answer_as_the_kernel() {
+    let Some(m) = mounted("bypass-fix-long-paths") else { return };
+    const SCRIPT: &str = r#"
+import errno, os, sys
+def try_(name, f):
+    try:
+        r = f()
+        print(name, "ok", r if isinstance(r, int) else "")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+with open("x", "w") as f:
+    f.write("x\n")
+here = os.getcwd()
+dots = here + "/" + "./" * 2100 + "x"
+try_("stat dots", lambda: os.stat(dots).st_size)
+try_("open dots", lambda: os.close(os.open(dots, os.O_RDONLY)) or 0)
+try_("unlink dots", lambda: os.unlink(dots))
+try_("still there", lambda: os.stat("x").st_size)
+# A working directory about 3000 bytes below the root of the test tree.
+deep = "/".join(["d" * 200] * 15)
+os.makedirs(deep)
+os.chdir(deep)
+rel = "/".join(["e" * 200] * 8)
+try_("mkdir long relative", lambda: os.makedirs(rel) or 0)
+try_("create long relative", lambda: os.close(os.open(rel + "/f", os.O_WRONLY | os.O_CREAT, 0o644)) or 0)
+try_("stat long relative", lambda: os.stat(rel + "/f").st_size)
+try_("unlink long relative", lambda: os.unlink(rel + "/f"))
+"#;
+    let script = m.scratch.join("long.py");
+    std::fs::write(&script, SCRIPT).expect("write script");
+    let script = script.to_str().expect("utf-8");
+    let ext4 = Cmd::new("python3").arg(script).cwd(&m.reference).run().expect_ok();
+    let (out, log) = efuse_run(&m, &m.mnt, &["python3", script]);
+    let out = out.expect_ok();
+    assert_served(&log);
+    assert!(ext4.stdout.contains("stat dots ENAMETOOLONG"), "ext4 answered:\n{}", ext4.stdout);
+    assert!(ext4.stdout.contains("stat long relative ok"), "ext4 answered:\n{}", ext4.stdout);
+    assert_eq!(out.stdout, ext4.stdout, "bypass (left) and ext4 (right) differ");
+}

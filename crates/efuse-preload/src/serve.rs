@@ -94,6 +94,11 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
     if !m.any() {
         return None;
     }
+    // PATH_MAX bytes or more: the kernel's ENAMETOOLONG, whatever tidying
+    // would make of it.
+    if path.len() >= libc::PATH_MAX as usize {
+        return None;
+    }
     let t = if path[0] == b'/' {
         paths::tidy(b"", path)
     } else {
@@ -102,6 +107,11 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
         paths::tidy(&base[..blen], path)
     };
     let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
+    // A relative path the kernel resolves from a deep directory may be too
+    // long for a WALK from the mount's root: the kernel's.
+    if rest.len() > efuse_bypass::wire::WALK_PATH_MAX {
+        return None;
+    }
     m.bypass[i].as_ref()?;
     let client = m.client(i)?;
     Some(Target {
