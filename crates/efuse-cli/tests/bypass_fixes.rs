@@ -479,3 +479,64 @@ try_("unlink long relative", lambda: os.unlink(rel + "/f"))
     assert!(ext4.stdout.contains("stat long relative ok"), "ext4 answered:\n{}", ext4.stdout);
     assert_eq!(out.stdout, ext4.stdout, "bypass (left) and ext4 (right) differ");
 }
+
+/// setfsuid to another id than the effective one, and capset dropping
+/// CAP_DAC_OVERRIDE: both change one thread's credentials, which the daemon
+/// (reading the process's at connection) cannot follow; what the process
+/// then does must be what the kernel allows.
+#[test]
+fn fsuid_and_capability_changes_are_answered_as_the_kernel() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(m) = mounted_for_all("bypass-fix-fsuid-caps") else { return };
+    std::fs::set_permissions(&m.mnt, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::write(m.mnt.join("others"), "not root's\n").expect("write");
+    std::fs::set_permissions(m.mnt.join("others"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(m.mnt.join("others"), Some(1000), Some(1000)).expect("chown");
+    let prog = cc(
+        &m,
+        "fsuidcaps",
+        r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/capability.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* The C library exports it without declaring it. */
+extern int capset(cap_user_header_t h, const cap_user_data_t d);
+int main(int argc, char **argv) {
+    char buf[64];
+    struct stat st;
+    int fd = open("mine", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 3 || write(fd, "root's\n", 7) != 7) return 10;
+    if (strcmp(argv[1], "fsuid") == 0) {
+        setfsuid(65534);
+        if (setfsuid(-1) != 65534) return 11;
+        /* The kernel checks with the fsuid. */
+        if (open("mine", O_RDONLY) >= 0 || errno != EACCES) return 12;
+        int c = open("byfsuid", O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (c < 0 || fstat(c, &st) != 0 || st.st_uid != 65534) return 13;
+        /* Opened before: still usable. */
+        if (pread(fd, buf, sizeof buf, 0) != 7) return 14;
+        return 0;
+    }
+    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct d[2];
+    if (syscall(SYS_capget, &h, d) != 0) return 20;
+    d[0].effective &= ~((1u << CAP_DAC_OVERRIDE) | (1u << CAP_DAC_READ_SEARCH));
+    if (capset(&h, d) != 0) return 21;
+    /* Root without CAP_DAC_OVERRIDE: another user's 0600 file is closed. */
+    if (open("others", O_RDONLY) >= 0 || errno != EACCES) return 22;
+    if (pread(fd, buf, sizeof buf, 0) != 7) return 23;
+    return 0;
+}
+"#,
+    );
+    for what in ["fsuid", "caps"] {
+        let (out, log) = efuse_run(&m, &m.mnt, &[prog.to_str().expect("utf-8"), what]);
+        assert!(out.ok(), "{what}: exit {:?}; stderr:\n{}\nlog:\n{log}", out.code(), out.stderr);
+        assert_served(&log);
+    }
+}

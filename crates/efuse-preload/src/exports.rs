@@ -1269,15 +1269,20 @@ fn credentials_changing() {
 
 /// After a successful credential change: the daemon judged this process's
 /// connections by the old credentials, so the process gives them up (a
-/// forked parent sharing them keeps them) and connects again at next use.
-/// A vfork child shares the parent's memory and is about to exec: the
-/// connections are the parent's, not the child's to give up.
-fn credentials_changed() {
+/// forked parent sharing them keeps them) and connects again at next use,
+/// or, with `stop`, is served no more. A vfork child shares the parent's
+/// memory and is about to exec: the connections are the parent's, not the
+/// child's to give up.
+fn credentials_changed(stop: bool) {
     let g = guard::enter();
     if g.is_some() && serve::owns_memory() {
         let _ = catch_unwind(|| {
             if crate::config::on() {
                 crate::creds::forget();
+                if stop {
+                    crate::log::blog!("a thread's own file-system ids or capabilities: served no more");
+                    crate::mounts::stop_serving();
+                }
                 if let Some(m) = crate::mounts::discovered() {
                     m.disown_connections();
                 }
@@ -1294,7 +1299,7 @@ macro_rules! credential {
             credentials_changing();
             let r = real::$name()($($a),*);
             if r == 0 {
-                credentials_changed();
+                credentials_changed(false);
             }
             r
         }
@@ -1311,19 +1316,49 @@ credential!(setregid(r: libc::gid_t, e: libc::gid_t));
 credential!(setresgid(r: libc::gid_t, e: libc::gid_t, s: libc::gid_t));
 credential!(setgroups(n: size_t, l: *const libc::gid_t));
 
+/// setfsuid/setfsgid: they change the ids of the calling thread only,
+/// while the daemon reads the process's at connection; an id other than
+/// the effective one ends the serving (the descriptors are converted first,
+/// while the old id still opens them). Setting the effective id changes
+/// nothing. They report no failure (the old id comes back either way).
 #[no_mangle]
 pub unsafe extern "C" fn setfsuid(u: libc::uid_t) -> c_int {
-    credentials_changing();
+    let changing = u != libc::geteuid();
+    if changing {
+        credentials_changing();
+    }
     let r = real::setfsuid()(u);
-    credentials_changed();
+    if changing && !crate::creds::fs_ids_are_effective() {
+        credentials_changed(true);
+    }
     r
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn setfsgid(g: libc::gid_t) -> c_int {
-    credentials_changing();
+    let changing = g != libc::getegid();
+    if changing {
+        credentials_changing();
+    }
     let r = real::setfsgid()(g);
-    credentials_changed();
+    if changing && !crate::creds::fs_ids_are_effective() {
+        credentials_changed(true);
+    }
+    r
+}
+
+/// capset changes the calling thread's capabilities only, while the daemon
+/// reads the process's at connection: after it the process is served no
+/// more. prctl's capability operations need nothing: the bounding and
+/// ambient sets act at exec (a new program connects anew), securebits at
+/// later set*id calls, which are interposed.
+#[no_mangle]
+pub unsafe extern "C" fn capset(h: *mut c_void, d: *const c_void) -> c_int {
+    credentials_changing();
+    let r = real::capset()(h, d);
+    if r == 0 {
+        credentials_changed(true);
+    }
     r
 }
 

@@ -117,6 +117,9 @@ impl Mounts {
             FAILED => return None,
             _ => {}
         }
+        if STOPPED.load(Ordering::Acquire) {
+            return None;
+        }
         let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
         if b.state.load(Ordering::Acquire) == UNTRIED {
             let dev = self.lines[i].dev;
@@ -177,6 +180,19 @@ pub fn paths_valid() -> bool {
 /// The process's view of paths changed (see [`paths_valid`]).
 pub fn paths_changed() {
     PATHS_VALID.store(false, Ordering::Relaxed);
+}
+
+/// Set when the daemon could no longer judge this process's requests as
+/// the kernel does (a thread's own file-system ids or capabilities): no new
+/// connection, and path calls go to the kernel, for the rest of the process.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Stops serving this process: path calls go to the kernel and no mount is
+/// connected again (the caller converted the served descriptors and
+/// disowns the connections).
+pub fn stop_serving() {
+    STOPPED.store(true, Ordering::Release);
+    paths_changed();
 }
 
 /// Mounts if they were already discovered (never discovers).

@@ -175,6 +175,7 @@ reals! {
     setgroups: fn(size_t, *const libc::gid_t) -> c_int;
     setfsuid: fn(libc::uid_t) -> c_int;
     setfsgid: fn(libc::gid_t) -> c_int;
+    capset: fn(*mut c_void, *const c_void) -> c_int;
     chroot: fn(*const c_char) -> c_int;
     unshare: fn(c_int) -> c_int;
     setns: fn(c_int, c_int) -> c_int;
