@@ -9,10 +9,10 @@
 //! state for the client (its lookups and open handles).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use efuse_abi::structs::{InHeader, OutHeader};
@@ -27,9 +27,12 @@ const SPIN_POLLS: u32 = 2000;
 
 /// A connection to the daemon of one mount.
 pub struct Client {
-    sock: OwnedFd,
+    /// The socket (-1 once [`Client::disown`] closed it).
+    sock: AtomicI32,
     region: Region,
     welcome: Welcome,
+    /// Set by [`Client::disown`]: every call fails with Broken.
+    dead: AtomicBool,
 }
 
 /// How a call failed (not the file system's answer, which is the reply's
@@ -105,7 +108,7 @@ impl Client {
         if region.header().magic != MAGIC {
             return Err(broken("region without magic"));
         }
-        Ok(Client { sock, region, welcome })
+        Ok(Client { sock: AtomicI32::new(sock.into_raw_fd()), region, welcome, dead: AtomicBool::new(false) })
     }
 
     /// What the daemon said at connection.
@@ -121,7 +124,33 @@ impl Client {
     /// The socket: kept open for the client's life; the daemon drops the
     /// client's state when it closes.
     pub fn socket_fd(&self) -> i32 {
-        self.sock.as_raw_fd()
+        self.sock.load(Ordering::Acquire)
+    }
+
+    /// Gives up this process's access to the connection, leaving it to the
+    /// other processes that share it (a forked parent): calls fail with
+    /// Broken from now on, the region's mapping becomes private anonymous
+    /// memory (a thread in the middle of a call sees zeroes, never a fault,
+    /// and the shared region is out of this process's reach) and this
+    /// process's copy of the socket is closed. For a process whose
+    /// credentials changed: the daemon judged the connection by the old ones.
+    pub fn disown(&self) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Nothing better to do if it fails: the dead flag already stops
+        // every call this process makes.
+        let _ = self.region.detach();
+        let fd = self.sock.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: our own descriptor, closed once (the swap).
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// Was [`Client::disown`] called?
+    pub fn disowned(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
     }
 
     /// Bytes of request a slot holds (header included).
@@ -140,6 +169,9 @@ impl Client {
         args: &[&[u8]],
         on_reply: impl FnOnce(i32, &[u8]) -> R,
     ) -> Result<R, CallError> {
+        if self.disowned() {
+            return Err(CallError::Broken);
+        }
         let slot = self.claim();
         let _release = Release { client: self, slot };
         self.publish(slot, opcode, nodeid, args, 0)?;
@@ -164,6 +196,9 @@ impl Client {
     /// daemon frees the slot when it has served it
     /// ([`crate::slot_flags::NO_REPLY`]).
     pub fn post(&self, opcode: u32, nodeid: u64, args: &[&[u8]]) -> Result<(), CallError> {
+        if self.disowned() {
+            return Err(CallError::Broken);
+        }
         let slot = self.claim();
         if let Err(e) = self.publish(slot, opcode, nodeid, args, crate::slot_flags::NO_REPLY) {
             drop(Release { client: self, slot });
@@ -223,6 +258,9 @@ impl Client {
             }
             futex_wait(&sh.state, s, Some(Duration::from_millis(200)));
             sh.client_waiting.store(0, Ordering::Relaxed);
+            if self.disowned() {
+                return Err(CallError::Broken);
+            }
             if sh.state.load(Ordering::Acquire) == state::REPLY {
                 return Ok(());
             }
@@ -234,7 +272,11 @@ impl Client {
 
     /// Is the daemon still there (its end of the socket open)?
     pub fn alive(&self) -> bool {
-        let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: 0, revents: 0 };
+        let fd = self.socket_fd();
+        if fd < 0 || self.disowned() {
+            return false;
+        }
+        let mut p = libc::pollfd { fd, events: 0, revents: 0 };
         // SAFETY: one pollfd, no wait.
         let n = unsafe { libc::poll(&mut p, 1, 0) };
         !(n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
@@ -263,6 +305,16 @@ impl Client {
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };
             }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let fd = *self.sock.get_mut();
+        if fd >= 0 {
+            // SAFETY: our own descriptor, not closed by disown.
+            unsafe { libc::close(fd) };
         }
     }
 }
@@ -478,6 +530,98 @@ mod tests {
         drop(conn);
         // The daemon is gone: a call fails instead of waiting forever.
         assert!(!c.alive());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stand-in daemon for one client: the handshake, then every request
+    /// echoed back until the client's socket closes (all its holders gone).
+    fn echo_server(listener: UnixListener) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let fd = conn.as_raw_fd();
+            let mut hello = [0u8; std::mem::size_of::<Hello>()];
+            // SAFETY: reads into our buffer.
+            let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
+            assert_eq!(n as usize, hello.len());
+            let (memfd, region) = Region::create(4, 8192, 0).expect("region");
+            let w = Welcome {
+                magic: MAGIC,
+                version: VERSION,
+                error: 0,
+                dev: 42,
+                slot_count: 4,
+                slot_size: 8192,
+                max_io: 4096,
+                flags: 0,
+                table_buckets: 0,
+                _pad: 0,
+            };
+            send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
+            let mut served = 0;
+            let mut buf = Vec::new();
+            loop {
+                for i in 0..region.slot_count() {
+                    let sh = region.slot(i);
+                    if sh
+                        .state
+                        .compare_exchange(state::REQUEST, state::SERVING, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        let len = sh.len.load(Ordering::Relaxed) as usize;
+                        region.copy_out(i, len, &mut buf).expect("copy");
+                        let args = &buf[std::mem::size_of::<InHeader>()..];
+                        let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
+                        let n = region.write_parts(i, &[out.as_bytes(), args]).expect("fits");
+                        sh.len.store(n as u32, Ordering::Relaxed);
+                        sh.state.store(state::REPLY, Ordering::Release);
+                        futex_wake(&sh.state, 1);
+                        served += 1;
+                    }
+                }
+                let mut b = [0u8; 1];
+                // SAFETY: a non-blocking peek into our buffer.
+                let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK) };
+                if n == 0 {
+                    return served;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    }
+
+    #[test]
+    fn a_disowned_client_fails_its_calls_and_leaves_the_connection_to_the_other_holders() {
+        let dir = std::env::temp_dir().join(format!("efuse-bypass-test3-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let sock = dir.join("t.bypass");
+        let _ = std::fs::remove_file(&sock);
+        let server = echo_server(UnixListener::bind(&sock).expect("bind"));
+        let c = Client::connect(&sock, unsafe { libc::geteuid() }, 42).expect("connect");
+        assert_eq!(c.call(1, 1, &[b"before"], |e, p| (e, p.to_vec())).expect("call"), (0, b"before".to_vec()));
+        // A forked child gives up its share (as after a credential change):
+        // the parent keeps calling through the same connection.
+        // SAFETY: the child only makes system calls and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            c.disown();
+            let ok = matches!(c.call(1, 1, &[b"child"], |_, _| ()), Err(CallError::Broken))
+                && c.socket_fd() == -1
+                && c.region.header().magic == 0;
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+        assert_eq!(c.call(1, 1, &[b"after"], |e, p| (e, p.to_vec())).expect("call"), (0, b"after".to_vec()));
+        assert!(c.alive());
+        // Now the parent gives it up too: the daemon sees the socket close.
+        c.disown();
+        assert!(matches!(c.call(1, 1, &[b"x"], |_, _| ()), Err(CallError::Broken)));
+        assert!(matches!(c.post(1, 1, &[b"x"]), Err(CallError::Broken)));
+        assert!(!c.alive());
+        assert_eq!(c.region.header().magic, 0, "the shared region is still mapped");
+        assert_eq!(server.join().expect("server"), 2);
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

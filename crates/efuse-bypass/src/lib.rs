@@ -284,6 +284,32 @@ impl Region {
     }
 }
 
+impl Region {
+    /// Puts private anonymous memory of the same size in place of the
+    /// mapping: this process no longer reaches the shared region, while a
+    /// thread still inside a call reads and writes zeroes instead of
+    /// faulting. The shared region itself is left as it is for whoever else
+    /// maps it.
+    pub fn detach(&self) -> io::Result<()> {
+        // SAFETY: replaces exactly the pages map() mapped, which stay mapped
+        // (now private and zeroed) until Drop unmaps them.
+        let p = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what map() mapped.

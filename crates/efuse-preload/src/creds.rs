@@ -46,6 +46,18 @@ pub fn forget() {
     VALID.store(false, Ordering::Release);
 }
 
+/// Are the calling thread's file-system ids its effective ones? (setfsuid
+/// and setfsgid change them for one thread only; the daemon reads the
+/// process's at connection.) Two system calls.
+pub fn fs_ids_are_effective() -> bool {
+    // SAFETY: setfsuid and setfsgid with an invalid id change nothing and
+    // return the current one.
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 == libc::geteuid()
+            && libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32 == libc::getegid()
+    }
+}
+
 /// May this process search directory `dir` (mode bits, as the kernel's
 /// generic_permission)? None when the library cannot tell.
 pub fn may_search(dir: &Attr) -> Option<bool> {
@@ -79,6 +91,23 @@ pub fn may_search(dir: &Attr) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_fsuid_is_seen() {
+        assert!(fs_ids_are_effective());
+        if unsafe { libc::geteuid() } == 0 {
+            // On a thread of its own: fsuid is per thread.
+            let changed = std::thread::spawn(|| unsafe {
+                libc::syscall(libc::SYS_setfsuid, 1234);
+                let r = fs_ids_are_effective();
+                libc::syscall(libc::SYS_setfsuid, 0);
+                r
+            })
+            .join()
+            .expect("thread");
+            assert!(!changed);
+        }
+    }
 
     #[test]
     fn search_follows_the_owner_then_group_then_other_bits() {

@@ -101,12 +101,12 @@ fn mode_of(flags: c_int, mode: c_uint) -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), real::open()(path, flags, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), fresh(real::open()(path, flags, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), real::open64()(path, flags, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode_of(flags, mode)), fresh(real::open64()(path, flags, mode)))
 }
 
 #[no_mangle]
@@ -121,12 +121,12 @@ pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int 
 
 #[no_mangle]
 pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), real::openat()(dirfd, path, flags, mode))
+    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), fresh(real::openat()(dirfd, path, flags, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), real::openat64()(dirfd, path, flags, mode))
+    path_call!(do_open(dirfd, path, flags, mode_of(flags, mode)), fresh(real::openat64()(dirfd, path, flags, mode)))
 }
 
 #[no_mangle]
@@ -142,18 +142,54 @@ pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: 
 #[no_mangle]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), real::creat()(path, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), fresh(real::creat()(path, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), real::creat64()(path, mode))
+    path_call!(do_open(libc::AT_FDCWD, path, flags, mode), fresh(real::creat64()(path, mode)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     fd_call!(fd, |_idx| serve::close(fd), real::close()(fd))
+}
+
+/// A descriptor the kernel has just made (an open, a dup the library does
+/// not serve): an entry left for its number is stale (see
+/// `serve::forget_stale`).
+fn fresh(fd: c_int) -> c_int {
+    if fd >= 0 && files::get(fd).is_some() {
+        let g = guard::enter();
+        let _ = catch_unwind(AssertUnwindSafe(|| serve::forget_stale(fd)));
+        drop(g);
+    }
+    fd
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // CLOSE_RANGE_CLOEXEC only marks; bad arguments close nothing.
+    let known = (libc::CLOSE_RANGE_UNSHARE | libc::CLOSE_RANGE_CLOEXEC) as c_int;
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || flags & !known != 0 || first > last {
+        return real::close_range()(first, last, flags);
+    }
+    let g = guard::enter();
+    let r = serve::close_range(first, last, || real::close_range()(first, last, flags));
+    drop(g);
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    let g = guard::enter();
+    let first = low.max(0) as u32;
+    serve::close_range(first, u32::MAX, || {
+        real::closefrom()(low);
+        0
+    });
+    drop(g);
 }
 
 // ------------------------------------------------------------------ data
@@ -550,6 +586,7 @@ pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, how: c_int
 /// shares old's open file.
 fn share(old_idx: u32, new: c_int) -> c_int {
     if new >= 0 {
+        fresh(new);
         files::add_ref(old_idx);
         if !files::bind(new, old_idx) {
             // Too high to track: make it an ordinary open.
@@ -559,9 +596,21 @@ fn share(old_idx: u32, new: c_int) -> c_int {
     new
 }
 
+/// After a dup that the kernel placed on 0, 1 or 2 (they were closed):
+/// convert the copy (and with it the whole open file).
+fn std_after(new: c_int) -> c_int {
+    if stdio_fd(new) {
+        convert(new, "a copy onto descriptor 0, 1 or 2");
+    }
+    new
+}
+
 /// Before the kernel closes `fd` implicitly (dup2/dup3 onto it): drop its
 /// reference properly.
 fn closing(fd: c_int) {
+    if !serve::owns_memory() {
+        return;
+    }
     if let Some(idx) = files::unbind(fd) {
         let g = guard::enter();
         let _ = catch_unwind(AssertUnwindSafe(|| serve::drop_file(idx)));
@@ -571,7 +620,10 @@ fn closing(fd: c_int) {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    fd_call!(fd, |idx| share(idx, real::dup()(fd)), real::dup()(fd))
+    if let Some(idx) = files::get(fd) {
+        return std_after(share(idx, real::dup()(fd)));
+    }
+    fresh(real::dup()(fd))
 }
 
 #[no_mangle]
@@ -619,16 +671,13 @@ unsafe fn fcntl_any(
     arg: usize,
     realf: unsafe extern "C" fn(c_int, c_int, usize) -> c_int,
 ) -> c_int {
-    let Some(idx) = files::get(fd) else { return realf(fd, cmd, arg) };
+    let Some(idx) = files::get(fd) else {
+        let r = realf(fd, cmd, arg);
+        return if matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) { fresh(r) } else { r };
+    };
     match cmd {
         libc::F_GETFD | libc::F_SETFD => realf(fd, cmd, arg),
-        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
-            let new = share(idx, realf(fd, cmd, arg));
-            if stdio_fd(new) {
-                convert(new, "a copy onto a standard descriptor (stdio uses it unseen)");
-            }
-            new
-        }
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => std_after(share(idx, realf(fd, cmd, arg))),
         libc::F_GETFL => serve::getfl(idx),
         libc::F_SETFL => {
             let want = arg as c_int;
@@ -1200,18 +1249,42 @@ pub unsafe extern "C" fn posix_spawnp(
 
 // ------------------------------------------------------------------ credentials
 
-/// After a credential change: the daemon learned the old credentials at
-/// connect, so every served descriptor becomes a kernel open and every
-/// connection starts over.
-fn credentials_changed() {
+/// Before a credential change: every served descriptor becomes a kernel
+/// open now, while the process still has the credentials it opened them
+/// with (reopening through /proc/self/fd is checked against the caller's
+/// credentials: a daemon that opens as root and then drops privileges must
+/// keep its descriptors). Kernel opens are right whatever the call's result.
+/// (In a vfork child the conversion changes only the child's descriptors.)
+fn credentials_changing() {
     let g = guard::enter();
     if g.is_some() {
         let _ = catch_unwind(|| {
             if crate::config::on() {
-                crate::creds::forget();
                 serve::convert_all(true, "a credential change");
+            }
+        });
+    }
+    drop(g);
+}
+
+/// After a successful credential change: the daemon judged this process's
+/// connections by the old credentials, so the process gives them up (a
+/// forked parent sharing them keeps them) and connects again at next use,
+/// or, with `stop`, is served no more. A vfork child shares the parent's
+/// memory and is about to exec: the connections are the parent's, not the
+/// child's to give up.
+fn credentials_changed(stop: bool) {
+    let g = guard::enter();
+    if g.is_some() && serve::owns_memory() {
+        let _ = catch_unwind(|| {
+            if crate::config::on() {
+                crate::creds::forget();
+                if stop {
+                    crate::log::blog!("a thread's own file-system ids or capabilities: served no more");
+                    crate::mounts::stop_serving();
+                }
                 if let Some(m) = crate::mounts::discovered() {
-                    m.reset_connections();
+                    m.disown_connections();
                 }
             }
         });
@@ -1223,9 +1296,10 @@ macro_rules! credential {
     ($name:ident ($($a:ident : $t:ty),*)) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+            credentials_changing();
             let r = real::$name()($($a),*);
             if r == 0 {
-                credentials_changed();
+                credentials_changed(false);
             }
             r
         }
@@ -1242,16 +1316,130 @@ credential!(setregid(r: libc::gid_t, e: libc::gid_t));
 credential!(setresgid(r: libc::gid_t, e: libc::gid_t, s: libc::gid_t));
 credential!(setgroups(n: size_t, l: *const libc::gid_t));
 
+/// setfsuid/setfsgid: they change the ids of the calling thread only,
+/// while the daemon reads the process's at connection; an id other than
+/// the effective one ends the serving (the descriptors are converted first,
+/// while the old id still opens them). Setting the effective id changes
+/// nothing. They report no failure (the old id comes back either way).
 #[no_mangle]
 pub unsafe extern "C" fn setfsuid(u: libc::uid_t) -> c_int {
+    let changing = u != libc::geteuid();
+    if changing {
+        credentials_changing();
+    }
     let r = real::setfsuid()(u);
-    credentials_changed();
+    if changing && !crate::creds::fs_ids_are_effective() {
+        credentials_changed(true);
+    }
     r
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn setfsgid(g: libc::gid_t) -> c_int {
+    let changing = g != libc::getegid();
+    if changing {
+        credentials_changing();
+    }
     let r = real::setfsgid()(g);
-    credentials_changed();
+    if changing && !crate::creds::fs_ids_are_effective() {
+        credentials_changed(true);
+    }
+    r
+}
+
+/// capset changes the calling thread's capabilities only, while the daemon
+/// reads the process's at connection: after it the process is served no
+/// more. prctl's capability operations need nothing: the bounding and
+/// ambient sets act at exec (a new program connects anew), securebits at
+/// later set*id calls, which are interposed.
+#[no_mangle]
+pub unsafe extern "C" fn capset(h: *mut c_void, d: *const c_void) -> c_int {
+    credentials_changing();
+    let r = real::capset()(h, d);
+    if r == 0 {
+        credentials_changed(true);
+    }
+    r
+}
+
+// ------------------------------------------------------------------ root and mounts
+
+/// After a successful change of the process's root or mount table: path
+/// calls go to the kernel from now on (see `mounts::paths_valid`).
+fn paths_changed(what: &str) {
+    crate::mounts::paths_changed();
+    let g = guard::enter();
+    if g.is_some() {
+        crate::log::blog!(
+            "{what}: the mount table no longer describes this process's paths; path calls go to the kernel"
+        );
+    }
+    drop(g);
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn chroot(path: *const c_char) -> c_int {
+    let r = real::chroot()(path);
+    if r == 0 {
+        paths_changed("chroot");
+    }
+    r
+}
+
+/// Namespaces that change which mount a path reaches (a user namespace may
+/// bring a mount namespace with it).
+const MOUNT_NAMESPACES: c_int = libc::CLONE_NEWNS | libc::CLONE_NEWUSER;
+
+#[no_mangle]
+pub unsafe extern "C" fn unshare(flags: c_int) -> c_int {
+    let r = real::unshare()(flags);
+    if r == 0 && flags & MOUNT_NAMESPACES != 0 {
+        paths_changed("unshare");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn setns(fd: c_int, nstype: c_int) -> c_int {
+    let r = real::setns()(fd, nstype);
+    // nstype 0 (or a pidfd with several types) may join a mount namespace.
+    if r == 0 && (nstype == 0 || nstype & MOUNT_NAMESPACES != 0) {
+        paths_changed("setns");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mount(
+    src: *const c_char,
+    target: *const c_char,
+    fstype: *const c_char,
+    flags: libc::c_ulong,
+    data: *const c_void,
+) -> c_int {
+    let r = real::mount()(src, target, fstype, flags, data);
+    // Propagation changes (MS_PRIVATE etc.) alone move nothing.
+    let propagation = libc::MS_SHARED | libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_UNBINDABLE;
+    if r == 0 && (flags & propagation == 0 || flags & !(propagation | libc::MS_REC) != 0) {
+        paths_changed("mount");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn umount(target: *const c_char) -> c_int {
+    let r = real::umount()(target);
+    if r == 0 {
+        paths_changed("umount");
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn umount2(target: *const c_char, flags: c_int) -> c_int {
+    let r = real::umount2()(target, flags);
+    if r == 0 {
+        paths_changed("umount");
+    }
     r
 }

@@ -5,7 +5,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use efuse_bypass::client::Client;
@@ -24,7 +24,7 @@ pub struct Bypass {
     pub uid: u32,
     state: AtomicU32,
     /// The connection; set once, then only replaced by a credential change
-    /// (the old one is shut down and kept: calls in flight may still use it).
+    /// (the old one is disowned and kept: calls in flight may still use it).
     client: AtomicPtr<Client>,
     connecting: Mutex<()>,
 }
@@ -117,6 +117,9 @@ impl Mounts {
             FAILED => return None,
             _ => {}
         }
+        if STOPPED.load(Ordering::Acquire) {
+            return None;
+        }
         let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
         if b.state.load(Ordering::Acquire) == UNTRIED {
             let dev = self.lines[i].dev;
@@ -142,23 +145,54 @@ impl Mounts {
         self.lines[i].dev
     }
 
-    /// After a credential change: shut every connection down (the daemon
-    /// drops this client and its state) and connect again at next use, so
-    /// the daemon learns the new credentials.
-    pub fn reset_connections(&self) {
+    /// After a credential change: this process gives up every connection
+    /// (the daemon judged it by the old credentials) and connects again at
+    /// next use, so the daemon learns the new ones. Only this process's
+    /// access goes: a forked parent that shares a connection keeps it.
+    pub fn disown_connections(&self) {
         for b in self.bypass.iter().flatten() {
             let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
             let p = b.client.swap(std::ptr::null_mut(), Ordering::AcqRel);
             if !p.is_null() {
-                // SAFETY: p is a live leaked client; shutting its socket down
-                // makes the daemon drop the client; the memory stays.
-                unsafe { libc::shutdown((*p).socket_fd(), libc::SHUT_RDWR) };
+                // SAFETY: p is a live leaked client; its memory stays (calls
+                // in flight may still hold it), only its use ends.
+                unsafe { (*p).disown() };
             }
             if b.state.load(Ordering::Acquire) == CONNECTED {
                 b.state.store(UNTRIED, Ordering::Release);
             }
         }
     }
+}
+
+/// False once the process changed its root or mount namespace (chroot,
+/// unshare, setns, mount, umount): the table read from mountinfo no longer
+/// says which paths are on which mount, so path calls go to the kernel for
+/// the rest of the process (a new program after exec reads its own table).
+/// Descriptors already served stay served: they do not depend on paths.
+static PATHS_VALID: AtomicBool = AtomicBool::new(true);
+
+/// May path calls be classified with the mount table? One atomic load.
+pub fn paths_valid() -> bool {
+    PATHS_VALID.load(Ordering::Relaxed)
+}
+
+/// The process's view of paths changed (see [`paths_valid`]).
+pub fn paths_changed() {
+    PATHS_VALID.store(false, Ordering::Relaxed);
+}
+
+/// Set when the daemon could no longer judge this process's requests as
+/// the kernel does (a thread's own file-system ids or capabilities): no new
+/// connection, and path calls go to the kernel, for the rest of the process.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Stops serving this process: path calls go to the kernel and no mount is
+/// connected again (the caller converted the served descriptors and
+/// disowns the connections).
+pub fn stop_serving() {
+    STOPPED.store(true, Ordering::Release);
+    paths_changed();
 }
 
 /// Mounts if they were already discovered (never discovers).

@@ -67,6 +67,15 @@ pub fn longest_prefix<'a, P: AsRef<[u8]>>(points: &[P], path: &'a [u8]) -> Optio
     })
 }
 
+/// Does the path's last component (trailing slashes aside) read `.` or
+/// `..`? Such a name cannot be created, removed or renamed: the kernel
+/// answers EEXIST, EINVAL, EBUSY or ENOTEMPTY, which lexical tidying would
+/// lose.
+pub fn ends_with_dots(p: &[u8]) -> bool {
+    let last = trim_slashes(p).rsplit(|b| *b == b'/').next().unwrap_or(b"");
+    last == b"." || last == b".."
+}
+
 /// Splits a relative path into its parent and last component; None when
 /// the last component cannot be created or removed by name (empty, `.`,
 /// `..`).
@@ -116,5 +125,15 @@ mod tests {
         assert_eq!(parent_and_name(b""), None);
         assert_eq!(trim_slashes(b"/a//"), b"/a");
         assert_eq!(trim_slashes(b"//"), b"/");
+    }
+
+    #[test]
+    fn dots_at_the_end_are_seen_through_trailing_slashes() {
+        for p in [&b"."[..], b"..", b"d/.", b"d/./", b"/a/b/..//", b"./."] {
+            assert!(ends_with_dots(p), "{}", String::from_utf8_lossy(p));
+        }
+        for p in [&b"d"[..], b"d/", b"./d", b"../d/", b"/", b"a.", b"..a"] {
+            assert!(!ends_with_dots(p), "{}", String::from_utf8_lossy(p));
+        }
     }
 }

@@ -54,6 +54,8 @@ reals! {
     creat: fn(*const c_char, mode_t) -> c_int;
     creat64: fn(*const c_char, mode_t) -> c_int;
     close: fn(c_int) -> c_int;
+    close_range: fn(c_uint, c_uint, c_int) -> c_int;
+    closefrom: fn(c_int) -> ();
     read: fn(c_int, *mut c_void, size_t) -> ssize_t;
     write: fn(c_int, *const c_void, size_t) -> ssize_t;
     pread: fn(c_int, *mut c_void, size_t, off_t) -> ssize_t;
@@ -173,4 +175,11 @@ reals! {
     setgroups: fn(size_t, *const libc::gid_t) -> c_int;
     setfsuid: fn(libc::uid_t) -> c_int;
     setfsgid: fn(libc::gid_t) -> c_int;
+    capset: fn(*mut c_void, *const c_void) -> c_int;
+    chroot: fn(*const c_char) -> c_int;
+    unshare: fn(c_int) -> c_int;
+    setns: fn(c_int, c_int) -> c_int;
+    mount: fn(*const c_char, *const c_char, *const c_char, libc::c_ulong, *const c_void) -> c_int;
+    umount: fn(*const c_char) -> c_int;
+    umount2: fn(*const c_char, c_int) -> c_int;
 }

@@ -87,11 +87,16 @@ fn base_of(dirfd: c_int, buf: &mut [u8]) -> Option<usize> {
 /// Classifies `path` (relative to `dirfd`): Some if it is under a bypass
 /// mount whose daemon is connected.
 pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
-    if path.is_empty() || !crate::config::on() {
+    if path.is_empty() || !crate::config::on() || !mounts::paths_valid() {
         return None;
     }
     let m = mounts::get();
     if !m.any() {
+        return None;
+    }
+    // PATH_MAX bytes or more: the kernel's ENAMETOOLONG, whatever tidying
+    // would make of it.
+    if path.len() >= libc::PATH_MAX as usize {
         return None;
     }
     let t = if path[0] == b'/' {
@@ -102,6 +107,11 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
         paths::tidy(&base[..blen], path)
     };
     let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
+    // A relative path the kernel resolves from a deep directory may be too
+    // long for a WALK from the mount's root: the kernel's.
+    if rest.len() > efuse_bypass::wire::WALK_PATH_MAX {
+        return None;
+    }
     m.bypass[i].as_ref()?;
     let client = m.client(i)?;
     Some(Target {
@@ -360,6 +370,17 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
     // SAFETY: a NUL-terminated path.
     let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
     let dev = mounts::get().dev(t.mount);
+    // Descriptors 0, 1 and 2 stay kernel files: the C library's stdio
+    // writes and reads them with its internal calls, which this library
+    // does not see. Landing there (0-2 was closed), the open is the
+    // kernel's, which gives the same number.
+    if (0..=2).contains(&fd) {
+        blog!("open {}: would be fd {fd} (standard stream); through the kernel", Show(path));
+        // SAFETY: our own descriptor.
+        unsafe { crate::real::close()(fd) };
+        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
+        return None;
+    }
     let same = fd >= 0 && same_file(fd, e.attr.ino, dev);
     if !same {
         blog!("open {}: the kernel's name leads to another file; through the kernel", Show(path));
@@ -378,6 +399,9 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
     };
+    // The kernel just handed out this number: an entry still there is one
+    // whose close the library did not see (a raw system call).
+    forget_stale(fd);
     if !files::bind(fd, idx) {
         unsafe { crate::real::close()(fd) };
         let _ = files::drop_ref(idx);
@@ -725,8 +749,57 @@ pub fn drop_file(idx: u32) {
     }
 }
 
+/// Drops the entry of `fd`, a number the kernel has just handed out for a
+/// new descriptor: it was free in the kernel, so an entry for it is stale
+/// (its close was not seen). Costs one atomic load when there is none.
+pub fn forget_stale(fd: c_int) {
+    if fd >= 0 && files::get(fd).is_some() && owns_memory() {
+        if let Some(idx) = files::unbind(fd) {
+            blog!("fd {fd}: closed without the library seeing it; its entry dropped");
+            drop_file(idx);
+        }
+    }
+}
+
+/// close_range/closefrom of `first..=last` (without CLOSE_RANGE_CLOEXEC):
+/// the served descriptors in the range are closed as close() closes them.
+/// `real` closes the range; its result is returned.
+pub fn close_range(first: u32, last: u32, real: impl FnOnce() -> c_int) -> c_int {
+    let hi = (last as usize).min(files::MAX_FDS - 1);
+    let mut gone = Vec::new();
+    // A vfork child closes its own descriptors; the table is its parent's.
+    if (first as usize) <= hi && owns_memory() {
+        for fd in first as usize..=hi {
+            if let Some(idx) = files::unbind(fd as c_int) {
+                gone.push((fd as c_int, idx));
+            }
+        }
+    }
+    let r = real();
+    let e = crate::guard::errno();
+    if r != 0 {
+        // Nothing was closed (bad arguments): the entries stand.
+        for &(fd, idx) in &gone {
+            files::bind(fd, idx);
+        }
+    } else {
+        for &(fd, idx) in &gone {
+            blog!("fd {fd}: closed by close_range/closefrom");
+            drop_file(idx);
+        }
+    }
+    set_errno(e);
+    r
+}
+
 /// close() of a served descriptor.
 pub fn close(fd: c_int) -> c_int {
+    if !owns_memory() {
+        // A vfork child (before its exec) closes its own copy; the entry and
+        // the reference are the parent's (vfork runs no fork handlers).
+        // SAFETY: closes the program's descriptor, as it asked.
+        return unsafe { crate::real::close()(fd) };
+    }
     let idx = files::unbind(fd);
     // SAFETY: closes the program's descriptor, as it asked.
     let r = unsafe { crate::real::close()(fd) };
@@ -740,8 +813,10 @@ pub fn close(fd: c_int) -> c_int {
 
 /// Turns served descriptor `fd` into an ordinary kernel open of the same
 /// file with the same flags and offset (same number, same FD_CLOEXEC), for
-/// a use the library does not serve. Err: errno; the descriptor stays as
-/// it was.
+/// a use the library does not serve. Every other descriptor of this process
+/// on the same open file (its dups) becomes a copy of that kernel open too,
+/// so they keep sharing one offset as dups do. Err: errno; the descriptors
+/// stay as they were.
 pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     let Some(idx) = files::get(fd) else { return Ok(()) };
     let f = files::file(idx);
@@ -750,6 +825,13 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     use std::fmt::Write as _;
     let _ = write!(l, "/proc/self/fd/{fd}\0");
     let real = crate::real::openat();
+    let mut fds = vec![fd];
+    files::each(|d, i| {
+        if i == idx && d != fd {
+            fds.push(d);
+        }
+    });
+    let mut done = Vec::with_capacity(fds.len());
     // SAFETY: a NUL-terminated path; plain descriptor calls on our fds.
     unsafe {
         let nfd = real(libc::AT_FDCWD, l.bytes().as_ptr().cast(), flags | libc::O_CLOEXEC, 0);
@@ -761,12 +843,19 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
         let _lock = f.lock_offset();
         let off = f.offset.load(Ordering::Acquire) as i64;
         crate::real::lseek()(nfd, off, libc::SEEK_SET);
-        let fdfl = crate::real::fcntl()(fd, libc::F_GETFD, 0);
-        let cloexec = if fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
-        if crate::real::dup3()(nfd, fd, cloexec) < 0 {
-            let e = crate::guard::errno();
-            crate::real::close()(nfd);
-            return Err(e);
+        for &d in &fds {
+            let fdfl = crate::real::fcntl()(d, libc::F_GETFD, 0);
+            let cloexec = if fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+            if crate::real::dup3()(nfd, d, cloexec) < 0 {
+                let e = crate::guard::errno();
+                if d == fd {
+                    crate::real::close()(nfd);
+                    return Err(e);
+                }
+                // A dup the kernel refuses to replace stays served.
+                continue;
+            }
+            done.push(d);
         }
         crate::real::close()(nfd);
         // The kernel's size of the file may predate served writes: a stat
@@ -775,13 +864,16 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
         let mut st: libc::stat = std::mem::zeroed();
         crate::real::fstat()(fd, &mut st);
     }
-    // A vfork child shares this memory with its parent, whose descriptor is
-    // still served: leave the table alone there.
+    // A vfork child shares this memory with its parent, whose descriptors
+    // are still served: leave the table alone there.
     if owns_memory() {
-        files::unbind(fd);
-        drop_file(idx);
+        for &d in &done {
+            if files::unbind(d).is_some() {
+                drop_file(idx);
+            }
+        }
     }
-    blog!("fd {fd}: converted to a kernel open for {why}");
+    blog!("fd {fd}: converted to a kernel open for {why} ({} descriptor(s))", done.len());
     Ok(())
 }
 
@@ -806,7 +898,14 @@ pub fn convert_all(all: bool, why: &str) {
 
 /// Walks to the parent of a path's last component (one lookup held, the
 /// caller forgets it). Err(None): the kernel's; Err(Some(e)): fail with e.
+/// A path that ends with a slash, `.` or `..` is the kernel's: the name
+/// must then be a directory (or cannot be used at all), which the kernel
+/// checks per call (unlink: ENOTDIR or EISDIR, rmdir of `d/.`: EINVAL,
+/// rename: ENOTDIR or EBUSY, link: ENOENT).
 fn parent_of(t: &Target) -> Result<(u64, &[u8]), Option<i32>> {
+    if t.dir {
+        return Err(None);
+    }
     let (parent, name) = paths::parent_and_name(&t.rest).ok_or(None)?;
     match ops::walk(t.client, parent, walk::FOLLOW_LAST | walk::DIRECTORY) {
         Ok(Walked::Done(p)) => Ok((p.nodeid, name)),
@@ -829,7 +928,12 @@ fn answer(r: ops::R<()>, what: &str, path: &[u8]) -> Option<isize> {
 }
 
 pub fn mkdir(dirfd: c_int, path: &[u8], mode: u32) -> Option<isize> {
-    let t = resolve(dirfd, path)?;
+    // "d/" creates d; "d/." and "d/.." are the kernel's (EEXIST, ENOENT).
+    if paths::ends_with_dots(path) {
+        return None;
+    }
+    let mut t = resolve(dirfd, path)?;
+    t.dir = false;
     let (p, name) = match parent_of(&t) {
         Ok(x) => x,
         Err(Some(e)) => return fail(e),
@@ -888,7 +992,7 @@ pub fn symlink(target: &[u8], dirfd: c_int, path: &[u8]) -> Option<isize> {
 pub fn link(olddirfd: c_int, old: &[u8], newdirfd: c_int, new: &[u8], follow: bool) -> Option<isize> {
     let a = resolve(olddirfd, old)?;
     let b = resolve(newdirfd, new)?;
-    if a.mount != b.mount || a.dir {
+    if a.mount != b.mount || a.dir || b.dir {
         return None;
     }
     let node = match ops::walk(a.client, &a.rest, walk_flags(&a, follow, true)) {
