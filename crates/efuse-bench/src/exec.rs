@@ -1,8 +1,8 @@
 //! Running external commands with a time limit, and a watchdog for the
 //! workloads the bench runs in its own process.
 //!
-//! Every external command the bench starts goes through [`run`] or
-//! [`run_quiet`]: a command that outlives its limit is killed and reported.
+//! Every external command the bench starts goes through [`run`]: a command
+//! that outlives its limit is killed and reported.
 //! A hung FUSE daemon blocks in-process system calls too; [`guarded`] runs
 //! such a loop on a thread and, past its limit, aborts the FUSE connection so
 //! the blocked calls fail instead of hanging the bench.
@@ -89,17 +89,6 @@ pub fn run_to(cmd: &mut Command, timeout: Duration, stdout_path: Option<&Path>) 
         bail!("`{line}` failed ({status}): {}", one_line(detail));
     }
     Ok(Output { stdout })
-}
-
-/// Runs `cmd` with no output captured (standard output and error go to
-/// /dev/null); fails unless it exits 0. The cheap path for process storms.
-pub fn run_quiet(cmd: &mut Command, timeout: Duration) -> Result<()> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let status = spawn_and_wait(cmd, timeout, "")?;
-    if !status.success() {
-        bail!("`{}` failed ({status})", display(cmd));
-    }
-    Ok(())
 }
 
 fn spawn_and_wait(cmd: &mut Command, timeout: Duration, line: &str) -> Result<ExitStatus> {

@@ -904,10 +904,12 @@ mod tests {
         let d = TestDir::new("interleave");
         let mut scale = Scale::quick();
         scale.reps = 2;
-        scale.cat_runs = 5;
+        scale.find_entries = 4;
         let backing = d.0.join("backing");
-        std::fs::create_dir_all(backing.join(datasets::SMALL)).unwrap();
-        std::fs::write(backing.join(datasets::SMALL_FILE), vec![7u8; scale.small_file_bytes]).unwrap();
+        std::fs::create_dir_all(backing.join(datasets::TREE)).unwrap();
+        for i in 0..scale.find_entries {
+            std::fs::write(backing.join(datasets::TREE).join(format!("f{i}")), b"x").unwrap();
+        }
         let logs = d.0.join("logs");
         std::fs::create_dir_all(&logs).unwrap();
         let plan = MountPlan {
@@ -920,7 +922,7 @@ mod tests {
             memfs_size: "1G".into(),
             mount_timeout: Duration::from_secs(5),
         };
-        let w = Workload::all(&scale).into_iter().find(|w| w.name == "cat-storm").unwrap();
+        let w = Workload::all(&scale).into_iter().find(|w| w.name == "find-warm").unwrap();
         let made = datasets::Made::default();
         let pb = ProgressBar::hidden();
         let ctx = RunCtx { scale: &scale, plan: &plan, work: &d.0, made: &made, logs: &logs, pb: &pb };

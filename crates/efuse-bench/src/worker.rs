@@ -1,6 +1,6 @@
 //! The timed loops of the workloads that make their own file calls (open/
-//! read/close, stat storm, sequential write and read), run in a child
-//! process: `efuse __bench-worker JOB ARGS...`, which prints its figures as
+//! read/close, stat storm, sequential write and read) or start processes
+//! (the cat storm), run in a child process: `efuse __bench-worker JOB ARGS...`, which prints its figures as
 //! JSON. Every system runs them the same way; the bypass systems run the
 //! child under `efuse run`, so the preloaded client library serves its calls
 //! as it would an application's. Only the loop is timed, inside the child:
@@ -29,6 +29,8 @@ pub enum Job {
     SeqWrite { path: PathBuf, blocks: u64 },
     /// Read `path` whole in 1 MiB reads; it must hold `want` bytes.
     SeqRead { path: PathBuf, want: u64 },
+    /// `n` times: a fresh `cat path > /dev/null`, one after the other.
+    CatStorm { path: PathBuf, n: u64 },
 }
 
 impl Job {
@@ -39,6 +41,7 @@ impl Job {
             Job::StatStorm { list, passes } => vec!["stat-storm".into(), list.into(), s(passes)],
             Job::SeqWrite { path, blocks } => vec!["seq-write".into(), path.into(), s(blocks)],
             Job::SeqRead { path, want } => vec!["seq-read".into(), path.into(), s(want)],
+            Job::CatStorm { path, n } => vec!["cat-storm".into(), path.into(), s(n)],
         }
     }
 
@@ -57,7 +60,8 @@ impl Job {
             "stat-storm" => Job::StatStorm { list: path(args.get(1))?, passes: num(args.get(2), "passes")? },
             "seq-write" => Job::SeqWrite { path: path(args.get(1))?, blocks: num(args.get(2), "blocks")? },
             "seq-read" => Job::SeqRead { path: path(args.get(1))?, want: num(args.get(2), "bytes")? },
-            other => bail!("unknown bench job '{other}' (open-loop, stat-storm, seq-write, seq-read)"),
+            "cat-storm" => Job::CatStorm { path: path(args.get(1))?, n: num(args.get(2), "count")? },
+            other => bail!("unknown bench job '{other}' (open-loop, stat-storm, seq-write, seq-read, cat-storm)"),
         })
     }
 
@@ -116,6 +120,21 @@ impl Job {
                 drop(f);
                 let s = t.elapsed().as_secs_f64();
                 Ok(vec![("write_mibps", *blocks as f64 / s), ("write_s", s)])
+            }
+            Job::CatStorm { path, n } => {
+                let t = Instant::now();
+                for i in 0..*n {
+                    let st = std::process::Command::new("cat")
+                        .arg(path)
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .with_context(|| format!("starting cat #{i}"))?;
+                    if !st.success() {
+                        bail!("cat #{i} of {}: {st}", path.display());
+                    }
+                }
+                let s = t.elapsed().as_secs_f64();
+                Ok(vec![("ops_per_s", *n as f64 / s), ("seconds", s)])
             }
             Job::SeqRead { path, want } => {
                 let mut buf = vec![0u8; 1 << 20];
@@ -215,6 +234,7 @@ mod tests {
             Job::StatStorm { list: "/s/list".into(), passes: 5 },
             Job::SeqWrite { path: "/m/w".into(), blocks: 2048 },
             Job::SeqRead { path: "/m/r".into(), want: 1 << 31 },
+            Job::CatStorm { path: "/m/c".into(), n: 10_000 },
         ] {
             assert_eq!(Job::parse(&job.args()).unwrap(), job);
         }
@@ -236,6 +256,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&w).unwrap().len(), 2 << 20);
         assert!(Job::SeqRead { path: w.clone(), want: 2 << 20 }.run().is_ok());
         assert!(Job::SeqRead { path: w, want: 1 << 20 }.run().is_err());
+        assert_eq!(Job::CatStorm { path: f.clone(), n: 3 }.run().unwrap()[0].0, "ops_per_s");
+        assert!(Job::CatStorm { path: dir.join("missing"), n: 1 }.run().is_err());
         let list = dir.join("list");
         write_list(&list, &[f.clone(), dir.join("missing")]).unwrap();
         assert!(Job::StatStorm { list, passes: 1 }.run().is_err());

@@ -634,16 +634,9 @@ pub fn parse_fio(text: &str) -> Result<Figures> {
 fn cat_storm(env: &mut RepEnv) -> Result<Figures> {
     let path = env.root.join(datasets::SMALL_FILE);
     let n = env.scale.cat_runs;
-    env.commands.push(format!("{n} x `cat {} > /dev/null` (a fresh process each)", path.display()));
-    let t = Instant::now();
-    for i in 0..n {
-        if i % 256 == 0 {
-            check_interrupt()?;
-        }
-        exec::run_quiet(env.command("cat").arg(&path), Duration::from_secs(10)).with_context(|| format!("cat #{i}"))?;
-    }
-    let s = t.elapsed().as_secs_f64();
-    Ok(figures(&[("ops_per_s", n as f64 / s), ("seconds", s)]))
+    env.commands
+        .push(format!("{n} x `cat {} > /dev/null` (a fresh process each, started by one process)", path.display()));
+    worker::run(env, &worker::Job::CatStorm { path, n: n.into() }, Duration::from_secs(1800))
 }
 
 fn open_loop(env: &mut RepEnv) -> Result<Figures> {

@@ -108,7 +108,10 @@ impl Client {
         if region.header().magic != MAGIC {
             return Err(broken("region without magic"));
         }
-        Ok(Client { sock: AtomicI32::new(sock.into_raw_fd()), region, welcome, dead: AtomicBool::new(false) })
+        // Out of the program's way: a program picks low numbers for its own
+        // redirections (`exec 3<&0`) and would close ours by them.
+        let fd = move_high(sock.into_raw_fd());
+        Ok(Client { sock: AtomicI32::new(fd), region, welcome, dead: AtomicBool::new(false) })
     }
 
     /// What the daemon said at connection.
@@ -306,6 +309,56 @@ impl Client {
                 unsafe { libc::sched_yield() };
             }
         }
+    }
+}
+
+/// Where the library's own descriptors go: high, below the soft limit on
+/// descriptors (64 under it, at least 64, at most 64 Ki).
+pub fn high_fd_floor() -> i32 {
+    // SAFETY: getrlimit fills a plain struct.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 { r.rlim_cur } else { 1024 };
+    (soft.min(65536) as i64 - 64).max(64) as i32
+}
+
+/// Moves descriptor `fd` to the lowest free number at or above
+/// [`high_fd_floor`] (close-on-exec); keeps it where it is if that fails.
+fn move_high(fd: i32) -> i32 {
+    // SAFETY: dup of our own descriptor; the old one is closed only on success.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high_fd_floor()) };
+    if high < 0 {
+        return fd;
+    }
+    // SAFETY: our own descriptor, now duplicated.
+    unsafe { libc::close(fd) };
+    high
+}
+
+impl Client {
+    /// Whether `fd` is this client's socket.
+    pub fn owns_fd(&self, fd: i32) -> bool {
+        fd >= 0 && self.sock.load(Ordering::Acquire) == fd
+    }
+
+    /// The program is about to put something on the socket's number (dup2):
+    /// the socket moves to another number first; the old one is the
+    /// program's to replace. False if it could not move.
+    pub fn relocate(&self) -> bool {
+        let old = self.sock.load(Ordering::Acquire);
+        if old < 0 {
+            return false;
+        }
+        // SAFETY: dup of our own descriptor to a free number.
+        let new = unsafe { libc::fcntl(old, libc::F_DUPFD_CLOEXEC, high_fd_floor()) };
+        if new < 0 {
+            return false;
+        }
+        if self.sock.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // SAFETY: the duplicate nobody took.
+            unsafe { libc::close(new) };
+            return false;
+        }
+        true
     }
 }
 

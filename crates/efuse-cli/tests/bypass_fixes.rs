@@ -540,3 +540,56 @@ int main(int argc, char **argv) {
         assert_served(&log);
     }
 }
+
+/// The library's own socket is out of the program's way: a program that
+/// puts its own files on that number (dup2), closes it, or closes every
+/// descriptor above 2 keeps being served, and its own dup2 works.
+#[test]
+fn programs_cannot_take_the_librarys_socket_away() {
+    let Some(m) = mounted("bypass-fixes-own-socket") else { return };
+    std::fs::write(m.mnt.join("f"), b"payload").unwrap();
+    let src = r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static int sock_fd(void) {
+    DIR *d = opendir("/proc/self/fd"); struct dirent *e; char p[64], l[64]; int found = -1;
+    while ((e = readdir(d))) {
+        snprintf(p, sizeof p, "/proc/self/fd/%s", e->d_name);
+        ssize_t n = readlink(p, l, sizeof l - 1);
+        if (n > 0) { l[n] = 0; if (!strncmp(l, "socket:", 7)) found = atoi(e->d_name); }
+    }
+    closedir(d);
+    return found;
+}
+static int check(const char *what) {
+    char b[16] = {0};
+    int fd = open("f", O_RDONLY);
+    if (fd < 0 || read(fd, b, sizeof b) != 7 || strcmp(b, "payload")) { printf("%s: bad read\n", what); return 1; }
+    close(fd);
+    return 0;
+}
+int main(void) {
+    if (check("first")) return 1;
+    int s = sock_fd();
+    if (s < 0) { printf("no socket\n"); return 2; }
+    int null = open("/dev/null", O_RDONLY);
+    if (dup2(null, s) != s) { printf("dup2 failed\n"); return 3; }
+    if (check("after dup2 onto it")) return 4;
+    if (close(s) != 0) { printf("close failed\n"); return 5; }
+    if (check("after close")) return 6;
+    closefrom(3);
+    if (check("after closefrom")) return 7;
+    printf("ok\n");
+    return 0;
+}
+"#;
+    let bin = cc(&m, "own_socket", src);
+    let (out, log) = efuse_run(&m, &m.mnt, &[&bin.to_string_lossy()]);
+    assert_eq!(out.stdout.trim(), "ok", "{out:?}\n{log}");
+    assert_eq!(log.matches(" -> fd ").count(), 4, "every open served through the bypass:\n{log}");
+}

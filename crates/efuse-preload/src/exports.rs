@@ -153,7 +153,32 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // The library's own socket is not the program's to close (it never got
+    // that number from an open of its own): it stays, the close succeeds.
+    if crate::mounts::is_library_fd(fd) {
+        return 0;
+    }
     fd_call!(fd, |_idx| serve::close(fd), real::close()(fd))
+}
+
+/// Runs `close(a, b)` over `first..=last` without closing the library's own
+/// sockets: over the stretches between them.
+fn around_library_fds(first: u32, last: u32, mut close: impl FnMut(u32, u32) -> c_int) -> c_int {
+    let mut from = first;
+    let mut r = 0;
+    for fd in crate::mounts::library_fds_in(first, last) {
+        if fd > from {
+            r = close(from, fd - 1);
+        }
+        match fd.checked_add(1) {
+            Some(n) => from = n,
+            None => return r,
+        }
+    }
+    if from <= last {
+        r = close(from, last);
+    }
+    r
 }
 
 /// A descriptor the kernel has just made (an open, a dup the library does
@@ -176,7 +201,8 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         return real::close_range()(first, last, flags);
     }
     let g = guard::enter();
-    let r = serve::close_range(first, last, || real::close_range()(first, last, flags));
+    let r =
+        serve::close_range(first, last, || around_library_fds(first, last, |a, b| real::close_range()(a, b, flags)));
     drop(g);
     r
 }
@@ -186,8 +212,14 @@ pub unsafe extern "C" fn closefrom(low: c_int) {
     let g = guard::enter();
     let first = low.max(0) as u32;
     serve::close_range(first, u32::MAX, || {
-        real::closefrom()(low);
-        0
+        around_library_fds(first, u32::MAX, |a, b| {
+            if b == u32::MAX {
+                real::closefrom()(a as c_int);
+                0
+            } else {
+                real::close_range()(a, b, 0)
+            }
+        })
     });
     drop(g);
 }
@@ -631,6 +663,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if old == new {
         return real::dup2()(old, new);
     }
+    crate::mounts::make_room(new);
     if stdio_fd(new) {
         // Both then share the kernel's open file, as dup2 promises.
         convert(old, "dup2 onto a standard descriptor (stdio uses it unseen)");
@@ -651,6 +684,7 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if old == new {
         return real::dup3()(old, new, flags);
     }
+    crate::mounts::make_room(new);
     if stdio_fd(new) {
         convert(old, "dup3 onto a standard descriptor (stdio uses it unseen)");
     }

@@ -195,6 +195,43 @@ pub fn stop_serving() {
     paths_changed();
 }
 
+/// Whether `fd` is one of the library's own sockets (a connection to a
+/// daemon).
+pub fn is_library_fd(fd: i32) -> bool {
+    discovered().is_some_and(|m| m.clients().any(|c| c.owns_fd(fd)))
+}
+
+/// The program wants number `fd` for itself (dup2, dup3): a socket of the
+/// library there moves away first.
+pub fn make_room(fd: i32) {
+    if let Some(m) = discovered() {
+        for c in m.clients().filter(|c| c.owns_fd(fd)) {
+            c.relocate();
+        }
+    }
+}
+
+/// The library's sockets in `first..=last`, sorted.
+pub fn library_fds_in(first: u32, last: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = discovered()
+        .map(|m| m.clients().map(|c| c.socket_fd()).filter(|fd| *fd >= 0).map(|fd| fd as u32).collect())
+        .unwrap_or_default();
+    v.retain(|fd| (first..=last).contains(fd));
+    v.sort_unstable();
+    v
+}
+
+impl Mounts {
+    /// The connections made so far.
+    fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.bypass.iter().flatten().filter_map(|b| {
+            let p = b.client.load(Ordering::Acquire);
+            // SAFETY: a published client is never freed (see `Bypass::client`).
+            (!p.is_null()).then(|| unsafe { &*p })
+        })
+    }
+}
+
 /// Mounts if they were already discovered (never discovers).
 pub fn discovered() -> Option<&'static Mounts> {
     MOUNTS.get()

@@ -195,6 +195,12 @@ fn walk_flags(t: &Target, follow: bool, keep: bool) -> u32 {
 
 /// Attributes of the node a path names (stat, lstat, access F_OK).
 pub fn attr_of(dirfd: c_int, path: &[u8], follow: bool) -> Option<Result<(Attr, u64), i32>> {
+    // Relative to a directory descriptor (find, rm -r, fts): the kernel's
+    // answer from its caches costs less than naming the directory through
+    // /proc to walk the table.
+    if path.first() != Some(&b'/') && dirfd != libc::AT_FDCWD {
+        return None;
+    }
     let t = resolve(dirfd, path)?;
     match ops::walk(t.client, &t.rest, walk_flags(&t, follow, false)) {
         Ok(Walked::Done(e)) => Some(Ok((e.attr, mounts::get().dev(t.mount)))),

@@ -54,6 +54,9 @@ pub(crate) struct Conn {
     pub creds: Creds,
     /// The uid SO_PEERCRED gave (what the per-user limit counts).
     pub peer_uid: u32,
+    /// Set by the accept thread, which watches every client's socket, when
+    /// this one hangs up (it also rings the doorbell).
+    pub hung: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A handle the client holds, by the daemon's number for it.
@@ -306,6 +309,7 @@ impl<F: Filesystem> Client<F> {
         let region = self.conn.region.clone();
         let n = region.slot_count();
         let h = region.header();
+        let mut hung_seen = false;
         loop {
             let seen = h.doorbell.load(Ordering::SeqCst);
             let mut any = false;
@@ -326,6 +330,15 @@ impl<F: Filesystem> Client<F> {
             }
             if self.shared.stop.load(Ordering::Acquire) {
                 return;
+            }
+            // Gone (the accept thread saw the hang-up): once a scan after
+            // that finds nothing left to serve, leave.
+            if self.conn.hung.load(Ordering::Acquire) {
+                if hung_seen {
+                    return;
+                }
+                hung_seen = true;
+                continue;
             }
             // Idle: poll the doorbell a short while. Mostly a plain spin (a
             // client on the other CPU gets its answer within a cache-line
@@ -360,6 +373,9 @@ impl<F: Filesystem> Client<F> {
 
     /// Has the client closed its socket (exited)?
     fn hung_up(&self) -> bool {
+        if self.conn.hung.load(Ordering::Acquire) {
+            return true;
+        }
         let mut p = libc::pollfd { fd: self.conn.sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
         // SAFETY: one pollfd, no wait.
         let n = unsafe { libc::poll(&mut p, 1, 0) };

@@ -242,10 +242,14 @@ fn accept_loop<F: Filesystem>(
     }
     let mut clients: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
+    // Connected clients, watched for hang-ups: a second descriptor of each
+    // socket, the flag its serving thread reads, and its doorbell to ring.
+    let mut watched: Vec<(OwnedFd, Arc<AtomicBool>, Arc<efuse_bypass::Region>)> = Vec::new();
     while !shared.stop.load(Ordering::Acquire) {
-        let mut fds = Vec::with_capacity(1 + pending.len());
+        let mut fds = Vec::with_capacity(1 + pending.len() + watched.len());
         fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         fds.extend(pending.iter().map(|p| libc::pollfd { fd: p.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+        fds.extend(watched.iter().map(|w| libc::pollfd { fd: w.0.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 }));
         let wait = pending
             .iter()
             .map(|p| HELLO_TIMEOUT.saturating_sub(p.since.elapsed()).as_millis() as i32 + 1)
@@ -259,7 +263,18 @@ fn accept_loop<F: Filesystem>(
         }
         // Hellos (or hang-ups) of pending connections; done ones leave the
         // list (from the end, so that the indices still to visit stay put).
-        let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
+        // A client gone: its serving thread learns it now, not at its next
+        // idle timeout, and leaves (its place counts against the limits).
+        let gone: Vec<bool> = fds[1 + pending.len()..].iter().map(|f| f.revents != 0).collect();
+        for k in (0..watched.len()).rev() {
+            if gone[k] {
+                let (_, hung, region) = watched.swap_remove(k);
+                hung.store(true, Ordering::Release);
+                region.header().doorbell.fetch_add(1, Ordering::SeqCst);
+                efuse_bypass::futex_wake(&region.header().doorbell, 1);
+            }
+        }
+        let ready: Vec<bool> = fds[1..1 + pending.len()].iter().map(|f| f.revents != 0).collect();
         let mut done: Vec<Pending> = Vec::new();
         for k in (0..pending.len()).rev() {
             let p = &mut pending[k];
@@ -300,6 +315,13 @@ fn accept_loop<F: Filesystem>(
             let (cred, hello) = (p.cred, p.hello);
             match handshake(&session, p.sock, cred, &hello, dev, &shared) {
                 Ok(Some(c)) => {
+                    // SAFETY: dup of the client's live socket; checked below.
+                    let second = unsafe { libc::fcntl(c.sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                    if second >= 0 {
+                        // SAFETY: a fresh descriptor we own.
+                        let second = unsafe { OwnedFd::from_raw_fd(second) };
+                        watched.push((second, c.hung.clone(), c.region.clone()));
+                    }
                     let shared2 = shared.clone();
                     let session2 = session.clone();
                     // Counted by the connecting process's uid (SO_PEERCRED).
@@ -436,7 +458,13 @@ fn handshake<F: Filesystem>(
     efuse_bypass::client::send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd()))?;
     drop(memfd);
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
-    Ok(Some(client::Conn { sock, region: Arc::new(region), creds, peer_uid: cred.uid }))
+    Ok(Some(client::Conn {
+        sock,
+        region: Arc::new(region),
+        creds,
+        peer_uid: cred.uid,
+        hung: Arc::new(AtomicBool::new(false)),
+    }))
 }
 
 fn peer_cred(fd: i32) -> io::Result<libc::ucred> {
