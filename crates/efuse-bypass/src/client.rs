@@ -581,7 +581,13 @@ mod tests {
         let conn = server.join().expect("server");
         assert_eq!(c.region.header().claimed.load(Ordering::Acquire), 0);
         drop(conn);
-        // The daemon is gone: a call fails instead of waiting forever.
+        // The daemon is gone: a call fails instead of waiting forever. (A
+        // child another test forks meanwhile may hold a copy of the daemon's
+        // end for a moment: wait for it to go.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!c.alive());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -489,11 +489,10 @@ pub struct Publisher {
 type Held = (u64, Box<[u8]>, u64);
 
 impl Publisher {
-    /// A publisher for `table`, which it starts by emptying.
+    /// A publisher for `table`, which must be empty (all zeros, as a new
+    /// region is: the region's pages are then touched only as the table
+    /// fills, which keeps a short-lived client cheap).
     pub fn new(table: Table) -> Publisher {
-        for i in 0..table.len() {
-            table.clear(i);
-        }
         let n = table.len() as usize;
         let buckets = table.buckets() as usize;
         Publisher {
