@@ -391,16 +391,23 @@ fn broken(what: &str) -> io::Error {
 }
 
 fn peer_uid(fd: i32) -> io::Result<u32> {
+    peer_cred(fd).map(|c| c.uid)
+}
+
+/// The credentials of the process at the other end of Unix socket `fd`
+/// (SO_PEERCRED: as they were when it connected).
+pub fn peer_cred(fd: i32) -> io::Result<libc::ucred> {
     // SAFETY: ucred is plain data; getsockopt fills at most its size.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above, on a socket of the caller's.
     let rc = unsafe {
         libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 fn write_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
@@ -421,7 +428,7 @@ fn write_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
 
 /// Receives exactly `buf.len()` bytes, and the descriptor that came with
 /// the first of them if any.
-fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+pub fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
     let mut got = 0;
     let mut passed = None;
     while got < buf.len() {

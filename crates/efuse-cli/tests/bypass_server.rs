@@ -553,25 +553,10 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
     let hello = efuse_bypass::Hello { magic: efuse_bypass::MAGIC, version: efuse_bypass::VERSION, flags: 0 };
     efuse_bypass::client::send_with_fd(fd, hello.as_bytes(), None).expect("hello");
     let mut buf = [0u8; std::mem::size_of::<efuse_bypass::Welcome>()];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: msghdr is plain data; recvmsg into our buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: as above.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL) };
-    assert_eq!(n as usize, buf.len());
-    // SAFETY: the first control message carries the region's descriptor.
-    let memfd = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        assert!(!c.is_null(), "welcome without a descriptor");
-        (libc::CMSG_DATA(c) as *const i32).read_unaligned()
-    };
+    let memfd =
+        efuse_bypass::client::recv_with_fd(fd, &mut buf).expect("welcome").expect("welcome without a descriptor");
     let w = efuse_bypass::Welcome::read_from_bytes(&buf).unwrap();
-    let region = efuse_bypass::Region::map(memfd, w.slot_count, w.slot_size, w.table_buckets).expect("map");
+    let region = efuse_bypass::Region::map(memfd.as_raw_fd(), w.slot_count, w.slot_size, w.table_buckets).expect("map");
     let len = efuse_bypass::region_len(w.slot_count, w.slot_size, w.table_buckets);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rounds = 0;
@@ -600,8 +585,7 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
         rounds += 1;
         std::thread::yield_now();
     }
-    // SAFETY: the descriptor came with the welcome and is ours.
-    unsafe { libc::close(memfd) };
+    drop(memfd);
     rounds
 }
 

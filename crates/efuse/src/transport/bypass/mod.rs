@@ -366,7 +366,7 @@ fn accept_loop<F: Filesystem>(
             }
             // SAFETY: a fresh descriptor we own.
             let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-            let Ok(cred) = peer_cred(fd) else { continue };
+            let Ok(cred) = efuse_bypass::client::peer_cred(fd) else { continue };
             let mine = pending.iter().filter(|p| p.cred.uid == cred.uid).count();
             if mine >= PENDING_PER_UID || pending.len() >= MAX_PENDING {
                 tracing::info!(pid = cred.pid, uid = cred.uid, "bypass: too many connections without a Hello; dropped");
@@ -465,18 +465,4 @@ fn handshake<F: Filesystem>(
         peer_uid: cred.uid,
         hung: Arc::new(AtomicBool::new(false)),
     }))
-}
-
-fn peer_cred(fd: i32) -> io::Result<libc::ucred> {
-    // SAFETY: ucred is plain data; getsockopt fills at most its size.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: as above, on our socket.
-    let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred)
 }
