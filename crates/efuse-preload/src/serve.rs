@@ -561,38 +561,9 @@ unsafe fn iovecs<'a>(iov: *const libc::iovec, cnt: c_int) -> Option<&'a [libc::i
 /// # Safety
 /// The iovecs describe writable memory of the caller.
 pub unsafe fn readv(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i64>) -> isize {
-    let f = files::file(idx);
-    if acc(f) == libc::O_WRONLY {
-        return fail(libc::EBADF).unwrap_or(-1);
-    }
-    let Some(iov) = iovecs(iov, cnt) else { return fail(libc::EINVAL).unwrap_or(-1) };
-    if at.is_some_and(|a| a < 0) {
-        return fail(libc::EINVAL).unwrap_or(-1);
-    }
-    let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) };
-    let _lock = at.is_none().then(|| f.lock_offset());
-    let start = at.map_or_else(|| f.offset.load(Ordering::Acquire), |a| a as u64);
-    let mut total = 0usize;
-    for v in iov {
-        if v.iov_len == 0 {
-            continue;
-        }
-        let buf = std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len);
-        match read_at(c, f, start + total as u64, buf) {
-            Ok(n) => {
-                total += n;
-                if n < buf.len() {
-                    break;
-                }
-            }
-            Err(e) if total == 0 => return fail(e).unwrap_or(-1),
-            Err(_) => break,
-        }
-    }
-    if at.is_none() {
-        f.offset.store(start + total as u64, Ordering::Release);
-    }
-    total as isize
+    transfer(idx, iov, cnt, at, libc::O_WRONLY, |c, f, off, v| {
+        read_at(c, f, off, std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len))
+    })
 }
 
 /// write/pwrite/writev/pwritev on a served descriptor.
@@ -600,8 +571,27 @@ pub unsafe fn readv(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i6
 /// # Safety
 /// The iovecs describe readable memory of the caller.
 pub unsafe fn writev(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i64>) -> isize {
+    transfer(idx, iov, cnt, at, libc::O_RDONLY, |c, f, off, v| {
+        write_at(c, f, off, std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len))
+    })
+}
+
+/// The common part of readv and writev: the checks, the offset (locked and
+/// moved when `at` is None), and `one` over each iovec in turn until one
+/// comes up short. `refused`: the access mode that may not do this.
+///
+/// # Safety
+/// The iovecs describe memory `one` may use.
+unsafe fn transfer(
+    idx: u32,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    at: Option<i64>,
+    refused: c_int,
+    mut one: impl FnMut(&Client, &OpenFile, u64, &libc::iovec) -> Result<usize, i32>,
+) -> isize {
     let f = files::file(idx);
-    if acc(f) == libc::O_RDONLY {
+    if acc(f) == refused {
         return fail(libc::EBADF).unwrap_or(-1);
     }
     let Some(iov) = iovecs(iov, cnt) else { return fail(libc::EINVAL).unwrap_or(-1) };
@@ -616,11 +606,10 @@ pub unsafe fn writev(idx: u32, iov: *const libc::iovec, cnt: c_int, at: Option<i
         if v.iov_len == 0 {
             continue;
         }
-        let buf = std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len);
-        match write_at(c, f, start + total as u64, buf) {
+        match one(c, f, start + total as u64, v) {
             Ok(n) => {
                 total += n;
-                if n < buf.len() {
+                if n < v.iov_len {
                     break;
                 }
             }
