@@ -511,8 +511,55 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
-    /// A stand-in daemon: answers the handshake, then serves requests of
-    /// one slot by echoing their arguments back, until told to stop.
+    /// The stand-in daemon's handshake: accepts one client, reads its Hello
+    /// and welcomes it with a region of 4 slots (device 42).
+    fn welcome_one(listener: &UnixListener) -> (std::os::unix::net::UnixStream, Region) {
+        let (conn, _) = listener.accept().expect("accept");
+        let fd = conn.as_raw_fd();
+        let mut hello = [0u8; std::mem::size_of::<Hello>()];
+        // SAFETY: reads into our buffer.
+        let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
+        assert_eq!(n as usize, hello.len());
+        let (memfd, region) = Region::create(4, 8192, 0).expect("region");
+        let w = Welcome {
+            magic: MAGIC,
+            version: VERSION,
+            error: 0,
+            dev: 42,
+            slot_count: 4,
+            slot_size: 8192,
+            max_io: 4096,
+            flags: 0,
+            table_buckets: 0,
+            _pad: 0,
+        };
+        send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
+        (conn, region)
+    }
+
+    /// Serves slot `i` of the stand-in daemon if it holds a request: its
+    /// arguments echoed back, or for a posted request the slot freed.
+    /// Some((posted, arguments)) when it served one.
+    fn echo_slot(region: &Region, i: u32, buf: &mut Vec<u8>) -> Option<(bool, Vec<u8>)> {
+        let sh = region.slot(i);
+        sh.state.compare_exchange(state::REQUEST, state::SERVING, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        let len = sh.len.load(Ordering::Relaxed) as usize;
+        region.copy_out(i, len, buf).expect("copy");
+        let args = buf[std::mem::size_of::<InHeader>()..].to_vec();
+        if sh.flags.load(Ordering::Relaxed) & crate::slot_flags::NO_REPLY != 0 {
+            sh.state.store(state::FREE, Ordering::Release);
+            region.header().claimed.fetch_and(!(1u64 << i), Ordering::Release);
+            return Some((true, args));
+        }
+        let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
+        let n = region.write_parts(i, &[out.as_bytes(), &args]).expect("fits");
+        sh.len.store(n as u32, Ordering::Relaxed);
+        sh.state.store(state::REPLY, Ordering::Release);
+        futex_wake(&sh.state, 1);
+        Some((false, args))
+    }
+
+    /// A stand-in daemon serves three calls and a posted request.
     #[test]
     fn a_call_goes_through_a_slot_and_comes_back() {
         let dir = std::env::temp_dir().join(format!("efuse-bypass-test-{}", std::process::id()));
@@ -521,53 +568,17 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).expect("bind");
         let server = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().expect("accept");
-            let mut hello = [0u8; std::mem::size_of::<Hello>()];
-            let fd = conn.as_raw_fd();
-            // SAFETY: reads into our buffer.
-            let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
-            assert_eq!(n as usize, hello.len());
-            let (memfd, region) = Region::create(4, 8192, 0).expect("region");
-            let w = Welcome {
-                magic: MAGIC,
-                version: VERSION,
-                error: 0,
-                dev: 42,
-                slot_count: 4,
-                slot_size: 8192,
-                max_io: 4096,
-                flags: 0,
-                table_buckets: 0,
-                _pad: 0,
-            };
-            send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
+            let (conn, region) = welcome_one(&listener);
             let mut served = 0;
             let mut buf = Vec::new();
             while served < 4 {
                 let mut any = false;
                 for i in 0..region.slot_count() {
-                    let sh = region.slot(i);
-                    if sh
-                        .state
-                        .compare_exchange(state::REQUEST, state::SERVING, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        any = true;
-                        let len = sh.len.load(Ordering::Relaxed) as usize;
-                        region.copy_out(i, len, &mut buf).expect("copy");
-                        let args = &buf[std::mem::size_of::<InHeader>()..];
-                        if sh.flags.load(Ordering::Relaxed) & crate::slot_flags::NO_REPLY != 0 {
+                    if let Some((posted, args)) = echo_slot(&region, i, &mut buf) {
+                        if posted {
                             assert_eq!(args, b"posted");
-                            sh.state.store(state::FREE, Ordering::Release);
-                            region.header().claimed.fetch_and(!(1u64 << i), Ordering::Release);
-                            served += 1;
-                            continue;
                         }
-                        let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
-                        let n = region.write_parts(i, &[out.as_bytes(), args]).expect("fits");
-                        sh.len.store(n as u32, Ordering::Relaxed);
-                        sh.state.store(state::REPLY, Ordering::Release);
-                        futex_wake(&sh.state, 1);
+                        any = true;
                         served += 1;
                     }
                 }
@@ -603,44 +614,13 @@ mod tests {
     /// echoed back until the client's socket closes (all its holders gone).
     fn echo_server(listener: UnixListener) -> std::thread::JoinHandle<usize> {
         std::thread::spawn(move || {
-            let (conn, _) = listener.accept().expect("accept");
+            let (conn, region) = welcome_one(&listener);
             let fd = conn.as_raw_fd();
-            let mut hello = [0u8; std::mem::size_of::<Hello>()];
-            // SAFETY: reads into our buffer.
-            let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
-            assert_eq!(n as usize, hello.len());
-            let (memfd, region) = Region::create(4, 8192, 0).expect("region");
-            let w = Welcome {
-                magic: MAGIC,
-                version: VERSION,
-                error: 0,
-                dev: 42,
-                slot_count: 4,
-                slot_size: 8192,
-                max_io: 4096,
-                flags: 0,
-                table_buckets: 0,
-                _pad: 0,
-            };
-            send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd())).expect("welcome");
             let mut served = 0;
             let mut buf = Vec::new();
             loop {
                 for i in 0..region.slot_count() {
-                    let sh = region.slot(i);
-                    if sh
-                        .state
-                        .compare_exchange(state::REQUEST, state::SERVING, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        let len = sh.len.load(Ordering::Relaxed) as usize;
-                        region.copy_out(i, len, &mut buf).expect("copy");
-                        let args = &buf[std::mem::size_of::<InHeader>()..];
-                        let out = OutHeader { len: (16 + args.len()) as u32, error: 0, unique: 0 };
-                        let n = region.write_parts(i, &[out.as_bytes(), args]).expect("fits");
-                        sh.len.store(n as u32, Ordering::Relaxed);
-                        sh.state.store(state::REPLY, Ordering::Release);
-                        futex_wake(&sh.state, 1);
+                    if echo_slot(&region, i, &mut buf).is_some() {
                         served += 1;
                     }
                 }

@@ -336,7 +336,7 @@ mod tests {
         Attr { ino, size, mode: 0o100644, nlink: 1, blksize: 4096, ..Default::default() }
     }
 
-    fn published(parent: u64, nodeid: u64, size: u64) -> Published {
+    pub(super) fn published(parent: u64, nodeid: u64, size: u64) -> Published {
         Published {
             seq: 0,
             parent,
@@ -655,19 +655,8 @@ impl Publisher {
 
 #[cfg(test)]
 mod publisher_tests {
+    use super::tests::published as p;
     use super::*;
-
-    fn p(parent: u64, nodeid: u64, size: u64) -> Published {
-        Published {
-            seq: 0,
-            parent,
-            nodeid,
-            generation: 0,
-            entry_expires: u64::MAX,
-            attr_expires: u64::MAX,
-            attr: Attr { ino: nodeid, size, mode: 0o100644, ..Default::default() },
-        }
-    }
 
     fn setup(buckets: u32) -> (Vec<u64>, Publisher) {
         let mut m = vec![0u64; table_len(buckets) / 8];

@@ -491,32 +491,27 @@ fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, 
     if let Some(n) = crate::prefetch::read(c, files::index_of(f), node, fh, off, buf) {
         return Ok(n);
     }
-    let chunk = io_limit(c, 16);
-    let mut done = 0;
-    while done < buf.len() {
-        let want = (buf.len() - done).min(chunk);
-        match ops::read(c, node, fh, off + done as u64, &mut buf[done..done + want], flags) {
-            Ok(n) => {
-                done += n;
-                if n < want {
-                    break;
-                }
-            }
-            Err(e) if done == 0 => return Err(errno_of(e)),
-            Err(_) => break,
-        }
-    }
-    Ok(done)
+    in_chunks(buf.len(), io_limit(c, 16), |at, want| {
+        ops::read(c, node, fh, off + at as u64, &mut buf[at..at + want], flags)
+    })
 }
 
 fn write_at(c: &Client, f: &OpenFile, off: u64, data: &[u8]) -> Result<usize, i32> {
     let (node, fh, flags) =
         (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
-    let chunk = io_limit(c, 80);
+    in_chunks(data.len(), io_limit(c, 80), |at, want| {
+        ops::write(c, node, fh, off + at as u64, &data[at..at + want], flags)
+    })
+}
+
+/// Moves `len` bytes in requests of at most `chunk`: `one(at, want)` moves
+/// `want` bytes from `at` and says how many it did. Stops at the first short
+/// one; an error after some bytes ends with what was done.
+fn in_chunks(len: usize, chunk: usize, mut one: impl FnMut(usize, usize) -> ops::R<usize>) -> Result<usize, i32> {
     let mut done = 0;
-    while done < data.len() {
-        let want = (data.len() - done).min(chunk);
-        match ops::write(c, node, fh, off + done as u64, &data[done..done + want], flags) {
+    while done < len {
+        let want = (len - done).min(chunk);
+        match one(done, want) {
             Ok(n) => {
                 done += n;
                 if n < want {
