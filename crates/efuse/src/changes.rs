@@ -55,6 +55,9 @@ pub struct Changes {
     /// each open). Counted whether or not anyone listens, since a listener
     /// that comes later must know of opens made before it.
     unseen: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Whether `unseen` holds anything: a RELEASE looks no further when not
+    /// (every kernel RELEASE passes here).
+    any_unseen: AtomicBool,
 }
 
 impl std::fmt::Debug for Changes {
@@ -101,10 +104,15 @@ impl Changes {
     }
 
     fn opened_unseen(&self, nodeid: u64, fh: u64) {
-        self.unseen.lock().unwrap_or_else(|e| e.into_inner()).entry(nodeid).or_default().push(fh);
+        let mut m = self.unseen.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(nodeid).or_default().push(fh);
+        self.any_unseen.store(true, Ordering::Release);
     }
 
     fn released(&self, nodeid: u64, fh: u64) {
+        if !self.any_unseen.load(Ordering::Acquire) {
+            return;
+        }
         let mut m = self.unseen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = m.get_mut(&nodeid) {
             if let Some(at) = v.iter().position(|&x| x == fh) {
@@ -114,6 +122,7 @@ impl Changes {
                 m.remove(&nodeid);
             }
         }
+        self.any_unseen.store(!m.is_empty(), Ordering::Release);
     }
 }
 
@@ -174,9 +183,7 @@ pub(crate) fn watch(
         _ => None,
     };
     if let Operation::Release { arg } = op {
-        if changes.unseen_writers(nodeid) > 0 {
-            changes.released(nodeid, arg.fh);
-        }
+        changes.released(nodeid, arg.fh);
         return None;
     }
     let told = if changes.listening() { of_request(nodeid, op) } else { Vec::new() };
@@ -209,14 +216,19 @@ impl Telling {
         if reply.error != 0 {
             return None;
         }
-        let mut bytes = Vec::new();
-        for p in reply.payload {
-            bytes.extend_from_slice(p);
-        }
+        // Replies come in one slice; gather only if one did not.
+        let gathered: Vec<u8>;
+        let bytes: &[u8] = match reply.payload {
+            [one] => one,
+            many => {
+                gathered = many.iter().flat_map(|p| p.iter().copied()).collect();
+                &gathered
+            }
+        };
         let (nodeid, open) = match w {
-            WriterOpen::Open(n) => (*n, abi::OpenOut::read_from_prefix(&bytes).ok()?.0),
+            WriterOpen::Open(n) => (*n, abi::OpenOut::read_from_prefix(bytes).ok()?.0),
             WriterOpen::Create => {
-                let (entry, rest) = abi::EntryOut::read_from_prefix(&bytes).ok()?;
+                let (entry, rest) = abi::EntryOut::read_from_prefix(bytes).ok()?;
                 (entry.nodeid, abi::OpenOut::read_from_prefix(rest).ok()?.0)
             }
         };
