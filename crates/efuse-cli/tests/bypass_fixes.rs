@@ -29,7 +29,9 @@ fn mounted_for_all(test: &str) -> Option<Mounted> {
     Some(Mounted::with(Fs::Memfs, test, MountSpec::default().arg("-o").arg("allow_other"), |_| {}))
 }
 
-/// `efuse run -- argv` in `cwd`; its output and the library's log.
+/// `efuse run -- argv` in `cwd`; its output and the library's log. Every
+/// process connects at its first call on the mount (EFUSE_BYPASS_AFTER=0):
+/// these short programs check what served descriptors do.
 fn efuse_run(m: &Mounted, cwd: &Path, argv: &[&str]) -> (Output, String) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -40,6 +42,7 @@ fn efuse_run(m: &Mounted, cwd: &Path, argv: &[&str]) -> (Output, String) {
         .args(argv)
         .cwd(cwd)
         .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+        .env("EFUSE_BYPASS_AFTER", "0")
         .run();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     (out, text)

@@ -260,6 +260,67 @@ signal.setitimer(signal.ITIMER_REAL, 0)
 print(total, h.hexdigest(), "bad reads in the handler", hits[1], "handler ran", hits[0] > 0)
 "#;
 
+/// Kept handles (the library keeps a read-only handle after its last close
+/// and reuses it for the next open of the unchanged file): repeated opens,
+/// a change in between, two opens at once, a forked child closing the
+/// descriptor last, the program closing or dup2-ing onto every number
+/// (the kept descriptors among them), and an exec.
+const KEPT: &str = r#"
+import os, sys
+with open("k", "w") as f:
+    f.write("first version\n")
+def whole(p):
+    fd = os.open(p, os.O_RDONLY)
+    st = os.fstat(fd)
+    b = os.read(fd, 65536)
+    os.close(fd)
+    return st.st_size, b
+def thrice(what):
+    print(what, [whole("k") for _ in range(3)])
+for i in range(50):
+    assert whole("k") == (14, b"first version\n"), i
+with open("k", "a") as f:
+    f.write("more\n")
+thrice("appended here")
+os.truncate("k", 5)
+thrice("truncated here")
+os.system("printf other > k")
+thrice("rewritten by a child")
+os.system("EFUSE_BYPASS=off sh -c 'printf kernel >> k'")
+thrice("appended through the kernel")
+a = os.open("k", os.O_RDONLY)
+b = os.open("k", os.O_RDONLY)
+print(os.read(a, 2), os.read(b, 100), os.read(a, 100))
+os.close(a)
+os.close(b)
+fd = os.open("k", os.O_RDONLY)
+pid = os.fork()
+if pid == 0:
+    print("child", os.read(fd, 3), whole("k"), flush=True)
+    os.close(fd)
+    os._exit(0)
+os.close(fd)
+os.waitpid(pid, 0)
+for i in range(20):
+    whole("k")
+print("parent", whole("k"))
+os.closerange(3, 65536)
+print("after closerange", whole("k"), whole("k"))
+whole("k")
+for n in range(3, 1024):
+    try:
+        os.dup2(2, n)
+        os.close(n)
+    except OSError:
+        pass
+print("after dup2 everywhere", whole("k"), whole("k"))
+sys.stdout.flush()
+os.system("cat k; echo")
+with open("k", "w") as f:
+    f.write("rewritten")
+print("rewritten", whole("k"))
+"#;
+
 /// Runs `script` (python3, or bash when `bash`) under `efuse run` in the
 /// mount and in the ext4 reference directory; outputs must be the same, the
 /// mount's log must show served opens and every string of `want_log`.
@@ -279,6 +340,7 @@ fn compare(test: &str, fs_kind: Fs, script: &str, bash: bool, want_log: &[&str])
             .arg(&file)
             .cwd(&dir)
             .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+            .env("EFUSE_BYPASS_AFTER", "0")
             .env("LC_ALL", "C")
             .timeout(Duration::from_secs(120))
             .run();
@@ -326,6 +388,7 @@ cases! {
     holes_seek_data_and_hole: HOLES, false, &[];
     large_and_unaligned_io: SIZES, false, &[];
     signal_handlers_read_while_reads_are_interrupted: SIGNALS, false, &[];
+    kept_handles_across_opens: KEPT, false, &["kept handle"];
 }
 
 /// The same shell steps with every program a busybox applet when `B` is
@@ -400,7 +463,12 @@ fn falls_back(test: &str, fs_kind: Fs, static_busybox: bool) {
     let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains(" -> fd "), "{test}: opens were served:\n{text}");
     // What the kernel mount was given, a bypassed process reads back.
-    let out = Cmd::new(efuse_bin()).args(["run", "--", "cat", "a"]).cwd(&m.mnt).run().expect_ok();
+    let out = Cmd::new(efuse_bin())
+        .args(["run", "--", "cat", "a"])
+        .cwd(&m.mnt)
+        .env("EFUSE_BYPASS_AFTER", "0")
+        .run()
+        .expect_ok();
     assert_eq!(out.stdout, "hello\nworld\nmore\n", "{test}: bypassed read after the kernel's writes");
     assert!(m.bypass_requests().unwrap_or(0) > after, "{test}: the bypassed cat was not served");
 }
@@ -423,4 +491,45 @@ fn memfs_static_busybox_uses_the_kernel_mount() {
 #[test]
 fn stackfs_static_busybox_uses_the_kernel_mount() {
     falls_back("stackfs_static_busybox_uses_the_kernel_mount", Fs::Stackfs, true);
+}
+
+/// What the bypass saves, counted by the daemon: 200 open/fstat/read/close
+/// of one unchanged file in one process cost a handful of requests (the
+/// library keeps the handle, and the bytes where the file system keeps
+/// pages across opens); a process that makes fewer path calls on the mount
+/// than EFUSE_BYPASS_AFTER (default 8) stays on the kernel mount, and one
+/// that makes more connects.
+fn requests_counted(test: &str, fs_kind: Fs) {
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::new(fs_kind, test);
+    fs::write(m.mnt.join("f"), "0123456789").expect("write f");
+    let run = |after: Option<&str>, script: &str| -> u64 {
+        let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+        let mut c = Cmd::new(efuse_bin()).args(["run", "--", "python3", "-I", "-c", script]).cwd(&m.mnt);
+        if let Some(a) = after {
+            c = c.env("EFUSE_BYPASS_AFTER", a);
+        }
+        c.timeout(Duration::from_secs(60)).run().expect_ok();
+        m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}")) - before
+    };
+    let many = "import os\nfor i in range(200):\n    fd = os.open('f', os.O_RDONLY)\n    \
+                assert os.fstat(fd).st_size == 10\n    assert os.read(fd, 100) == b'0123456789'\n    os.close(fd)\n";
+    let n = run(None, many);
+    assert!(n > 0 && n < 40, "{test}: 200 open/fstat/read/close of an unchanged file cost {n} bypass requests");
+    let short = "import os\nfor i in range(3):\n    os.stat('f')\nassert open('f').read() == '0123456789'\n";
+    assert_eq!(run(None, short), 0, "{test}: a process of a few calls was served (EFUSE_BYPASS_AFTER default)");
+    assert!(run(Some("2"), short) > 0, "{test}: EFUSE_BYPASS_AFTER=2: the process was not served");
+    assert!(run(Some("0"), short) > 0, "{test}: EFUSE_BYPASS_AFTER=0: the process was not served");
+}
+
+#[test]
+fn memfs_requests_counted() {
+    requests_counted("memfs_requests_counted", Fs::Memfs);
+}
+
+#[test]
+fn stackfs_requests_counted() {
+    requests_counted("stackfs_requests_counted", Fs::Stackfs);
 }

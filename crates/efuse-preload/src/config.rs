@@ -1,13 +1,21 @@
 //! The library's settings, read from the environment once at load (the
 //! only work done at load): EFUSE_BYPASS, EFUSE_BYPASS_LOG,
-//! EFUSE_BYPASS_MOUNTS, and the values exec must hand on to new programs.
+//! EFUSE_BYPASS_MOUNTS, EFUSE_BYPASS_AFTER, and the values exec must hand on to new programs.
 
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
 /// The variables a new program needs to keep the library: re-injected by
 /// the exec family when a program drops them.
-pub const KEPT_VARS: [&str; 4] = ["LD_PRELOAD", "EFUSE_BYPASS", "EFUSE_BYPASS_LOG", "EFUSE_BYPASS_MOUNTS"];
+pub const KEPT_VARS: [&str; 5] =
+    ["LD_PRELOAD", "EFUSE_BYPASS", "EFUSE_BYPASS_LOG", "EFUSE_BYPASS_MOUNTS", "EFUSE_BYPASS_AFTER"];
+
+/// Default of EFUSE_BYPASS_AFTER: a process connects to a mount's daemon at
+/// its ninth path call on the mount. Connecting costs about what five
+/// round trips through the kernel cost (socket, handshake, the daemon's
+/// new region and thread); a process that does less on the mount, such as
+/// one `cat`, is faster through the kernel.
+pub const DEFAULT_AFTER: u32 = 8;
 
 pub struct Config {
     /// EFUSE_BYPASS=off: the library does nothing at all.
@@ -16,6 +24,9 @@ pub struct Config {
     pub log: Option<Vec<u8>>,
     /// EFUSE_BYPASS_MOUNTS: the only mount points to bypass (None: all).
     pub mounts: Option<Vec<Vec<u8>>>,
+    /// EFUSE_BYPASS_AFTER: path calls on a mount that go through the kernel
+    /// before the process connects to its daemon (0: connect at the first).
+    pub after: u32,
     /// "NAME=value" of each of [`KEPT_VARS`] set at load.
     pub kept: Vec<Vec<u8>>,
     /// This library's file, for LD_PRELOAD in new programs.
@@ -54,6 +65,9 @@ fn load() -> Config {
     let mounts = var(c"EFUSE_BYPASS_MOUNTS").map(|v| {
         v.split(|b| *b == b':').filter(|s| !s.is_empty()).map(|s| crate::paths::trim_slashes(s).to_vec()).collect()
     });
+    let after = var(c"EFUSE_BYPASS_AFTER")
+        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
+        .unwrap_or(DEFAULT_AFTER);
     let mut kept = Vec::new();
     for name in KEPT_VARS {
         let mut c = name.as_bytes().to_vec();
@@ -66,7 +80,7 @@ fn load() -> Config {
             kept.push(kv);
         }
     }
-    Config { off, log, mounts, kept, library: own_path() }
+    Config { off, log, mounts, after, kept, library: own_path() }
 }
 
 /// The settings (read at load; read now if the loader has not run the

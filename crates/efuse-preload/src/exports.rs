@@ -1208,6 +1208,12 @@ unsafe fn before_exec(envp: *const *const c_char, all: bool) -> Option<Env> {
     let r = catch_unwind(AssertUnwindSafe(|| {
         if g.is_some() && crate::config::on() {
             serve::convert_all(all, "exec");
+            if !all && serve::owns_memory() {
+                // This process becomes another program (a spawn's parent
+                // goes on and keeps them; so does a vfork child's parent,
+                // whose memory the child shares).
+                crate::kept::release_all();
+            }
         }
         patched_env(envp)
     }))
@@ -1295,6 +1301,9 @@ fn credentials_changing() {
         let _ = catch_unwind(|| {
             if crate::config::on() {
                 serve::convert_all(true, "a credential change");
+                if serve::owns_memory() {
+                    crate::kept::release_all();
+                }
             }
         });
     }

@@ -37,6 +37,19 @@ pub struct OpenFile {
     /// The daemon's handle.
     pub fh: AtomicU64,
     pub offset: AtomicU64,
+    /// The flags it was opened with (`flags` changes with F_SETFL).
+    pub open_flags: AtomicU32,
+    /// The node's metadata-table entry and its sequence number when the
+    /// daemon checked the open (seq 0: not known).
+    pub entry: AtomicU32,
+    pub seq: AtomicU32,
+    /// The kept handle it uses (see `kept`), 0 none.
+    pub kept: AtomicU64,
+    /// Threads waiting for the offset lock (an unlock wakes only if any).
+    pub waiters: AtomicU32,
+    /// 1: the file system let the data be cached across opens
+    /// (FOPEN_KEEP_CACHE in the OPEN reply), as the kernel's page cache.
+    pub keep_cache: AtomicU32,
 }
 
 static TABLE: AtomicPtr<OpenFile> = AtomicPtr::new(std::ptr::null_mut());
@@ -100,7 +113,13 @@ pub fn alloc(mount: u32, nodeid: u64, fh: u64, flags: u32) -> Option<u32> {
             && f.refs.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
             f.lock.store(0, Ordering::Relaxed);
+            f.waiters.store(0, Ordering::Relaxed);
             f.flags.store(flags, Ordering::Relaxed);
+            f.open_flags.store(flags, Ordering::Relaxed);
+            f.entry.store(0, Ordering::Relaxed);
+            f.seq.store(0, Ordering::Relaxed);
+            f.kept.store(0, Ordering::Relaxed);
+            f.keep_cache.store(0, Ordering::Relaxed);
             f.mount.store(mount, Ordering::Relaxed);
             f.nodeid.store(nodeid, Ordering::Relaxed);
             f.fh.store(fh, Ordering::Relaxed);
@@ -143,6 +162,26 @@ pub struct Released {
     pub nodeid: u64,
     pub fh: u64,
     pub flags: u32,
+    pub open_flags: u32,
+    pub entry: u32,
+    pub seq: u32,
+    pub kept: u64,
+    pub keep_cache: bool,
+}
+
+/// The fields of open file `f` that outlive its last reference.
+pub fn released_of(f: &OpenFile) -> Released {
+    Released {
+        mount: f.mount.load(Ordering::Relaxed),
+        nodeid: f.nodeid.load(Ordering::Relaxed),
+        fh: f.fh.load(Ordering::Relaxed),
+        flags: f.flags.load(Ordering::Relaxed),
+        open_flags: f.open_flags.load(Ordering::Relaxed),
+        entry: f.entry.load(Ordering::Relaxed),
+        seq: f.seq.load(Ordering::Relaxed),
+        kept: f.kept.load(Ordering::Acquire),
+        keep_cache: f.keep_cache.load(Ordering::Relaxed) != 0,
+    }
 }
 
 /// Drops a reference; Some when it was the last one (the caller releases
@@ -150,12 +189,7 @@ pub struct Released {
 /// once refs is 0 the entry may be reused at once.
 pub fn drop_ref(idx: u32) -> Option<Released> {
     let f = file(idx);
-    let r = Released {
-        mount: f.mount.load(Ordering::Relaxed),
-        nodeid: f.nodeid.load(Ordering::Relaxed),
-        fh: f.fh.load(Ordering::Relaxed),
-        flags: f.flags.load(Ordering::Relaxed),
-    };
+    let r = released_of(f);
     (f.refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(r)
 }
 
@@ -184,8 +218,12 @@ pub struct OffsetLock<'a> {
 impl Drop for OffsetLock<'_> {
     fn drop(&mut self) {
         if self.owned {
-            self.f.lock.store(0, Ordering::Release);
-            efuse_bypass::futex_wake(&self.f.lock, i32::MAX);
+            // SeqCst against the waiter's count-then-wait: either this sees
+            // the waiter, or the waiter's futex_wait sees the lock changed.
+            self.f.lock.store(0, Ordering::SeqCst);
+            if self.f.waiters.load(Ordering::SeqCst) != 0 {
+                efuse_bypass::futex_wake(&self.f.lock, i32::MAX);
+            }
         }
     }
 }
@@ -217,7 +255,9 @@ impl OpenFile {
                 let _ = self.lock.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
                 continue;
             }
+            self.waiters.fetch_add(1, Ordering::SeqCst);
             efuse_bypass::futex_wait(&self.lock, cur, Some(std::time::Duration::from_millis(50)));
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -245,7 +285,19 @@ mod tests {
         assert_eq!(file(idx).offset.load(Ordering::Relaxed), 42);
         assert_eq!(unbind(1001), Some(idx));
         let r = drop_ref(idx).expect("last reference");
-        assert_eq!(r, Released { mount: 3, nodeid: 77, fh: 5, flags: libc::O_RDWR as u32 });
+        let rw = libc::O_RDWR as u32;
+        let want = Released {
+            mount: 3,
+            nodeid: 77,
+            fh: 5,
+            flags: rw,
+            open_flags: rw,
+            entry: 0,
+            seq: 0,
+            kept: 0,
+            keep_cache: false,
+        };
+        assert_eq!(r, want);
         assert_eq!(unbind(1001), None);
     }
 

@@ -34,11 +34,29 @@ pub fn enter() -> Option<Entered> {
     })
 }
 
-/// The calling thread's id (a system call: a cached value would be wrong
-/// in a forked child).
+thread_local! {
+    /// The thread's id once asked (0: not yet); a forked child forgets it
+    /// ([`forget_tid`]): its one thread has another id.
+    static TID: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The calling thread's id.
 pub fn tid() -> u32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+    TID.with(|t| match t.get() {
+        0 => {
+            // SAFETY: gettid has no preconditions.
+            let id = unsafe { libc::syscall(libc::SYS_gettid) as u32 };
+            t.set(id);
+            id
+        }
+        id => id,
+    })
+}
+
+/// In a forked child: the thread id cached by the parent's thread is not
+/// this thread's.
+pub fn forget_tid() {
+    TID.with(|t| t.set(0));
 }
 
 /// Sets the calling thread's errno.

@@ -27,6 +27,7 @@ mod env;
 mod exports;
 mod files;
 mod guard;
+mod kept;
 mod log;
 mod mountinfo;
 mod mounts;

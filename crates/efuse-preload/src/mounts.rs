@@ -23,6 +23,9 @@ pub struct Bypass {
     pub socket: PathBuf,
     pub uid: u32,
     state: AtomicU32,
+    /// Path calls on the mount so far while not connected (see
+    /// `Config::after`).
+    asked: AtomicU32,
     /// The connection; set once, then only replaced by a credential change
     /// (the old one is disowned and kept: calls in flight may still use it).
     client: AtomicPtr<Client>,
@@ -78,6 +81,7 @@ fn discover() -> Mounts {
                         socket,
                         uid,
                         state: AtomicU32::new(UNTRIED),
+                        asked: AtomicU32::new(0),
                         client: AtomicPtr::new(std::ptr::null_mut()),
                         connecting: Mutex::new(()),
                     });
@@ -120,6 +124,12 @@ impl Mounts {
         if STOPPED.load(Ordering::Acquire) {
             return None;
         }
+        // The first calls go through the kernel: a process that does little
+        // on the mount never pays for a connection.
+        let after = crate::config::get().after;
+        if after > 0 && b.asked.load(Ordering::Relaxed) < after && b.asked.fetch_add(1, Ordering::Relaxed) < after {
+            return None;
+        }
         let _l = b.connecting.lock().unwrap_or_else(|e| e.into_inner());
         if b.state.load(Ordering::Acquire) == UNTRIED {
             let dev = self.lines[i].dev;
@@ -138,6 +148,17 @@ impl Mounts {
         }
         drop(_l);
         self.client(i)
+    }
+
+    /// The connection of mount `i` if it is connected (never connects).
+    pub fn connected(&self, i: usize) -> Option<&Client> {
+        let b = self.bypass.get(i)?.as_ref()?;
+        if b.state.load(Ordering::Acquire) != CONNECTED {
+            return None;
+        }
+        let p = b.client.load(Ordering::Acquire);
+        // SAFETY: a published client is never freed (see `Bypass::client`).
+        (!p.is_null()).then(|| unsafe { &*p })
     }
 
     /// st_dev of mount `i`.
@@ -195,10 +216,10 @@ pub fn stop_serving() {
     paths_changed();
 }
 
-/// Whether `fd` is one of the library's own sockets (a connection to a
-/// daemon).
+/// Whether `fd` is one of the library's own descriptors: a connection to
+/// a daemon, or a kept handle's (see `kept`).
 pub fn is_library_fd(fd: i32) -> bool {
-    discovered().is_some_and(|m| m.clients().any(|c| c.owns_fd(fd)))
+    discovered().is_some_and(|m| m.clients().any(|c| c.owns_fd(fd))) || crate::kept::owns_fd(fd)
 }
 
 /// The program wants number `fd` for itself (dup2, dup3): a socket of the
@@ -209,13 +230,15 @@ pub fn make_room(fd: i32) {
             c.relocate();
         }
     }
+    crate::kept::make_room(fd);
 }
 
-/// The library's sockets in `first..=last`, sorted.
+/// The library's own descriptors in `first..=last`, sorted.
 pub fn library_fds_in(first: u32, last: u32) -> Vec<u32> {
     let mut v: Vec<u32> = discovered()
         .map(|m| m.clients().map(|c| c.socket_fd()).filter(|fd| *fd >= 0).map(|fd| fd as u32).collect())
         .unwrap_or_default();
+    v.extend(crate::kept::fds_in(first, last));
     v.retain(|fd| (first..=last).contains(fd));
     v.sort_unstable();
     v

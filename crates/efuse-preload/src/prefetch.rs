@@ -96,6 +96,24 @@ pub fn bind(idx: u32, nodeid: u64, fh: u64) {
     });
 }
 
+/// Moves what is held for open file `idx` (node `nodeid`, handle `fh`,
+/// closed) into `out`: Some((bytes, the file ends there)), None if nothing
+/// is held for it. (Called with the table entry known unchanged.)
+pub fn take_for(idx: u32, nodeid: u64, fh: u64, out: &mut [u8; PREFETCH_MAX]) -> Option<(usize, bool)> {
+    with(|p| {
+        if !p.valid.get() || p.idx.get() != idx || p.nodeid.get() != nodeid || p.fh.get() != fh {
+            return None;
+        }
+        p.valid.set(false);
+        let n = p.len.get();
+        // SAFETY: `busy` keeps every other use of `data` out meanwhile.
+        let held: &[u8; PREFETCH_MAX] = unsafe { &*p.data.get() };
+        out[..n].copy_from_slice(&held[..n]);
+        Some((n, p.eof.get()))
+    })
+    .flatten()
+}
+
 /// Forgets what is held for open file `idx` (closed).
 pub fn forget(idx: u32) {
     with(|p| {

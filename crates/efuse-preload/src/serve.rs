@@ -274,18 +274,29 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_CLOEXEC)) as u32;
     let mut created = false;
     let mut opened = None;
+    // The table entry the open was checked at (see `kept`).
+    let mut known = None;
     if !excl {
         // A node the table knows is opened at once (one request); if the
         // table was wrong by then, the daemon walks as usual.
         if let Some((e, entry, seq)) = ops::walk_local_at(c, &t.rest, walk_flags(&t, !nofollow, true)) {
             if e.attr.mode & libc::S_IFMT == libc::S_IFREG {
                 let readable = flags & libc::O_ACCMODE != libc::O_WRONLY && flags & libc::O_TRUNC == 0;
+                if flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+                    let cloexec = flags & libc::O_CLOEXEC != 0;
+                    if let Some(k) =
+                        crate::kept::take(c, t.mount as u32, e.nodeid, keep_flags(fuse_flags), entry, seq, cloexec)
+                    {
+                        return Some(bind_taken(path, k, e.nodeid));
+                    }
+                }
                 let o = if readable {
                     ops::open_prefetching(c, e.nodeid, fuse_flags, entry, seq)
                 } else {
                     ops::open_adopting(c, e.nodeid, fuse_flags)
                 };
                 if let Ok(o) = o {
+                    known = Some((entry, seq));
                     opened = Some((e, o));
                 }
             }
@@ -397,8 +408,7 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
     }
-    let keep =
-        fuse_flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC) as u32;
+    let keep = keep_flags(fuse_flags);
     let Some(idx) = files::alloc(t.mount as u32, e.nodeid, o.fh, keep) else {
         blog!("open {}: open-file table full; through the kernel", Show(path));
         unsafe { crate::real::close()(fd) };
@@ -414,10 +424,32 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
     }
+    if let Some((entry, seq)) = known.filter(|_| !created && flags & libc::O_TRUNC == 0) {
+        let f = files::file(idx);
+        f.entry.store(entry, Ordering::Relaxed);
+        f.seq.store(seq, Ordering::Relaxed);
+        let keep_cache = o.open_flags & efuse_abi::consts::fopen::KEEP_CACHE != 0;
+        f.keep_cache.store(keep_cache as u32, Ordering::Relaxed);
+    }
     crate::prefetch::bind(idx, e.nodeid, o.fh);
     ensure_atfork();
     blog!("open {} -> fd {fd} (node {}, handle {})", Show(path), e.nodeid, o.fh);
     Some(fd)
+}
+
+/// The open flags an open file keeps (F_GETFL reports them).
+fn keep_flags(fuse_flags: u32) -> u32 {
+    fuse_flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC) as u32
+}
+
+/// The rest of an open that took a kept handle: the new descriptor is
+/// bound to its open file.
+fn bind_taken(path: &[u8], k: crate::kept::Taken, nodeid: u64) -> c_int {
+    forget_stale(k.fd);
+    files::bind(k.fd, k.idx);
+    ensure_atfork();
+    blog!("open {} -> fd {} (node {nodeid}, kept handle {})", Show(path), k.fd, k.fh);
+    k.fd
 }
 
 /// Is `fd` the file with inode `ino` on device `dev`? (statx that trusts
@@ -445,9 +477,14 @@ fn same_file(fd: c_int, ino: u64, dev: u64) -> bool {
 /// change it.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 
-fn pid() -> i32 {
+pub fn pid() -> i32 {
     // SAFETY: no preconditions.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// This process's id as the fork handlers last recorded it (0: none yet).
+pub fn owner() -> i32 {
+    OWNER.load(Ordering::Relaxed)
 }
 
 pub fn owns_memory() -> bool {
@@ -464,7 +501,9 @@ fn ensure_atfork() {
             files::each(|_, idx| files::add_ref(idx));
         }
         extern "C" fn child() {
+            crate::guard::forget_tid();
             OWNER.store(pid(), Ordering::Relaxed);
+            crate::kept::forget_in_child();
         }
         // SAFETY: registers plain functions that cannot unwind.
         unsafe { libc::pthread_atfork(Some(prepare), None, Some(child)) };
@@ -488,6 +527,9 @@ fn io_limit(c: &Client, header: usize) -> usize {
 fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
     let (node, fh, flags) =
         (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
+    if let Some(n) = crate::kept::read(c, f, off, buf) {
+        return Ok(n);
+    }
     if let Some(n) = crate::prefetch::read(c, files::index_of(f), node, fh, off, buf) {
         return Ok(n);
     }
@@ -624,7 +666,7 @@ pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
     let _lock = f.lock_offset();
     let cur = f.offset.load(Ordering::Acquire) as i64;
     let (node, fh) = (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
-    let size = || ops::getattr(c, node, Some(fh)).map(|a| a.size as i64);
+    let size = || attr_of_file(c, f).map(|a| a.size as i64);
     let new = match whence {
         libc::SEEK_SET => Ok(off),
         libc::SEEK_CUR => Ok(cur.saturating_add(off)),
@@ -656,10 +698,32 @@ pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
     }
 }
 
+/// The attributes of open file `f` from the metadata table, if its entry
+/// is unchanged since the daemon checked the open (no change to the file
+/// completed since, so they are its attributes now).
+fn table_attr(c: &Client, f: &OpenFile) -> Option<Attr> {
+    let (nodeid, entry, seq) =
+        (f.nodeid.load(Ordering::Relaxed), f.entry.load(Ordering::Relaxed), f.seq.load(Ordering::Relaxed));
+    if seq == 0 {
+        return None;
+    }
+    let t = c.table()?;
+    let a = t.attr_of(entry, nodeid, efuse_bypass::table::now_ns())?;
+    t.unchanged(entry, nodeid, seq).then_some(a)
+}
+
+/// GETATTR of open file `f`, from the table when it can.
+fn attr_of_file(c: &Client, f: &OpenFile) -> ops::R<Attr> {
+    match table_attr(c, f) {
+        Some(a) => Ok(a),
+        None => ops::getattr(c, f.nodeid.load(Ordering::Relaxed), Some(f.fh.load(Ordering::Relaxed))),
+    }
+}
+
 pub fn fstat(idx: u32, st: &mut libc::stat) -> c_int {
     let f = files::file(idx);
     let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
-    match ops::getattr(c, f.nodeid.load(Ordering::Relaxed), Some(f.fh.load(Ordering::Relaxed))) {
+    match attr_of_file(c, f) {
         Ok(a) => {
             let dev = mounts::get().dev(f.mount.load(Ordering::Relaxed) as usize);
             fill_stat(&a, dev, st);
@@ -670,11 +734,9 @@ pub fn fstat(idx: u32, st: &mut libc::stat) -> c_int {
 }
 
 pub fn fstatx(idx: u32, mask: u32, sx: &mut libc::statx) -> c_int {
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let f = files::file(idx);
     let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
-    let _ = &mut st;
-    match ops::getattr(c, f.nodeid.load(Ordering::Relaxed), Some(f.fh.load(Ordering::Relaxed))) {
+    match attr_of_file(c, f) {
         Ok(a) => {
             let dev = mounts::get().dev(f.mount.load(Ordering::Relaxed) as usize);
             fill_statx(&a, dev, mask, sx);
@@ -726,15 +788,30 @@ pub fn set_nonblock(idx: u32, on: bool) {
 /// Drops one reference of open file `idx`; the last one flushes nothing
 /// more, releases the handle and forgets the node.
 pub fn drop_file(idx: u32) {
+    drop_file_keeping(idx, None)
+}
+
+/// [`drop_file`] with `opath`, a descriptor of the file to keep with its
+/// handle if this is the last reference (see `kept`; closed otherwise).
+fn drop_file_keeping(idx: u32, opath: Option<c_int>) {
     let f = files::file(idx);
     let c = client_of(f);
     if let Some(c) = c.filter(|c| c.welcome().flags & efuse_bypass::welcome::NO_FLUSH == 0) {
         ops::flush(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
     }
-    if let Some(r) = files::drop_ref(idx) {
-        crate::prefetch::forget(idx);
-        if let Some(c) = c {
-            release_node(c, r.nodeid, Some((r.fh, r.flags)));
+    match files::drop_ref(idx) {
+        Some(r) => {
+            let kept = c.is_some_and(|c| crate::kept::keep(c, idx, &r, opath));
+            crate::prefetch::forget(idx);
+            if let Some(c) = c.filter(|_| !kept) {
+                release_node(c, r.nodeid, Some((r.fh, r.flags)));
+            }
+        }
+        None => {
+            if let Some(fd) = opath {
+                // SAFETY: the library's own duplicate, not kept.
+                unsafe { crate::real::close()(fd) };
+            }
         }
     }
 }
@@ -791,11 +868,12 @@ pub fn close(fd: c_int) -> c_int {
         return unsafe { crate::real::close()(fd) };
     }
     let idx = files::unbind(fd);
+    let opath = idx.and_then(|i| crate::kept::spare_fd(i, fd));
     // SAFETY: closes the program's descriptor, as it asked.
     let r = unsafe { crate::real::close()(fd) };
     let e = crate::guard::errno();
     if let Some(idx) = idx {
-        drop_file(idx);
+        drop_file_keeping(idx, opath);
     }
     set_errno(e);
     r
