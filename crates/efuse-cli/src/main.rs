@@ -57,6 +57,11 @@ enum Cmd {
     /// Run a command with the bypass client library preloaded (it and its
     /// children): file calls under efuse mounts that offer the bypass go to
     /// the daemon through shared memory instead of through the kernel.
+    #[command(after_help = "Environment:\n  \
+        EFUSE_BYPASS=off         the library does nothing (every call goes to the kernel)\n  \
+        EFUSE_BYPASS_LOG=PATH    one line per decision (or `stderr`)\n  \
+        EFUSE_BYPASS_AFTER=N     a process connects at its (N+1)th path call on a mount (default 8; 0: first)\n  \
+        EFUSE_PRELOAD=PATH       the library to preload (default: beside this binary)")]
     Run {
         /// Bypass only this mount (repeatable); default: every efuse mount
         /// whose daemon offers the bypass.

@@ -43,9 +43,10 @@ pub const MAX_CLIENTS: u64 = 64;
 /// Slots per client region: as many of a client's threads can have a
 /// request in flight at once.
 pub const SLOTS: u32 = 8;
-/// Buckets of each client's metadata table: 4,096 names and attributes
-/// (2 MiB of shared memory, touched as it fills).
-pub const TABLE_BUCKETS: u32 = 1024;
+/// Buckets of each client's metadata table: 16,384 names and attributes
+/// (8 MiB of shared memory, touched as it fills; with two buckets per name
+/// a table three quarters full still keeps nearly every name).
+pub const TABLE_BUCKETS: u32 = 4096;
 /// How long a new connection may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections without a Hello yet, at most, per user and in all.
