@@ -30,6 +30,8 @@ pub struct Client {
     /// The socket (-1 once [`Client::disown`] closed it).
     sock: AtomicI32,
     region: Region,
+    /// The metadata table of the client's credentials (read-only mapping).
+    table: Option<crate::TableMap>,
     welcome: Welcome,
     /// Set by [`Client::disown`]: every call fails with Broken.
     dead: AtomicBool,
@@ -81,7 +83,8 @@ impl Client {
         let hello = Hello { magic: MAGIC, version: VERSION, flags: 0 };
         write_all(fd, hello.as_bytes())?;
         let mut buf = [0u8; std::mem::size_of::<Welcome>()];
-        let memfd = recv_with_fd(fd, &mut buf)?;
+        let mut fds = recv_with_fds(fd, &mut buf)?.into_iter();
+        let (memfd, table_fd) = (fds.next(), fds.next());
         let welcome = Welcome::read_from_bytes(&buf).map_err(|_| broken("short welcome"))?;
         if welcome.magic != MAGIC || welcome.version != VERSION {
             return Err(broken("not an efuse bypass socket"));
@@ -101,17 +104,23 @@ impl Client {
         if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size, welcome.table_buckets) {
+        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size, 0) {
             return Err(broken("region smaller than announced"));
         }
-        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size, welcome.table_buckets)?;
+        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size, 0)?;
         if region.header().magic != MAGIC {
             return Err(broken("region without magic"));
         }
+        // The metadata table of this client's credentials, read-only.
+        let table = match (welcome.table_buckets, table_fd) {
+            (0, _) => None,
+            (b, Some(t)) => Some(crate::TableMap::map(t.as_raw_fd(), b, false)?),
+            (_, None) => return Err(broken("welcome announces a table it does not pass")),
+        };
         // Out of the program's way: a program picks low numbers for its own
         // redirections (`exec 3<&0`) and would close ours by them.
         let fd = move_high(sock.into_raw_fd());
-        Ok(Client { sock: AtomicI32::new(fd), region, welcome, dead: AtomicBool::new(false) })
+        Ok(Client { sock: AtomicI32::new(fd), region, table, welcome, dead: AtomicBool::new(false) })
     }
 
     /// What the daemon said at connection.
@@ -119,9 +128,10 @@ impl Client {
         &self.welcome
     }
 
-    /// The metadata table the daemon publishes to this client, if any.
+    /// The metadata table the daemon publishes to this client (and to the
+    /// other clients with its credentials), if any.
     pub fn table(&self) -> Option<crate::table::Table> {
-        self.region.table()
+        self.table.as_ref().map(|t| t.table())
     }
 
     /// The socket: kept open for the client's life; the daemon drops the
@@ -144,6 +154,9 @@ impl Client {
         // Nothing better to do if it fails: the dead flag already stops
         // every call this process makes.
         let _ = self.region.detach();
+        if let Some(t) = &self.table {
+            let _ = t.detach();
+        }
         let fd = self.sock.swap(-1, Ordering::AcqRel);
         if fd >= 0 {
             // SAFETY: our own descriptor, closed once (the swap).
@@ -429,8 +442,13 @@ fn write_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
 /// Receives exactly `buf.len()` bytes, and the descriptor that came with
 /// the first of them if any.
 pub fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    Ok(recv_with_fds(fd, buf)?.into_iter().next())
+}
+
+/// [`recv_with_fd`] keeping every descriptor passed, in order.
+pub fn recv_with_fds(fd: i32, buf: &mut [u8]) -> io::Result<Vec<OwnedFd>> {
     let mut got = 0;
-    let mut passed = None;
+    let mut passed = Vec::new();
     while got < buf.len() {
         let mut iov = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: buf.len() - got };
         let mut cbuf = [0u64; 8];
@@ -460,10 +478,7 @@ pub fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
                     let nfds = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<i32>();
                     let fds = libc::CMSG_DATA(c) as *const i32;
                     for k in 0..nfds {
-                        let f = OwnedFd::from_raw_fd(fds.add(k).read_unaligned());
-                        if passed.is_none() {
-                            passed = Some(f);
-                        }
+                        passed.push(OwnedFd::from_raw_fd(fds.add(k).read_unaligned()));
                     }
                 }
                 c = libc::CMSG_NXTHDR(&msg, c);
@@ -477,22 +492,34 @@ pub fn recv_with_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
 /// Sends `buf` with descriptor `pass` attached (daemon side of the
 /// handshake).
 pub fn send_with_fd(fd: i32, buf: &[u8], pass: Option<i32>) -> io::Result<()> {
+    send_with_fds(fd, buf, pass.as_slice())
+}
+
+/// [`send_with_fd`] with up to four descriptors attached, in order.
+pub fn send_with_fds(fd: i32, buf: &[u8], pass: &[i32]) -> io::Result<()> {
+    if pass.len() > 4 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "at most four descriptors"));
+    }
     let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut cbuf = [0u64; 4];
+    let mut cbuf = [0u64; 6];
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(p) = pass {
+    if !pass.is_empty() {
         msg.msg_control = cbuf.as_mut_ptr().cast();
-        // SAFETY: CMSG macros over our control buffer, big enough for one fd.
+        let bytes = std::mem::size_of_val(pass) as u32;
+        // SAFETY: CMSG macros over our control buffer, big enough for four fds.
         unsafe {
-            msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+            msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-            (libc::CMSG_DATA(c) as *mut i32).write_unaligned(p);
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            let data = libc::CMSG_DATA(c) as *mut i32;
+            for (k, p) in pass.iter().enumerate() {
+                data.add(k).write_unaligned(*p);
+            }
         }
     }
     // SAFETY: sendmsg from our buffers.

@@ -34,7 +34,9 @@ pub mod wire;
 /// First bytes of a region, a [`Hello`] and a [`Welcome`].
 pub const MAGIC: u64 = u64::from_le_bytes(*b"EFUSEBP1");
 /// The protocol version; a daemon refuses other versions with EPROTO.
-pub const VERSION: u32 = 1;
+/// 2: the metadata table is a memfd of its own, shared by the clients of
+/// one set of credentials, passed beside the region.
+pub const VERSION: u32 = 2;
 /// Bytes before the first slot.
 pub const HEADER_SIZE: usize = 4096;
 /// Bytes of a slot's header; its data follows.
@@ -311,6 +313,111 @@ impl Region {
 }
 
 impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what map() mapped.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A metadata table in a memfd of its own: the daemon maps it read-write
+/// and publishes to it for every client of one set of credentials; each of
+/// those clients maps it read-only (the memfd is sealed against new
+/// writable mappings and against resizing once the daemon has mapped it),
+/// so a process finds what the earlier processes of its user resolved.
+pub struct TableMap {
+    base: *mut u8,
+    len: usize,
+    buckets: u32,
+}
+
+// SAFETY: shared memory reached only through the table's atomics; the
+// mapping stays valid for the TableMap's life.
+unsafe impl Send for TableMap {}
+// SAFETY: as above.
+unsafe impl Sync for TableMap {}
+
+impl TableMap {
+    /// Creates the memfd of a table of `buckets` buckets (daemon side),
+    /// maps it read-write, then seals it.
+    pub fn create(buckets: u32) -> io::Result<(OwnedFd, TableMap)> {
+        if !geometry_ok(1, 8192, buckets) || buckets == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass table: bad geometry"));
+        }
+        let len = table::table_len(buckets);
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd = unsafe { libc::memfd_create(c"efuse-table".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscalls on our fd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let map = TableMap::map(fd.as_raw_fd(), buckets, true)?;
+        // SAFETY: as above. The daemon's writable mapping exists already;
+        // F_SEAL_FUTURE_WRITE refuses every later one (the clients').
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((fd, map))
+    }
+
+    /// Maps the table in `fd` (`writable`: the daemon; clients map it
+    /// read-only), after checking that the file holds the whole table.
+    pub fn map(fd: RawFd, buckets: u32, writable: bool) -> io::Result<TableMap> {
+        if !geometry_ok(1, 8192, buckets) || buckets == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass table: bad geometry"));
+        }
+        let len = table::table_len(buckets);
+        // SAFETY: fstat into a zeroed stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (st.st_size as usize) < len {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bypass table: smaller than announced"));
+        }
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping of a file at least `len` long.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(TableMap { base: base as *mut u8, len, buckets })
+    }
+
+    /// The table. (A client's mapping is read-only: it must only read.)
+    pub fn table(&self) -> table::Table {
+        // SAFETY: the mapping holds the whole table, page aligned, and
+        // outlives every use the owner of `self` makes of it.
+        unsafe { table::Table::at(self.base, self.buckets) }
+    }
+
+    /// As [`Region::detach`]: this process reads zeroes (an empty table)
+    /// from now on instead of the shared table.
+    pub fn detach(&self) -> io::Result<()> {
+        // SAFETY: replaces exactly the pages map() mapped.
+        let p = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.len,
+                libc::PROT_READ,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TableMap {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what map() mapped.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };

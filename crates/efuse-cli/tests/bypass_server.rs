@@ -429,6 +429,10 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
             std::fs::write(r.join(name), b"#!/bin/true\n").unwrap();
             std::fs::set_permissions(r.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
         }
+        // Root's client resolves the private file: root's metadata table
+        // names it. Nobody's clients get a table of their own, without it.
+        let root_client = connect(&m.mnt).expect("root connects");
+        walk_to(&root_client, "private/secret").expect("root walks private/secret");
         let mnt = m.mnt.clone();
         let got = as_nobody(move |out| {
             let c = match connect(&mnt) {
@@ -444,6 +448,11 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
             out.push(code(walk_flags(&c, ROOT, "private/nothing", walk::NO_KEEP)));
             // The directory itself may be looked at (stat works through the kernel too).
             let private = walk_to(&c, "private").expect("walk private");
+            out.push(match c.table() {
+                Some(t) if t.find(private.nodeid, b"secret", 0).is_some() => -2,
+                Some(_) => 0,
+                None => -3,
+            });
             out.push(code(call(&c, Opcode::Lookup as u32, private.nodeid, &[b"secret\0"])));
             let od = abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 };
             out.push(code(call(&c, Opcode::Opendir as u32, private.nodeid, &[od.as_bytes()])));
@@ -483,6 +492,7 @@ fn unprivileged_client_gets_exactly_the_kernels_rights() {
             0,            // connected
             libc::EACCES, // walk private/secret
             libc::EACCES, // walk private/nothing: EACCES, not ENOENT (nothing leaks)
+            0,            // its table does not name root's private/secret
             libc::EACCES, // LOOKUP in private
             libc::EACCES, // OPENDIR private
             libc::EACCES, // open rootonly
@@ -553,11 +563,38 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
     let hello = efuse_bypass::Hello { magic: efuse_bypass::MAGIC, version: efuse_bypass::VERSION, flags: 0 };
     efuse_bypass::client::send_with_fd(fd, hello.as_bytes(), None).expect("hello");
     let mut buf = [0u8; std::mem::size_of::<efuse_bypass::Welcome>()];
-    let memfd =
-        efuse_bypass::client::recv_with_fd(fd, &mut buf).expect("welcome").expect("welcome without a descriptor");
+    let mut fds = efuse_bypass::client::recv_with_fds(fd, &mut buf).expect("welcome").into_iter();
+    let memfd = fds.next().expect("welcome without a region");
     let w = efuse_bypass::Welcome::read_from_bytes(&buf).unwrap();
-    let region = efuse_bypass::Region::map(memfd.as_raw_fd(), w.slot_count, w.slot_size, w.table_buckets).expect("map");
-    let len = efuse_bypass::region_len(w.slot_count, w.slot_size, w.table_buckets);
+    // The metadata table, shared with the other clients of these
+    // credentials (the test's well-behaved client among them): it cannot be
+    // written, resized, or mapped writable.
+    let table = fds.next().expect("welcome without a table");
+    let tlen = efuse_bypass::table::table_len(w.table_buckets);
+    // SAFETY: mmap of our descriptor; a success is unmapped at once.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            tlen,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            table.as_raw_fd(),
+            0,
+        )
+    };
+    assert_eq!(p, libc::MAP_FAILED, "the shared table could be mapped writable");
+    // SAFETY: as above, read-only; then an attempt to make it writable.
+    let ro = unsafe { libc::mmap(std::ptr::null_mut(), tlen, libc::PROT_READ, libc::MAP_SHARED, table.as_raw_fd(), 0) };
+    assert_ne!(ro, libc::MAP_FAILED, "the shared table cannot be mapped at all");
+    assert_ne!(unsafe { libc::mprotect(ro, tlen, libc::PROT_READ | libc::PROT_WRITE) }, 0, "mprotect made it writable");
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(ro, tlen) };
+    let junk = [0xffu8; 64];
+    // SAFETY: pwrite/ftruncate on our descriptor.
+    assert!(unsafe { libc::pwrite(table.as_raw_fd(), junk.as_ptr().cast(), junk.len(), 0) } < 0, "pwrite to the table");
+    assert_ne!(unsafe { libc::ftruncate(table.as_raw_fd(), 0) }, 0, "the table could be truncated");
+    let region = efuse_bypass::Region::map(memfd.as_raw_fd(), w.slot_count, w.slot_size, 0).expect("map");
+    let len = efuse_bypass::region_len(w.slot_count, w.slot_size, 0);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rounds = 0;
     // SAFETY: the region's header page is ours to scribble on, as any

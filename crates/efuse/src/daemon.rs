@@ -176,6 +176,7 @@ pub fn serve<F: Filesystem>(
                 usage: served.fs().usage(),
                 bypass_clients: bypass_stats.as_ref().map_or(0, |b| b.clients.load(Ordering::Relaxed)),
                 bypass_requests: bypass_stats.as_ref().map_or(0, |b| b.requests.load(Ordering::Relaxed)),
+                bypass_tables: bypass_stats.as_ref().map_or(0, |b| b.tables.load(Ordering::Relaxed)),
             };
             serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
         };

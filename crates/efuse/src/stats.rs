@@ -129,6 +129,9 @@ pub struct StatsReport {
     /// Requests bypass clients sent since mount.
     #[serde(default)]
     pub bypass_requests: u64,
+    /// Bypass metadata tables now (one per set of credentials).
+    #[serde(default)]
+    pub bypass_tables: u64,
 }
 
 /// What a file system holds now, for `efuse stats`: each field is None when

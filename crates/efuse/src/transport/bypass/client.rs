@@ -29,7 +29,6 @@ use efuse_bypass::table::{now_ns, Published, Publisher};
 
 use super::perm::{self, Creds, MAY_EXEC, MAY_READ, MAY_WRITE};
 use super::Shared;
-use crate::changes::{Change as Told, ChangeListener};
 use crate::filesystem::Filesystem;
 use crate::reply::{Refused, Reply, ReplySink};
 use crate::session::{Session, SessionShared};
@@ -57,6 +56,8 @@ pub(crate) struct Conn {
     /// Set by the accept thread, which watches every client's socket, when
     /// this one hangs up (it also rings the doorbell).
     pub hung: Arc<std::sync::atomic::AtomicBool>,
+    /// The metadata table of the client's credentials (see `tables`).
+    pub table: Option<super::tables::Lease>,
 }
 
 /// A handle the client holds, by the daemon's number for it.
@@ -250,9 +251,9 @@ pub(super) struct Client<F: Filesystem> {
     session: Arc<Session<F>>,
     shared: Arc<Shared>,
     conn: Conn,
-    /// What this client's metadata table holds, kept exact by `ear`.
+    /// What this client's metadata table holds (shared with the other
+    /// clients of its credentials; kept exact by the table's listener).
     table: Option<Arc<Mutex<Publisher>>>,
-    ear: Option<Arc<dyn ChangeListener>>,
     sink: Arc<Sink>,
     dyn_sink: Arc<dyn ReplySink>,
     tables: Tables,
@@ -279,16 +280,10 @@ pub(crate) fn serve<F: Filesystem>(session: Arc<Session<F>>, conn: Conn, shared:
         cv: Condvar::new(),
     });
     let opts = ProtocolOptions { setxattr_ext: shared.negotiated.flags & init::SETXATTR_EXT != 0 };
-    let table = conn.region.table().map(|t| Arc::new(Mutex::new(Publisher::new(t))));
-    let ear = table.as_ref().map(|t| {
-        let ear: Arc<dyn ChangeListener> = Arc::new(TableEar { table: t.clone() });
-        session.shared().changes.listen(ear.clone());
-        ear
-    });
+    let table = conn.table.as_ref().map(|l| l.table.publisher.clone());
     let mut c = Client {
         session,
         table,
-        ear,
         shared: shared.clone(),
         dyn_sink: sink.clone(),
         sink,
@@ -1240,12 +1235,8 @@ impl<F: Filesystem> Client<F> {
 
     /// The client is gone: release its handles and forget its lookups.
     fn cleanup(&mut self) {
-        if let Some(ear) = self.ear.take() {
-            self.session.shared().changes.unlisten(&ear);
-        }
-        if let Some(t) = &self.table {
-            lock(t).forget_all();
-        }
+        // The table stays for the other clients of these credentials (and,
+        // a while, for the next one): only what it dropped is forgotten.
         self.drain_table();
         let handles: Vec<Handle> = self.tables.handles.drain().map(|(_, h)| h).collect();
         for h in handles {
@@ -1262,25 +1253,6 @@ impl<F: Filesystem> Client<F> {
         let lookups: Vec<(u64, Held)> = self.tables.lookups.drain().collect();
         for (nodeid, held) in lookups {
             self.fs_forget(nodeid, held.fs);
-        }
-    }
-}
-
-/// Keeps a client's table exact: every change the session answers clears
-/// what it makes wrong, before its reply goes out.
-struct TableEar {
-    table: Arc<Mutex<Publisher>>,
-}
-
-impl ChangeListener for TableEar {
-    fn changed(&self, changes: &[Told]) {
-        let mut t = lock(&self.table);
-        for c in changes {
-            match c {
-                Told::Name { parent, name } => t.forget_name(*parent, name),
-                Told::Node { nodeid } => t.forget_node(*nodeid),
-                Told::All => t.forget_all(),
-            }
         }
     }
 }

@@ -12,6 +12,8 @@
 //!   cache coherence with the kernel mount, cleanup at disconnect.
 //! - `perm`: the kernel's permission rules (default_permissions), applied to
 //!   the client's credentials.
+//! - `tables`: the metadata tables, one per set of credentials, shared by
+//!   the clients that have them.
 //! - `walk`: the WALK opcode (a path resolved in one round trip).
 //!
 //! The protocol itself (region layout, slots, messages) lives in the
@@ -19,6 +21,7 @@
 
 mod client;
 mod perm;
+mod tables;
 mod walk;
 
 use std::io;
@@ -84,6 +87,8 @@ pub struct BypassStats {
     pub clients: AtomicU64,
     /// Requests served since mount (WALK counts once).
     pub requests: AtomicU64,
+    /// Metadata tables now (one per set of credentials of recent clients).
+    pub tables: AtomicU64,
 }
 
 /// State every client's thread shares.
@@ -99,6 +104,8 @@ pub(crate) struct Shared {
     unique: AtomicU64,
     /// Clients connected now, per uid.
     per_uid: Mutex<std::collections::HashMap<u32, u32>>,
+    /// The metadata tables.
+    tables: Arc<tables::Registry>,
 }
 
 impl Shared {
@@ -207,6 +214,7 @@ pub fn start<F: Filesystem>(
         negotiated,
         unique: AtomicU64::new(1 << 62),
         per_uid: Mutex::default(),
+        tables: Arc::default(),
     });
     let accept = {
         let shared = shared.clone();
@@ -312,6 +320,11 @@ fn accept_loop<F: Filesystem>(
             }
         }
         clients.retain(|h| !h.is_finished());
+        // Tables idle too long go; entries changes removed while no client
+        // drained them give their lookups back.
+        let unpinned = shared.tables.tick(&session.shared().changes);
+        forget_nodes(&session, &shared, &unpinned);
+        shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
         for p in done {
             let (cred, hello) = (p.cred, p.hello);
             match handshake(&session, p.sock, cred, &hello, dev, &shared) {
@@ -385,6 +398,8 @@ fn accept_loop<F: Filesystem>(
     for h in clients {
         let _ = h.join();
     }
+    let pinned = shared.tables.clear(&session.shared().changes);
+    forget_nodes(&session, &shared, &pinned);
 }
 
 /// Reads the Hello, decides, answers. Ok(None): refused (answered already).
@@ -433,7 +448,7 @@ fn handshake<F: Filesystem>(
         return refuse(libc::EAGAIN, "too many bypass clients of this user");
     }
     let slot_size = shared.negotiated.max_write.max(4096) + 4096;
-    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size, TABLE_BUCKETS) {
+    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size, 0) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("bypass: cannot create a region: {e}");
@@ -444,6 +459,9 @@ fn handshake<F: Filesystem>(
     let Some(creds) = perm::Creds::of_process(cred.pid as u32) else {
         return refuse(libc::ESRCH, "its /proc status cannot be read");
     };
+    let (table, freed) = shared.tables.lease(&creds, &session.shared().changes);
+    forget_nodes(session, shared, &freed);
+    shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
     let w = Welcome {
         magic: MAGIC,
         version: VERSION,
@@ -453,10 +471,12 @@ fn handshake<F: Filesystem>(
         slot_size,
         max_io: shared.negotiated.max_write,
         flags: if session.shared().flush_ignored() { efuse_bypass::welcome::NO_FLUSH } else { 0 },
-        table_buckets: TABLE_BUCKETS,
+        table_buckets: if table.is_some() { TABLE_BUCKETS } else { 0 },
         _pad: 0,
     };
-    efuse_bypass::client::send_with_fd(fd, w.as_bytes(), Some(memfd.as_raw_fd()))?;
+    let mut pass = vec![memfd.as_raw_fd()];
+    pass.extend(table.as_ref().map(|l| l.table.fd()));
+    efuse_bypass::client::send_with_fds(fd, w.as_bytes(), &pass)?;
     drop(memfd);
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
     Ok(Some(client::Conn {
@@ -465,5 +485,37 @@ fn handshake<F: Filesystem>(
         creds,
         peer_uid: cred.uid,
         hung: Arc::new(AtomicBool::new(false)),
+        table,
     }))
+}
+
+/// Forgets one lookup of each of `nodes` in the file system (the lookups a
+/// metadata table pinned for entries that went).
+fn forget_nodes<F: Filesystem>(session: &Arc<Session<F>>, shared: &Shared, nodes: &[u64]) {
+    if nodes.is_empty() {
+        return;
+    }
+    let sink: Arc<dyn crate::reply::ReplySink> =
+        Arc::new(crate::reply::MemorySink::for_session(session.shared().clone()));
+    for &n in nodes {
+        if n == 0 || n == efuse_abi::ROOT_ID {
+            continue;
+        }
+        let f = efuse_abi::structs::ForgetIn { nlookup: 1 };
+        let h = efuse_abi::structs::InHeader {
+            len: (std::mem::size_of::<efuse_abi::structs::InHeader>() + std::mem::size_of_val(&f)) as u32,
+            opcode: efuse_abi::Opcode::Forget as u32,
+            unique: shared.next_unique(),
+            nodeid: n,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            total_extlen: 0,
+            padding: 0,
+        };
+        let mut buf = h.as_bytes().to_vec();
+        buf.extend_from_slice(f.as_bytes());
+        // FORGET has no reply: nothing reaches the sink.
+        session.dispatch(&buf, &sink);
+    }
 }
