@@ -250,7 +250,8 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
          them is mounted at a time; memfs is mounted and filled once per workload and stays mounted through its \
          repetitions while the others take their turns. Every repetition starts from the same cache state on \
          every system, stated per workload: **cold** (`sync; echo 3 > /proc/sys/vm/drop_caches`, then the FUSE \
-         system mounted fresh; memfs: caches dropped only, since remounting would empty it) or **warm** (`sync`, \
+         system mounted fresh; memfs: caches dropped only, since remounting would empty it, and on memfs-bypass \
+         the daemon's bypass metadata tables dropped too) or **warm** (`sync`, \
          then everything the workload reads read once through the system, untimed; fio with \
          `--invalidate=0`). Same `direct=` for every system."
             .to_string(),
@@ -703,6 +704,13 @@ fn run_rep(
             if !(s.is_fuse() && s.shows_backing()) {
                 *step = "cold caches (drop caches)";
                 workloads::drop_caches()?;
+                if !s.wrapper(&plan.efuse_exe, &root).is_empty() {
+                    // The bypass's metadata tables outlive the processes
+                    // that filled them, as the kernel's dentries do: dropped
+                    // too.
+                    *step = "cold caches (drop the bypass's metadata tables)";
+                    drop_bypass_tables(&root)?;
+                }
             }
         }
         workloads::CacheState::Warm => {
@@ -853,6 +861,18 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Asks the daemon of the mount at `mp` to drop its idle bypass metadata
+/// tables. A daemon that does not know the command (an earlier build, see
+/// `--daemon`) keeps no table across processes: nothing to drop.
+fn drop_bypass_tables(mp: &Path) -> Result<()> {
+    let answer = efuse::control::query(mp, "drop-bypass-tables")
+        .with_context(|| format!("asking the daemon of {} to drop its bypass tables", mp.display()))?;
+    if answer.contains("\"dropped\"") || answer.contains("unknown command") {
+        return Ok(());
+    }
+    bail!("the daemon of {} did not drop its bypass tables: {}", mp.display(), answer.trim())
 }
 
 #[cfg(test)]

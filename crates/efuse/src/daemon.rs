@@ -155,9 +155,16 @@ pub fn serve<F: Filesystem>(
         let transport_name = running.transport;
         let fs_name = opts.session.fs_name.clone();
         let mp_s = mp.display().to_string();
-        let top = move |cmd: &str| {
-            (cmd == "top")
-                .then(|| serde_json::to_string(&obs.top()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")))
+        let bypass_handle = bypass.as_ref().map(|b| b.handle());
+        let top = move |cmd: &str| match cmd {
+            "top" => Some(serde_json::to_string(&obs.top()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))),
+            // The bypass's counterpart of drop_caches (the bench's cold runs).
+            "drop-bypass-tables" => Some(match &bypass_handle {
+                Some(h) if h.drop_idle_tables(std::time::Duration::from_secs(5)) => "{\"dropped\": true}".into(),
+                Some(_) => "{\"error\": \"the bypass server did not drop its tables within 5 s\"}".into(),
+                None => "{\"dropped\": false}".into(),
+            }),
+            _ => None,
         };
         let served = session.clone();
         let stats = move || {

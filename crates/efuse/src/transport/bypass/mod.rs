@@ -106,6 +106,10 @@ pub(crate) struct Shared {
     per_uid: Mutex<std::collections::HashMap<u32, u32>>,
     /// The metadata tables.
     tables: Arc<tables::Registry>,
+    /// Requests to drop the idle tables, and how many the accept thread
+    /// has carried out (see [`BypassHandle::drop_idle_tables`]).
+    drop_asked: AtomicU64,
+    drop_done: AtomicU64,
 }
 
 impl Shared {
@@ -149,6 +153,11 @@ impl BypassServer {
         self.shared.stats.clone()
     }
 
+    /// A handle for the control socket's commands.
+    pub fn handle(&self) -> BypassHandle {
+        BypassHandle { shared: self.shared.clone() }
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -172,6 +181,30 @@ impl BypassServer {
 impl Drop for BypassServer {
     fn drop(&mut self) {
         self.stop_inner();
+    }
+}
+
+/// What the control socket may ask of a running bypass server.
+pub struct BypassHandle {
+    shared: Arc<Shared>,
+}
+
+impl BypassHandle {
+    /// Drops every metadata table no client uses, with the lookups it
+    /// pinned: the next process of each user starts cold, as after
+    /// `echo 3 > /proc/sys/vm/drop_caches` for the kernel's caches (the
+    /// bench's cold repetitions on a mount it does not remount). Waits for
+    /// the accept thread to do it; false if it did not within `timeout`.
+    pub fn drop_idle_tables(&self, timeout: Duration) -> bool {
+        let want = self.shared.drop_asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let t0 = Instant::now();
+        while self.shared.drop_done.load(Ordering::Acquire) < want {
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -215,6 +248,8 @@ pub fn start<F: Filesystem>(
         unique: AtomicU64::new(1 << 62),
         per_uid: Mutex::default(),
         tables: Arc::default(),
+        drop_asked: AtomicU64::new(0),
+        drop_done: AtomicU64::new(0),
     });
     let accept = {
         let shared = shared.clone();
@@ -265,6 +300,9 @@ fn accept_loop<F: Filesystem>(
             .min()
             .unwrap_or(ACCEPT_POLL_MS)
             .min(ACCEPT_POLL_MS);
+        // A drop of the idle tables is waited for: no full poll interval.
+        let wait =
+            if shared.drop_asked.load(Ordering::Acquire) > shared.drop_done.load(Ordering::Acquire) { 0 } else { wait };
         // SAFETY: a live array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
         if n < 0 {
@@ -322,8 +360,13 @@ fn accept_loop<F: Filesystem>(
         clients.retain(|h| !h.is_finished());
         // Tables idle too long go; entries changes removed while no client
         // drained them give their lookups back.
-        let unpinned = shared.tables.tick(&session.shared().changes);
+        let asked = shared.drop_asked.load(Ordering::Acquire);
+        let drop_idle = asked > shared.drop_done.load(Ordering::Acquire);
+        let unpinned = shared.tables.tick(&session.shared().changes, drop_idle);
         forget_nodes(&session, &shared, &unpinned);
+        if drop_idle {
+            shared.drop_done.store(asked, Ordering::Release);
+        }
         shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
         for p in done {
             let (cred, hello) = (p.cred, p.hello);

@@ -142,12 +142,13 @@ impl Registry {
     /// [`TABLE_IDLE`] go; every table hands back the nodes of entries that
     /// went (changes told while no client drained it). Returns the nodes
     /// whose lookups the caller forgets in the file system.
-    pub(crate) fn tick(&self, changes: &Changes) -> Vec<u64> {
+    /// With `all_idle`, every table without clients goes now.
+    pub(crate) fn tick(&self, changes: &Changes, all_idle: bool) -> Vec<u64> {
         let mut es = lock(&self.entries);
         let mut nodes = Vec::new();
         let mut k = 0;
         while k < es.len() {
-            if es[k].users == 0 && es[k].idle_since.elapsed() >= TABLE_IDLE {
+            if es[k].users == 0 && (all_idle || es[k].idle_since.elapsed() >= TABLE_IDLE) {
                 let e = es.swap_remove(k);
                 nodes.extend(retire(&e.table, changes));
                 continue;
@@ -240,7 +241,7 @@ mod tests {
         // A change told to the session clears it before anything else.
         changes.tell(&[Told::Node { nodeid: 7 }]);
         assert!(other.table().find(1, b"x", 0).is_none());
-        assert_eq!(r.tick(&changes), vec![7], "the dropped entry's lookup is handed back");
+        assert_eq!(r.tick(&changes, false), vec![7], "the dropped entry's lookup is handed back");
     }
 
     #[test]
