@@ -119,6 +119,7 @@ pub enum Kind {
     CatStorm,
     OpenLoop,
     StatStorm,
+    StatStormWarm,
     FindCold,
     FindWarm,
     UntarRm,
@@ -270,6 +271,18 @@ impl Workload {
             metrics: vec![rate("ops_per_s", "stats/s", Some("stat storm".into())), secs("seconds", "wall s")],
         });
         v.push(Workload {
+            name: "stat-storm-warm".into(),
+            kind: Kind::StatStormWarm,
+            group: Group::Metadata,
+            description: format!(
+                "stat(2) of {} files in 100 directories, {} passes, in one process",
+                scale.stat_files, scale.stat_passes
+            ),
+            cache: CacheState::Warm,
+            cache_note: "warm: the same passes run once before each repetition, untimed, in another process".into(),
+            metrics: vec![rate("ops_per_s", "stats/s", Some("stat storm (warm)".into())), secs("seconds", "wall s")],
+        });
+        v.push(Workload {
             name: "find-cold".into(),
             kind: Kind::FindCold,
             group: Group::Tree,
@@ -397,7 +410,7 @@ impl Workload {
             Kind::Fio { n: 2, .. } => &[datasets::FIO_W2],
             Kind::Fio { .. } => &[datasets::FIO_W3],
             Kind::CatStorm | Kind::OpenLoop => &[datasets::SMALL],
-            Kind::StatStorm => &[datasets::STAT],
+            Kind::StatStorm | Kind::StatStormWarm => &[datasets::STAT],
             Kind::FindCold | Kind::FindWarm => &[datasets::TREE],
             Kind::GrepR | Kind::CpR => &[datasets::SRC_TREE],
             Kind::GitStatus => &[datasets::GIT_REPO],
@@ -423,7 +436,7 @@ impl Workload {
         Some(match self.kind {
             Kind::UntarRm => Warming::ReadTarball(datasets::TARBALL),
             Kind::UntarSrc => Warming::ReadTarball(datasets::SRC_TARBALL),
-            Kind::FindWarm | Kind::GitStatus => Warming::RunOnce,
+            Kind::FindWarm | Kind::GitStatus | Kind::StatStormWarm => Warming::RunOnce,
             _ => Warming::ReadDatasets(self.datasets()),
         })
     }
@@ -476,7 +489,7 @@ impl Workload {
             Kind::Fio { n, direct } => run_fio(env, n, direct, self.cache),
             Kind::CatStorm => cat_storm(env),
             Kind::OpenLoop => open_loop(env),
-            Kind::StatStorm => stat_storm(env),
+            Kind::StatStorm | Kind::StatStormWarm => stat_storm(env),
             Kind::FindCold | Kind::FindWarm => find(env),
             Kind::UntarRm => untar_rm(env),
             Kind::GrepR => grep_r(env),
