@@ -14,9 +14,10 @@
 //! clears an entry before it answers any change it makes to what the entry
 //! says (the same rule it follows for the kernel's caches).
 //!
-//! The daemon never reads the table back: it keeps its own index of what it
-//! published where, so a client that scribbles on its table only misleads
-//! itself.
+//! Only the daemon writes a table: it keeps its own index of what it
+//! published where, and clients map the table read-only (`TableMap`), so
+//! the daemon may read its entries back ([`Publisher::get`], under its lock)
+//! to walk through names it already resolved.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
@@ -575,6 +576,17 @@ impl Publisher {
         self.by_name.insert(key, i);
         self.by_node.entry(p.nodeid).or_default().push(i);
         true
+    }
+
+    /// What is published for `name` in `parent`, read back from the table
+    /// (daemon side, under the publisher's lock, so no write is under way).
+    /// Only the daemon writes a table, and a client's mapping of it is
+    /// read-only (see `TableMap`), so what it reads is what it wrote.
+    pub fn get(&self, parent: u64, name: &[u8]) -> Option<Published> {
+        let i = *self.by_name.get(&(parent, Box::<[u8]>::from(name)))?;
+        let mut buf = [0u8; NAME_MAX + 1];
+        let (len, p) = self.table.read(i, &mut buf)?;
+        (p.parent == parent && &buf[..len] == name).then_some(p)
     }
 
     /// Refreshes the attributes wherever `nodeid` is published (a GETATTR

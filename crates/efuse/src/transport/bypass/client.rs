@@ -693,6 +693,35 @@ impl<F: Filesystem> Client<F> {
         abi::AttrOut::read_from_prefix(&out.payload).map(|(a, _)| a).map_err(|_| libc::EIO)
     }
 
+    /// `name` in `parent` as this client's table has it now, if its entry
+    /// and attributes are still valid: what a LOOKUP would answer, as the
+    /// kernel answers a path walk from its dentries (the table is cleared
+    /// before any change to what it says is answered). The table holds the
+    /// node's lookup; the caller takes none.
+    pub(super) fn known(&self, parent: u64, name: &[u8]) -> Option<abi::EntryOut> {
+        let t = self.table.as_ref()?;
+        let p = lock(t).get(parent, name)?;
+        let now = now_ns();
+        if p.entry_expires <= now || p.attr_expires <= now {
+            return None;
+        }
+        let left = |at: u64| {
+            let ns = at - now;
+            (ns / 1_000_000_000, (ns % 1_000_000_000) as u32)
+        };
+        let (entry_valid, entry_valid_nsec) = left(p.entry_expires);
+        let (attr_valid, attr_valid_nsec) = left(p.attr_expires);
+        Some(abi::EntryOut {
+            nodeid: p.nodeid,
+            generation: p.generation,
+            entry_valid,
+            attr_valid,
+            entry_valid_nsec,
+            attr_valid_nsec,
+            attr: p.attr,
+        })
+    }
+
     /// Looks `name` up in `parent` through the session; the file system
     /// counts one lookup the caller must forget ([`Self::fs_forget`]).
     pub(super) fn lookup(&self, parent: u64, name: &[u8]) -> Result<abi::EntryOut, i32> {

@@ -11,8 +11,9 @@
 //! clients stays for [`TABLE_IDLE`] (the next process of that user starts
 //! warm), then goes, forgetting the lookups it pinned.
 //!
-//! The daemon never reads a table back (its [`Publisher`] keeps its own
-//! index), so a client can only mislead itself.
+//! Only the daemon writes a table (the clients' mappings are read-only), so
+//! a WALK may go through names the table already has without asking the
+//! file system, as the kernel's path walk goes through its dentries.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};

@@ -99,6 +99,14 @@ fn resolve<F: Filesystem>(
     last: &mut Option<(u64, Vec<u8>)>,
 ) -> Result<Found, i32> {
     let epoch = c.epoch();
+    // The root as the table has it (every walk of the client starts there).
+    if start == ROOT_ID {
+        if let Some(root) = c.known(0, b"/") {
+            if root.nodeid == ROOT_ID {
+                return walk_from(c, root, flags, path, looked, last);
+            }
+        }
+    }
     let start_out = c.attr_out(start)?;
     let start_attr = start_out.attr;
     if start == ROOT_ID {
@@ -110,7 +118,18 @@ fn resolve<F: Filesystem>(
         root.attr_valid_nsec = start_out.attr_valid_nsec;
         c.publish(epoch, 0, b"/", &root);
     }
-    let mut cur = synth(start, start_attr);
+    walk_from(c, synth(start, start_attr), flags, path, looked, last)
+}
+
+/// The walk from `cur` (the start node).
+fn walk_from<F: Filesystem>(
+    c: &Client<F>,
+    mut cur: EntryOut,
+    flags: u32,
+    path: &[u8],
+    looked: &mut Vec<u64>,
+    last: &mut Option<(u64, Vec<u8>)>,
+) -> Result<Found, i32> {
     // How `cur` was reached: (directory, name); None for the start.
     let mut cur_name: Option<(u64, Vec<u8>)> = None;
     // Directories above `cur` within this walk, for "..", and their names.
@@ -143,11 +162,19 @@ fn resolve<F: Filesystem>(
         if name.len() > NAME_MAX {
             return Err(libc::ENAMETOOLONG);
         }
-        let epoch = c.epoch();
-        let e = c.lookup(cur.nodeid, &name)?;
-        if !c.publish(epoch, cur.nodeid, &name, &e) {
-            looked.push(e.nodeid);
-        }
+        // A name the table has (and pins) needs no lookup: the kernel's
+        // walk would find it in its dentries just so.
+        let e = match c.known(cur.nodeid, &name) {
+            Some(e) => e,
+            None => {
+                let epoch = c.epoch();
+                let e = c.lookup(cur.nodeid, &name)?;
+                if !c.publish(epoch, cur.nodeid, &name, &e) {
+                    looked.push(e.nodeid);
+                }
+                e
+            }
+        };
         let last = pending.iter().all(|p| p.is_empty());
         let trailing_slash = last && !pending.is_empty();
         let follow = !last || flags & (flag::FOLLOW_LAST | flag::DIRECTORY) != 0 || trailing_slash;
