@@ -14,6 +14,12 @@
 //! clears an entry before it answers any change it makes to what the entry
 //! says (the same rule it follows for the kernel's caches).
 //!
+//! An entry of node 0 is negative: the name does not exist (published when
+//! the file system's LOOKUP answered with a negative entry and a timeout,
+//! as the kernel caches such a miss in a negative dentry); it holds no
+//! lookup, and a change that creates the name clears it as it would clear
+//! the kernel's.
+//!
 //! Only the daemon writes a table: it keeps its own index of what it
 //! published where, and clients map the table read-only (`TableMap`), so
 //! the daemon may read its entries back ([`Publisher::get`], under its lock)
@@ -574,7 +580,9 @@ impl Publisher {
         self.table.write(i, name, p);
         self.held[i as usize] = Some((p.parent, key.1.clone(), p.nodeid));
         self.by_name.insert(key, i);
-        self.by_node.entry(p.nodeid).or_default().push(i);
+        if p.nodeid != 0 {
+            self.by_node.entry(p.nodeid).or_default().push(i);
+        }
         true
     }
 
@@ -611,7 +619,7 @@ impl Publisher {
         if let Some(i) = self.by_name.get(&(parent, Box::<[u8]>::from(name))).copied() {
             let nodeid = self.held[i as usize].as_ref().map(|h| h.2);
             self.drop_entry(i);
-            if let Some(n) = nodeid {
+            if let Some(n) = nodeid.filter(|n| *n != 0) {
                 self.forget_node(n);
             }
         }
@@ -651,7 +659,9 @@ impl Publisher {
         for i in 0..self.table.len() {
             if let Some(h) = self.held[i as usize].take() {
                 self.table.clear(i);
-                self.dropped.push(h.2);
+                if h.2 != 0 {
+                    self.dropped.push(h.2);
+                }
             }
         }
         self.by_name.clear();
@@ -672,7 +682,9 @@ impl Publisher {
         self.table.clear(i);
         if let Some((parent, name, nodeid)) = self.held[i as usize].take() {
             self.by_name.remove(&(parent, name));
-            self.dropped.push(nodeid);
+            if nodeid != 0 {
+                self.dropped.push(nodeid);
+            }
         }
     }
 
@@ -741,6 +753,24 @@ mod publisher_tests {
         assert!(reader(&mut m, 8).find(1, b"a", 0).is_none());
         assert!(!pb.refresh_attr(before, 10, &Attr::default(), u64::MAX));
         assert!(pb.publish(pb.epoch(), b"a", &p(1, 10, 1)));
+    }
+
+    #[test]
+    fn a_negative_entry_pins_nothing_and_goes_with_its_name() {
+        let (mut m, mut pb) = setup(8);
+        let e = pb.epoch();
+        assert!(pb.publish(e, b"missing", &p(1, 0, 0)));
+        let t = reader(&mut m, 8);
+        assert_eq!(t.find(1, b"missing", 0).map(|(_, x)| x.nodeid), Some(0));
+        assert!(!pb.has_node(0) && pb.nodes().next().is_none(), "a miss names no node");
+        assert_eq!(pb.get(1, b"missing").map(|x| x.nodeid), Some(0));
+        // Created: the miss goes; it held no lookup to forget.
+        pb.forget_name(1, b"missing");
+        assert!(t.find(1, b"missing", 0).is_none());
+        assert!(pb.take_dropped().is_empty());
+        assert!(pb.publish(pb.epoch(), b"missing", &p(1, 0, 0)));
+        pb.forget_all();
+        assert!(pb.take_dropped().is_empty());
     }
 
     #[test]

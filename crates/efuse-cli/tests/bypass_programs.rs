@@ -525,13 +525,16 @@ fn requests_counted(test: &str, fs_kind: Fs) {
     // (Measured against the same interpreter doing nothing: a launcher
     // script may look for names of its own in the working directory.)
     let stats = "import os\nfor i in range(200):\n    assert os.stat('f').st_size == 10\n";
+    run(Some("0"), "pass");
     let idle = run(Some("0"), "pass");
-    assert_eq!(run(Some("0"), stats), idle, "{test}: a new process found nothing in its user's table");
+    let n = run(Some("0"), stats);
+    assert!(n <= idle, "{test}: a new process's stats cost {n} requests (the interpreter alone {idle})");
     // Dropped as drop_caches drops the kernel's (the bench's cold runs):
     // the next process asks again.
     let answer = efuse::control::query(&m.mnt, "drop-bypass-tables").expect("control socket");
     assert!(answer.contains("\"dropped\": true"), "{test}: drop-bypass-tables answered {answer}");
-    assert!(run(Some("0"), stats) > idle, "{test}: after the tables were dropped a new process asked nothing");
+    let n = run(Some("0"), stats);
+    assert!(n > idle, "{test}: after the tables were dropped a new process asked {n} (the interpreter alone {idle})");
     let short = "import os\nfor i in range(3):\n    os.stat('f')\nassert open('f').read() == '0123456789'\n";
     assert_eq!(run(None, short), 0, "{test}: a process of a few calls was served (EFUSE_BYPASS_AFTER default)");
     assert!(run(Some("2"), short) > 0, "{test}: EFUSE_BYPASS_AFTER=2: the process was not served");

@@ -54,10 +54,13 @@ pub fn walk(c: &Client, path: &[u8], flags: u32) -> R<Walked> {
     if path.len() > efuse_bypass::wire::WALK_PATH_MAX {
         return Err(Fail::Errno(libc::ENAMETOOLONG));
     }
-    // Attributes only: the table answers when it knows the whole path.
+    // Attributes only: the table answers when it knows the whole path, or
+    // that a name on it does not exist.
     if flags & walk::NO_KEEP != 0 {
-        if let Some(e) = walk_local(c, path, flags) {
-            return Ok(Walked::Done(e));
+        match walk_table(c, path, flags) {
+            Local::Found(e, _, _) => return Ok(Walked::Done(e)),
+            Local::Absent => return Err(Fail::Errno(libc::ENOENT)),
+            Local::Unknown => {}
         }
     }
     let inp = WalkIn { flags, path_len: path.len() as u32 };
@@ -69,18 +72,32 @@ pub fn walk(c: &Client, path: &[u8], flags: u32) -> R<Walked> {
     }
 }
 
-/// The walk the library makes over its metadata table, without a request:
-/// Some when every component is there and fresh, each directory on the way
-/// is searchable with this process's credentials, and no symbolic link needs
-/// following (anything else: None, and the daemon walks). The entry it
-/// returns holds no lookup for the client.
-pub fn walk_local(c: &Client, path: &[u8], flags: u32) -> Option<EntryOut> {
-    walk_local_at(c, path, flags).map(|(e, _, _)| e)
+/// What the metadata table says of a path.
+pub enum Local {
+    /// The final node, its table entry and the entry's sequence number.
+    Found(EntryOut, u32, u32),
+    /// A name on the way does not exist (a negative entry, fresh, in a
+    /// directory this process may search): ENOENT, as the kernel answers
+    /// from a negative dentry.
+    Absent,
+    /// The table does not know: ask the daemon.
+    Unknown,
 }
 
-/// [`walk_local`], also giving the final node's table entry and the
-/// entry's sequence number when it was read.
-pub fn walk_local_at(c: &Client, path: &[u8], flags: u32) -> Option<(EntryOut, u32, u32)> {
+/// The walk the library makes over its metadata table, without a request:
+/// Found when every component is there and fresh, each directory on the way
+/// is searchable with this process's credentials, and no symbolic link needs
+/// following; Absent when a name on the way is known not to exist; anything
+/// else Unknown, and the daemon walks. What it finds holds no lookup for
+/// the client.
+pub fn walk_table(c: &Client, path: &[u8], flags: u32) -> Local {
+    match walk_table_inner(c, path, flags) {
+        Some(l) => l,
+        None => Local::Unknown,
+    }
+}
+
+fn walk_table_inner(c: &Client, path: &[u8], flags: u32) -> Option<Local> {
     use efuse_bypass::table::now_ns;
     let t = c.table()?;
     let now = now_ns();
@@ -99,6 +116,10 @@ pub fn walk_local_at(c: &Client, path: &[u8], flags: u32) -> Option<(EntryOut, u
             return None;
         }
         let (i, p) = t.find(nodeid, name, now)?;
+        if p.nodeid == 0 {
+            // (`find` gave it only while its entry is valid.)
+            return Some(Local::Absent);
+        }
         if p.attr_expires <= now {
             return None;
         }
@@ -115,7 +136,7 @@ pub fn walk_local_at(c: &Client, path: &[u8], flags: u32) -> Option<(EntryOut, u
     }
     let e =
         EntryOut { nodeid, generation, entry_valid: 0, attr_valid: 0, entry_valid_nsec: 0, attr_valid_nsec: 0, attr };
-    Some((e, entry, seq))
+    Some(Local::Found(e, entry, seq))
 }
 
 pub fn forget(c: &Client, nodeid: u64) {
@@ -145,7 +166,7 @@ pub fn open(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
     call_struct(c, Opcode::Open as u32, nodeid, &[OpenIn { flags, open_flags: 0 }.as_bytes()])
 }
 
-/// OPEN of a node found by [`walk_local`]: the daemon takes the lookup the
+/// OPEN of a node found by [`walk_table`]: the daemon takes the lookup the
 /// client will FORGET at close ([`efuse_bypass::wire::OPEN_ADOPT`]).
 pub fn open_adopting(c: &Client, nodeid: u64, flags: u32) -> R<OpenOut> {
     let inp = OpenIn { flags, open_flags: efuse_bypass::wire::OPEN_ADOPT };

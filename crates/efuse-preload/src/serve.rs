@@ -276,33 +276,41 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
     let mut opened = None;
     // The table entry the open was checked at (see `kept`).
     let mut known = None;
-    if !excl {
+    let local = if excl { ops::Local::Unknown } else { ops::walk_table(c, &t.rest, walk_flags(&t, !nofollow, true)) };
+    // A name the table knows does not exist: no request to learn it again.
+    let absent = matches!(local, ops::Local::Absent);
+    if absent && !creat {
+        if t.via_fd {
+            return None;
+        }
+        set_errno(libc::ENOENT);
+        return Some(-1);
+    }
+    if let ops::Local::Found(e, entry, seq) = local {
         // A node the table knows is opened at once (one request); if the
         // table was wrong by then, the daemon walks as usual.
-        if let Some((e, entry, seq)) = ops::walk_local_at(c, &t.rest, walk_flags(&t, !nofollow, true)) {
-            if e.attr.mode & libc::S_IFMT == libc::S_IFREG {
-                let readable = flags & libc::O_ACCMODE != libc::O_WRONLY && flags & libc::O_TRUNC == 0;
-                if flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
-                    let cloexec = flags & libc::O_CLOEXEC != 0;
-                    if let Some(k) =
-                        crate::kept::take(c, t.mount as u32, e.nodeid, keep_flags(fuse_flags), entry, seq, cloexec)
-                    {
-                        return Some(bind_taken(path, k, e.nodeid));
-                    }
+        if e.attr.mode & libc::S_IFMT == libc::S_IFREG {
+            let readable = flags & libc::O_ACCMODE != libc::O_WRONLY && flags & libc::O_TRUNC == 0;
+            if flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+                let cloexec = flags & libc::O_CLOEXEC != 0;
+                if let Some(k) =
+                    crate::kept::take(c, t.mount as u32, e.nodeid, keep_flags(fuse_flags), entry, seq, cloexec)
+                {
+                    return Some(bind_taken(path, k, e.nodeid));
                 }
-                let o = if readable {
-                    ops::open_prefetching(c, e.nodeid, fuse_flags, entry, seq)
-                } else {
-                    ops::open_adopting(c, e.nodeid, fuse_flags)
-                };
-                if let Ok(o) = o {
-                    known = Some((entry, seq));
-                    opened = Some((e, o));
-                }
+            }
+            let o = if readable {
+                ops::open_prefetching(c, e.nodeid, fuse_flags, entry, seq)
+            } else {
+                ops::open_adopting(c, e.nodeid, fuse_flags)
+            };
+            if let Ok(o) = o {
+                known = Some((entry, seq));
+                opened = Some((e, o));
             }
         }
     }
-    if !excl && opened.is_none() {
+    if !excl && !absent && opened.is_none() {
         match ops::walk(c, &t.rest, walk_flags(&t, !nofollow, true)) {
             Ok(Walked::Done(e)) => {
                 if e.attr.mode & libc::S_IFMT != libc::S_IFREG {

@@ -702,7 +702,8 @@ impl<F: Filesystem> Client<F> {
         let t = self.table.as_ref()?;
         let p = lock(t).get(parent, name)?;
         let now = now_ns();
-        if p.entry_expires <= now || p.attr_expires <= now {
+        // (A negative entry, node 0, has no attributes to expire.)
+        if p.entry_expires <= now || (p.nodeid != 0 && p.attr_expires <= now) {
             return None;
         }
         let left = |at: u64| {
@@ -720,20 +721,27 @@ impl<F: Filesystem> Client<F> {
             attr_valid_nsec,
             attr: p.attr,
         })
+        .filter(|e| e.nodeid != 0 || e.entry_valid > 0 || e.entry_valid_nsec > 0)
     }
 
     /// Looks `name` up in `parent` through the session; the file system
     /// counts one lookup the caller must forget ([`Self::fs_forget`]).
     pub(super) fn lookup(&self, parent: u64, name: &[u8]) -> Result<abi::EntryOut, i32> {
-        let out = self.internal(Opcode::Lookup, parent, &[name, b"\0"]);
-        if out.error != 0 {
-            return Err(-out.error);
-        }
-        let e = abi::EntryOut::read_from_prefix(&out.payload).map(|(e, _)| e).map_err(|_| libc::EIO)?;
+        let e = self.lookup_entry(parent, name)?;
         if e.nodeid == 0 {
             return Err(libc::ENOENT); // a negative entry
         }
         Ok(e)
+    }
+
+    /// [`Self::lookup`] that gives a negative entry (node 0, with the time
+    /// the miss may be cached) as the file system answered it.
+    pub(super) fn lookup_entry(&self, parent: u64, name: &[u8]) -> Result<abi::EntryOut, i32> {
+        let out = self.internal(Opcode::Lookup, parent, &[name, b"\0"]);
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        abi::EntryOut::read_from_prefix(&out.payload).map(|(e, _)| e).map_err(|_| libc::EIO)
     }
 
     /// Looks up a child only to look at it; forgets it again.
@@ -778,7 +786,12 @@ impl<F: Filesystem> Client<F> {
     /// passthrough open for writing).
     pub(super) fn publish(&self, epoch: u64, parent: u64, name: &[u8], e: &abi::EntryOut) -> bool {
         let Some(t) = &self.table else { return false };
-        if e.nodeid == 0 || self.session.shared().changes.unseen_writers(e.nodeid) > 0 {
+        // A negative entry (node 0) is kept as long as the file system said
+        // the miss may be cached, and not at all without a timeout.
+        if e.nodeid == 0 && e.entry_valid == 0 && e.entry_valid_nsec == 0 {
+            return false;
+        }
+        if e.nodeid != 0 && self.session.shared().changes.unseen_writers(e.nodeid) > 0 {
             return false;
         }
         let now = now_ns();

@@ -165,10 +165,16 @@ fn walk_from<F: Filesystem>(
         // A name the table has (and pins) needs no lookup: the kernel's
         // walk would find it in its dentries just so.
         let e = match c.known(cur.nodeid, &name) {
+            Some(e) if e.nodeid == 0 => return Err(libc::ENOENT),
             Some(e) => e,
             None => {
                 let epoch = c.epoch();
-                let e = c.lookup(cur.nodeid, &name)?;
+                let e = c.lookup_entry(cur.nodeid, &name)?;
+                if e.nodeid == 0 {
+                    // A miss the file system lets be cached: so does the table.
+                    c.publish(epoch, cur.nodeid, &name, &e);
+                    return Err(libc::ENOENT);
+                }
                 if !c.publish(epoch, cur.nodeid, &name, &e) {
                     looked.push(e.nodeid);
                 }
