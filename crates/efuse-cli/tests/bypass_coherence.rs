@@ -282,8 +282,13 @@ fn coherence(test: &str, fs_kind: Fs) {
         "{test}: the bypassed process was not served ({before} -> {after} requests):\n{text}"
     );
     // Its repeated reads of unchanged files reused kept handles (the checks
-    // above ran through them too).
-    assert!(text.contains("kept handle"), "{test}: no open took a kept handle:\n{text}");
+    // above ran through them too). On stackfs the watcher also reports the
+    // daemon's own writes to the backing files, a little later, and such a
+    // report may end a kept handle before its reuse (as it should): only
+    // memfs is sure to show one.
+    if m.backing.is_none() {
+        assert!(text.contains("kept handle"), "{test}: no open took a kept handle:\n{text}");
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{assert_same, efuse_bin, require_fuse, require_tools, Cmd, Fs, Mounted};
@@ -537,6 +538,28 @@ fn requests_counted(test: &str, fs_kind: Fs) {
     assert!(n > idle, "{test}: after the tables were dropped a new process asked {n} (the interpreter alone {idle})");
     let short = "import os\nfor i in range(3):\n    os.stat('f')\nassert open('f').read() == '0123456789'\n";
     assert_eq!(run(None, short), 0, "{test}: a process of a few calls was served (EFUSE_BYPASS_AFTER default)");
+    // With the mount named (`--mount`), such a process does not even read
+    // the mount table; one that makes more calls is served.
+    let named = |script: &str, log: &Path| -> u64 {
+        let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+        Cmd::new(efuse_bin())
+            .arg("run")
+            .arg("--mount")
+            .arg(&m.mnt)
+            .args(["--", "python3", "-I", "-c", script])
+            .cwd(&m.mnt)
+            .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+            .timeout(Duration::from_secs(60))
+            .run()
+            .expect_ok();
+        m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}")) - before
+    };
+    let log = m.scratch.join("named-short.log");
+    assert_eq!(named(short, &log), 0, "{test}: --mount: a process of a few calls was served");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("bypass socket"), "{test}: --mount: a short process read the mount table:\n{text}");
+    let log = m.scratch.join("named-many.log");
+    assert!(named(many, &log) > 0, "{test}: --mount: a process of many calls was not served");
     assert!(run(Some("2"), short) > 0, "{test}: EFUSE_BYPASS_AFTER=2: the process was not served");
     assert!(run(Some("0"), short) > 0, "{test}: EFUSE_BYPASS_AFTER=0: the process was not served");
 }

@@ -125,8 +125,10 @@ impl Mounts {
             return None;
         }
         // The first calls go through the kernel: a process that does little
-        // on the mount never pays for a connection.
-        let after = crate::config::get().after;
+        // on the mount never pays for a connection. (With the mounts named,
+        // `early_call` counted them before the mount table was read.)
+        let cfg = crate::config::get();
+        let after = if cfg.mounts.is_some() { 0 } else { cfg.after };
         if after > 0 && b.asked.load(Ordering::Relaxed) < after && b.asked.fetch_add(1, Ordering::Relaxed) < after {
             return None;
         }
@@ -253,6 +255,18 @@ impl Mounts {
             (!p.is_null()).then(|| unsafe { &*p })
         })
     }
+}
+
+/// Path calls under the named mounts (EFUSE_BYPASS_MOUNTS) before the
+/// mount table was read.
+static EARLY: AtomicU32 = AtomicU32::new(0);
+
+/// One more path call under a named mount before the mount table was read:
+/// true once there were more than EFUSE_BYPASS_AFTER (read the table and
+/// connect now), false while they go through the kernel.
+pub fn early_call() -> bool {
+    let after = crate::config::get().after;
+    after == 0 || EARLY.fetch_add(1, Ordering::Relaxed) >= after
 }
 
 /// Mounts if they were already discovered (never discovers).

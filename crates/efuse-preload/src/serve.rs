@@ -90,21 +90,41 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
     if path.is_empty() || !crate::config::on() || !mounts::paths_valid() {
         return None;
     }
-    let m = mounts::get();
-    if !m.any() {
-        return None;
-    }
     // PATH_MAX bytes or more: the kernel's ENAMETOOLONG, whatever tidying
     // would make of it.
     if path.len() >= libc::PATH_MAX as usize {
         return None;
     }
-    let t = if path[0] == b'/' {
-        paths::tidy(b"", path)
-    } else {
-        let mut base = [0u8; 4096];
-        let blen = base_of(dirfd, &mut base)?;
-        paths::tidy(&base[..blen], path)
+    let tidied = || {
+        if path[0] == b'/' {
+            Some(paths::tidy(b"", path))
+        } else {
+            let mut base = [0u8; 4096];
+            let blen = base_of(dirfd, &mut base)?;
+            Some(paths::tidy(&base[..blen], path))
+        }
+    };
+    let mut t = None;
+    if mounts::discovered().is_none() {
+        if let Some(points) = &crate::config::get().mounts {
+            // The mounts to bypass are named (`efuse run --mount`): until
+            // the process has made EFUSE_BYPASS_AFTER path calls under them,
+            // it needs no mount table (a short process, such as one `cat`,
+            // never reads it), and other paths never do.
+            let tp = tidied()?;
+            if paths::longest_prefix(points, &tp.path).is_none() || !mounts::early_call() {
+                return None;
+            }
+            t = Some(tp);
+        }
+    }
+    let m = mounts::get();
+    if !m.any() {
+        return None;
+    }
+    let t = match t {
+        Some(t) => t,
+        None => tidied()?,
     };
     let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
     // A relative path the kernel resolves from a deep directory may be too
