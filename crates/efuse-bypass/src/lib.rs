@@ -293,23 +293,30 @@ impl Region {
     /// faulting. The shared region itself is left as it is for whoever else
     /// maps it.
     pub fn detach(&self) -> io::Result<()> {
-        // SAFETY: replaces exactly the pages map() mapped, which stay mapped
-        // (now private and zeroed) until Drop unmaps them.
-        let p = unsafe {
-            libc::mmap(
-                self.base as *mut libc::c_void,
-                self.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: exactly the pages map() mapped, which stay mapped (now
+        // private and zeroed) until Drop unmaps them.
+        unsafe { privatize(self.base, self.len, libc::PROT_READ | libc::PROT_WRITE) }
     }
+}
+
+/// Puts private zeroed anonymous memory with protection `prot` in place of
+/// `len` bytes mapped at `base` (see [`Region::detach`]).
+///
+/// # Safety
+/// `base..base + len` is a mapping of the caller's, kept until it unmaps it.
+unsafe fn privatize(base: *mut u8, len: usize, prot: i32) -> io::Result<()> {
+    let p = libc::mmap(
+        base as *mut libc::c_void,
+        len,
+        prot,
+        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Region {
@@ -399,21 +406,8 @@ impl TableMap {
     /// As [`Region::detach`]: this process reads zeroes (an empty table)
     /// from now on instead of the shared table.
     pub fn detach(&self) -> io::Result<()> {
-        // SAFETY: replaces exactly the pages map() mapped.
-        let p = unsafe {
-            libc::mmap(
-                self.base as *mut libc::c_void,
-                self.len,
-                libc::PROT_READ,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: exactly the pages map() mapped, kept until Drop.
+        unsafe { privatize(self.base, self.len, libc::PROT_READ) }
     }
 }
 

@@ -74,6 +74,14 @@ pub struct Published {
     pub attr: Attr,
 }
 
+impl Published {
+    /// `nodeid` in `parent` with attributes `attr`, valid for ever (tests,
+    /// and entries the daemon makes without a reply's timeouts).
+    pub fn lasting(parent: u64, nodeid: u64, attr: Attr) -> Published {
+        Published { seq: 0, parent, nodeid, generation: 0, entry_expires: u64::MAX, attr_expires: u64::MAX, attr }
+    }
+}
+
 /// The table inside a region: `buckets * WAYS` entries at `base`.
 pub struct Table {
     base: *const TableEntry,
@@ -361,15 +369,7 @@ mod tests {
     }
 
     pub(super) fn published(parent: u64, nodeid: u64, size: u64) -> Published {
-        Published {
-            seq: 0,
-            parent,
-            nodeid,
-            generation: 0,
-            entry_expires: u64::MAX,
-            attr_expires: u64::MAX,
-            attr: attr(nodeid, size),
-        }
+        Published::lasting(parent, nodeid, attr(nodeid, size))
     }
 
     struct Mem(Vec<u64>);

@@ -214,22 +214,12 @@ fn release(c: &Client, s: &Slot) {
 /// handle, if they cover it and the file's entry is unchanged.
 pub fn read(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Option<usize> {
     let s = used_by(f)?;
-    let len = s.len.load(Ordering::Acquire) as u64;
-    let end = off.checked_add(buf.len() as u64)?;
-    if end > len && s.eof.load(Ordering::Relaxed) == 0 {
-        return None;
-    }
     let (nodeid, entry, seq) =
         (f.nodeid.load(Ordering::Relaxed), f.entry.load(Ordering::Relaxed), f.seq.load(Ordering::Relaxed));
-    if !c.table()?.unchanged(entry, nodeid, seq) {
-        return None;
-    }
-    let from = off.min(len) as usize;
-    let to = end.min(len) as usize;
     // SAFETY: the slot is USED by this open file: nobody writes `data`.
     let held: &[u8; PREFETCH_MAX] = unsafe { &*s.data.get() };
-    buf[..to - from].copy_from_slice(&held[from..to]);
-    Some(to - from)
+    let (len, eof) = (s.len.load(Ordering::Acquire) as usize, s.eof.load(Ordering::Relaxed) != 0);
+    crate::prefetch::serve_from(held, len, eof, off, buf, || c.table().is_some_and(|t| t.unchanged(entry, nodeid, seq)))
 }
 
 /// Whether an open file may keep its handle after its last close: opened

@@ -131,22 +131,36 @@ pub fn read(c: &Client, idx: u32, nodeid: u64, fh: u64, off: u64, buf: &mut [u8]
         if !p.valid.get() || p.idx.get() != idx || p.nodeid.get() != nodeid || p.fh.get() != fh {
             return None;
         }
-        let len = p.len.get() as u64;
-        let end = off.checked_add(buf.len() as u64)?;
-        if end > len && !p.eof.get() {
-            return None;
-        }
-        let t = c.table()?;
-        if !t.unchanged(p.entry.get(), nodeid, p.seq.get()) {
-            p.valid.set(false);
-            return None;
-        }
-        let from = off.min(len) as usize;
-        let to = end.min(len) as usize;
         // SAFETY: `busy` keeps every other use of `data` out meanwhile.
         let held: &[u8; PREFETCH_MAX] = unsafe { &*p.data.get() };
-        buf[..to - from].copy_from_slice(&held[from..to]);
-        Some(to - from)
+        serve_from(held, p.len.get(), p.eof.get(), off, buf, || {
+            let fresh = c.table().is_some_and(|t| t.unchanged(p.entry.get(), nodeid, p.seq.get()));
+            if !fresh {
+                p.valid.set(false);
+            }
+            fresh
+        })
     })
     .flatten()
+}
+
+/// A read of `buf.len()` bytes at `off` from `held`, the first `len` bytes
+/// of a file (`eof`: the file ends there), if they cover it and `fresh()`
+/// says they are still the file's. Some(bytes read) or None.
+pub fn serve_from(
+    held: &[u8; PREFETCH_MAX],
+    len: usize,
+    eof: bool,
+    off: u64,
+    buf: &mut [u8],
+    fresh: impl FnOnce() -> bool,
+) -> Option<usize> {
+    let end = off.checked_add(buf.len() as u64)?;
+    if (end > len as u64 && !eof) || !fresh() {
+        return None;
+    }
+    let from = off.min(len as u64) as usize;
+    let to = end.min(len as u64) as usize;
+    buf[..to - from].copy_from_slice(&held[from..to]);
+    Some(to - from)
 }

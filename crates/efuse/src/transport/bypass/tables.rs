@@ -210,15 +210,7 @@ mod tests {
     }
 
     fn entry(parent: u64, nodeid: u64) -> Published {
-        Published {
-            seq: 0,
-            parent,
-            nodeid,
-            generation: 0,
-            entry_expires: u64::MAX,
-            attr_expires: u64::MAX,
-            attr: Default::default(),
-        }
+        Published::lasting(parent, nodeid, Default::default())
     }
 
     #[test]
