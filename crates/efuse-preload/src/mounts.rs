@@ -36,8 +36,14 @@ pub struct Bypass {
 /// in an efuse mount belongs to the nested one).
 pub struct Mounts {
     pub lines: Vec<MountLine>,
-    pub points: Vec<Vec<u8>>,
     pub bypass: Vec<Option<Bypass>>,
+    /// The mounts a path under a bypass mount may be on: the bypass mounts
+    /// and the mounts inside them (indices into `lines`). The longest of
+    /// them that holds a path is the longest of all mounts for every path
+    /// under a bypass mount; other paths are the kernel's either way.
+    pub relevant: Vec<usize>,
+    /// Their mount points, in the same order.
+    pub relevant_points: Vec<Vec<u8>>,
 }
 
 static MOUNTS: OnceLock<Mounts> = OnceLock::new();
@@ -98,8 +104,20 @@ fn discover() -> Mounts {
             }
         }
     }
-    let points = lines.iter().map(|m| m.point.clone()).collect();
-    Mounts { lines, points, bypass }
+    let points: Vec<&[u8]> = lines.iter().map(|m| &m.point[..]).collect();
+    let flags: Vec<bool> = bypass.iter().map(|b| b.is_some()).collect();
+    let relevant = relevant(&points, &flags);
+    let relevant_points = relevant.iter().map(|&i| points[i].to_vec()).collect();
+    Mounts { lines, bypass, relevant, relevant_points }
+}
+
+/// The indices of the mounts at `points` that are bypassed (`bypassed[i]`)
+/// or lie inside a bypassed one (see `Mounts::relevant`).
+fn relevant(points: &[&[u8]], bypassed: &[bool]) -> Vec<usize> {
+    let roots: Vec<&[u8]> = points.iter().zip(bypassed).filter(|(_, b)| **b).map(|(p, _)| *p).collect();
+    (0..points.len())
+        .filter(|&i| roots.iter().any(|r| crate::paths::longest_prefix(&[r], points[i]).is_some()))
+        .collect()
 }
 
 impl Mounts {
@@ -272,4 +290,23 @@ pub fn early_call() -> bool {
 /// Mounts if they were already discovered (never discovers).
 pub fn discovered() -> Option<&'static Mounts> {
     MOUNTS.get()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relevant;
+    use crate::paths::longest_prefix;
+
+    #[test]
+    fn a_mount_inside_a_bypassed_one_still_takes_its_paths() {
+        let points: [&[u8]; 5] = [b"/", b"/mnt/e", b"/mnt/e/sub", b"/other", b"/mnt/elsewhere"];
+        let r = relevant(&points, &[false, true, false, false, false]);
+        assert_eq!(r, vec![1, 2]);
+        let rp: Vec<&[u8]> = r.iter().map(|&i| points[i]).collect();
+        // Under the nested mount: it is the longest, and it is no bypass mount.
+        assert_eq!(longest_prefix(&rp, b"/mnt/e/sub/x").map(|(k, _)| r[k]), Some(2));
+        assert_eq!(longest_prefix(&rp, b"/mnt/e/x").map(|(k, _)| r[k]), Some(1));
+        assert_eq!(longest_prefix(&rp, b"/mnt/elsewhere/x"), None);
+        assert_eq!(longest_prefix(&rp, b"/other/x"), None);
+    }
 }

@@ -126,7 +126,8 @@ pub fn resolve(dirfd: c_int, path: &[u8]) -> Option<Target> {
         Some(t) => t,
         None => tidied()?,
     };
-    let (i, rest) = paths::longest_prefix(&m.points, &t.path)?;
+    let (k, rest) = paths::longest_prefix(&m.relevant_points, &t.path)?;
+    let i = m.relevant[k];
     // A relative path the kernel resolves from a deep directory may be too
     // long for a WALK from the mount's root: the kernel's.
     if rest.len() > efuse_bypass::wire::WALK_PATH_MAX {
