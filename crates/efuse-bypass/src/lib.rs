@@ -518,4 +518,8 @@ pub mod welcome {
     /// releases locks, which the client never takes through the daemon):
     /// the client sends none at close.
     pub const NO_FLUSH: u32 = 1 << 0;
+    /// The file system's opens may be reused (`Capabilities::reusable_opens`):
+    /// the client may keep a read-only handle after its last close and take
+    /// it again while the file's table entry is unchanged.
+    pub const KEEP_OPENS: u32 = 1 << 1;
 }

@@ -573,3 +573,68 @@ fn memfs_requests_counted() {
 fn stackfs_requests_counted() {
     requests_counted("stackfs_requests_counted", Fs::Stackfs);
 }
+
+/// A file system that does not declare its opens reusable (stackfs with
+/// `--cache none`: no watcher, so a change behind the mount may go
+/// unreported) keeps no handle: every open of the loop reaches it.
+#[test]
+fn stackfs_without_a_watcher_keeps_no_handles() {
+    let test = "stackfs_without_a_watcher_keeps_no_handles";
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::with(Fs::Stackfs, test, common::MountSpec::default().arg("--cache").arg("none"), |_| {});
+    fs::write(m.mnt.join("f"), "0123456789").expect("write f");
+    let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+    let log = m.scratch.join("bypass.log");
+    let script = "import os\nfor i in range(50):\n    fd = os.open('f', os.O_RDONLY)\n    \
+                  assert os.read(fd, 100) == b'0123456789'\n    os.close(fd)\n";
+    Cmd::new(efuse_bin())
+        .args(["run", "--", "python3", "-I", "-c", script])
+        .cwd(&m.mnt)
+        .env("EFUSE_BYPASS_AFTER", "0")
+        .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+        .timeout(Duration::from_secs(60))
+        .run()
+        .expect_ok();
+    let n = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}")) - before;
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("kept handle"), "{test}: a handle was kept:\n{text}");
+    assert!(n >= 100, "{test}: 50 opens and closes made only {n} bypass requests");
+}
+
+/// A child forked after its parent connected keeps no handle (it shares
+/// the parent's connection, and one that `_exit`s would never give a kept
+/// handle back): its second open of a file asks the daemon again; the
+/// parent's kept handles stay its own.
+#[test]
+fn forked_children_keep_no_handles() {
+    let test = "forked_children_keep_no_handles";
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::new(Fs::Memfs, test);
+    fs::write(m.mnt.join("f"), "0123456789").expect("write f");
+    let log = m.scratch.join("bypass.log");
+    let script = "import os\n\
+                  def whole():\n    fd = os.open('f', os.O_RDONLY)\n    b = os.read(fd, 100)\n    os.close(fd)\n    return b\n\
+                  first = whole()\n\
+                  for i in range(5):\n    pid = os.fork()\n    if pid == 0:\n        \
+                  ok = whole() == b'0123456789' and whole() == b'0123456789'\n        os._exit(0 if ok else 1)\n    \
+                  _, st = os.waitpid(pid, 0)\n    assert st == 0, st\n\
+                  print('parent', whole(), whole(), whole())\n";
+    let out = Cmd::new(efuse_bin())
+        .args(["run", "--", "python3", "-I", "-c", script])
+        .cwd(&m.mnt)
+        .env("EFUSE_BYPASS_AFTER", "0")
+        .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+        .timeout(Duration::from_secs(60))
+        .run()
+        .expect_ok();
+    assert_eq!(out.stdout.trim(), "parent b'0123456789' b'0123456789' b'0123456789'");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().filter(|l| l.contains("kept handle")).collect();
+    // Only the parent's later opens take a kept handle: all from one pid.
+    let pids: std::collections::BTreeSet<&str> = kept.iter().filter_map(|l| l.split(']').next()).collect();
+    assert!(!kept.is_empty() && pids.len() == 1, "{test}: kept handles taken by {pids:?}:\n{text}");
+}

@@ -657,3 +657,65 @@ fn silent_connections_hold_nobody_up() {
         "silent connections are dropped after the timeout"
     );
 }
+
+/// The daemon judges a client by the ids of the process that connected, read
+/// when its Hello comes: if they changed in between (a process that exec'd
+/// a set-id program while a child kept the socket would lend its new ids),
+/// the client is refused. Here the connecting process drops to nobody
+/// between connect and Hello.
+#[test]
+fn ids_changed_between_connect_and_hello_are_refused() {
+    let Some(m) = mounted(Fs::Memfs, "bypass-ids-changed", &[]) else { return };
+    let sock = socket_of(&m.mnt);
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child connects, drops its ids, says Hello, reports, _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code: i32 = (|| {
+            let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) else { return -1 };
+            // SAFETY: raw credential calls in the single-threaded child.
+            let dropped = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(65534, 65534, 65534) == 0
+                    && libc::setresuid(65534, 65534, 65534) == 0
+            };
+            if !dropped {
+                return -2;
+            }
+            let hello = efuse_bypass::Hello { magic: efuse_bypass::MAGIC, version: efuse_bypass::VERSION, flags: 0 };
+            if efuse_bypass::client::send_with_fd(s.as_raw_fd(), hello.as_bytes(), None).is_err() {
+                return -3;
+            }
+            let mut buf = [0u8; std::mem::size_of::<efuse_bypass::Welcome>()];
+            match efuse_bypass::client::recv_with_fds(s.as_raw_fd(), &mut buf) {
+                Ok(_) => efuse_bypass::Welcome::read_from_bytes(&buf).map_or(-4, |w| w.error),
+                Err(_) => -5,
+            }
+        })();
+        // SAFETY: write and _exit in the child.
+        unsafe {
+            libc::write(wr.as_raw_fd(), (&code as *const i32).cast(), 4);
+            libc::_exit(0);
+        }
+    }
+    drop(wr);
+    let mut p = libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd; then our child reaped.
+    let n = unsafe { libc::poll(&mut p, 1, LIMIT.as_millis() as i32) };
+    let mut code = 0i32;
+    if n > 0 {
+        // SAFETY: reads 4 bytes into an i32.
+        unsafe { libc::read(rd.as_raw_fd(), (&mut code as *mut i32).cast(), 4) };
+    } else {
+        // SAFETY: our child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    assert_eq!(code, -libc::EPERM, "the Welcome's error (negative errno; -1..-5: the child's own failure)");
+}

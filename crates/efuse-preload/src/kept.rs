@@ -27,7 +27,7 @@
 //! stay the parent's) and taken with compare-and-swap, so threads and
 //! signal handlers never wait for each other here: a busy slot is skipped.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use efuse_bypass::client::Client;
 use efuse_bypass::wire::PREFETCH_MAX;
@@ -36,6 +36,26 @@ use crate::files::{self, OpenFile, Released};
 
 /// Kept handles per process.
 pub const SLOTS: usize = 8;
+/// How long a handle stays kept without being taken again: its O_PATH
+/// descriptor holds the file (and the mount busy, as an open file does).
+pub const IDLE_NS: u64 = 2_000_000_000;
+
+/// Set in a forked child: it keeps no handles (it shares its parent's
+/// connection, and a child that `_exit`s would never give them back).
+static OFF: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process may keep and take handles: the connection's file
+/// system allows it, the process is no forked child, and its memory is
+/// its own (not a vfork child's borrowed one).
+fn enabled(c: &Client) -> bool {
+    c.welcome().flags & efuse_bypass::welcome::KEEP_OPENS != 0
+        && !OFF.load(Ordering::Relaxed)
+        && crate::serve::owns_memory()
+}
+
+fn addr(c: &Client) -> usize {
+    c as *const Client as usize
+}
 
 /// Slot states.
 const FREE: u32 = 0;
@@ -61,6 +81,14 @@ struct Slot {
     idx: AtomicU32,
     /// The kept O_PATH descriptor, -1 none.
     opath: AtomicI32,
+    /// The connection the handle belongs to (a `Client` address; clients
+    /// are never freed): a handle is taken again, and released, only on it.
+    client: AtomicUsize,
+    /// Reads copying `data` now: the slot is not refilled meanwhile.
+    readers: AtomicU32,
+    /// When it went idle (CLOCK_MONOTONIC ns): an idle handle is released
+    /// after [`IDLE_NS`].
+    idle_since: AtomicU64,
     /// Bytes of the file from offset 0 (`len` of them; `eof`: the file ends
     /// there), written only while BUSY, read while USED.
     len: AtomicU32,
@@ -84,6 +112,9 @@ static KEPT: [Slot; SLOTS] = [const {
         token: AtomicU64::new(0),
         idx: AtomicU32::new(0),
         opath: AtomicI32::new(-1),
+        client: AtomicUsize::new(0),
+        readers: AtomicU32::new(0),
+        idle_since: AtomicU64::new(0),
         len: AtomicU32::new(0),
         eof: AtomicU32::new(0),
         data: std::cell::UnsafeCell::new([0; PREFETCH_MAX]),
@@ -131,6 +162,9 @@ pub struct Taken {
 /// FD_CLOEXEC if `cloexec`) on the lowest free number; None: open as usual
 /// (a kept handle that no longer holds was released).
 pub fn take(c: &Client, mount: u32, nodeid: u64, flags: u32, entry: u32, seq: u32, cloexec: bool) -> Option<Taken> {
+    if !enabled(c) {
+        return None;
+    }
     for s in &KEPT {
         if s.state.load(Ordering::Acquire) != IDLE
             || s.nodeid.load(Ordering::Relaxed) != nodeid
@@ -146,13 +180,14 @@ pub fn take(c: &Client, mount: u32, nodeid: u64, flags: u32, entry: u32, seq: u3
         if s.nodeid.load(Ordering::Relaxed) != nodeid
             || s.mount.load(Ordering::Relaxed) != mount
             || s.flags.load(Ordering::Relaxed) != flags
+            || s.client.load(Ordering::Relaxed) != addr(c)
         {
             s.state.store(IDLE, Ordering::Release);
             continue;
         }
         let same = s.entry.load(Ordering::Relaxed) == entry && s.seq.load(Ordering::Relaxed) == seq;
         if !same || !c.table().is_some_and(|t| t.unchanged(entry, nodeid, seq)) {
-            release(c, s);
+            release(s);
             return None;
         }
         let cmd = if cloexec { libc::F_DUPFD_CLOEXEC } else { libc::F_DUPFD };
@@ -193,27 +228,73 @@ fn index(s: &Slot) -> usize {
 }
 
 /// Releases the handle of a slot held BUSY and frees it.
-fn release(c: &Client, s: &Slot) {
+fn release(s: &Slot) {
     let fd = s.opath.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: the library's own descriptor.
         unsafe { crate::real::close()(fd) };
     }
-    crate::ops::release(
-        c,
-        s.nodeid.load(Ordering::Relaxed),
-        s.fh.load(Ordering::Relaxed),
-        s.flags.load(Ordering::Relaxed),
-        true,
-    );
+    let c = s.client.swap(0, Ordering::AcqRel);
+    if c != 0 {
+        // SAFETY: the address of a published client, never freed (see
+        // `mounts::Bypass::client`); a disowned one fails the call.
+        let c = unsafe { &*(c as *const Client) };
+        crate::ops::release(
+            c,
+            s.nodeid.load(Ordering::Relaxed),
+            s.fh.load(Ordering::Relaxed),
+            s.flags.load(Ordering::Relaxed),
+            true,
+        );
+    }
     s.len.store(0, Ordering::Relaxed);
     s.state.store(FREE, Ordering::Release);
+}
+
+/// Releases the idle handles kept longer than [`IDLE_NS`] or whose file
+/// changed (its entry was rewritten or cleared). Runs at each close that
+/// may keep a handle, so a process that goes on working holds none for
+/// long; one that stops holds them until it exits.
+fn sweep() {
+    let now = efuse_bypass::table::now_ns();
+    for s in &KEPT {
+        if s.state.load(Ordering::Acquire) != IDLE {
+            continue;
+        }
+        let old = now.saturating_sub(s.idle_since.load(Ordering::Relaxed)) >= IDLE_NS;
+        let c = s.client.load(Ordering::Relaxed);
+        // SAFETY: as in `release`.
+        let stale = c != 0
+            && !unsafe { &*(c as *const Client) }.table().is_some_and(|t| {
+                t.unchanged(
+                    s.entry.load(Ordering::Relaxed),
+                    s.nodeid.load(Ordering::Relaxed),
+                    s.seq.load(Ordering::Relaxed),
+                )
+            });
+        if (old || stale) && s.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            release(s);
+        }
+    }
 }
 
 /// Serves a read at `off` of open file `f` from the bytes kept with its
 /// handle, if they cover it and the file's entry is unchanged.
 pub fn read(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Option<usize> {
-    let s = used_by(f)?;
+    let token = f.kept.load(Ordering::Acquire);
+    let s = slot_of(token)?;
+    // Counted before the check that the slot is this file's: a refill
+    // (`free_slot`) either sees the count or comes after the check fails.
+    s.readers.fetch_add(1, Ordering::SeqCst);
+    let n = read_counted(c, f, s, token, off, buf);
+    s.readers.fetch_sub(1, Ordering::SeqCst);
+    n
+}
+
+fn read_counted(c: &Client, f: &OpenFile, s: &Slot, token: u64, off: u64, buf: &mut [u8]) -> Option<usize> {
+    if s.state.load(Ordering::SeqCst) != USED || s.token.load(Ordering::SeqCst) != token {
+        return None;
+    }
     let (nodeid, entry, seq) =
         (f.nodeid.load(Ordering::Relaxed), f.entry.load(Ordering::Relaxed), f.seq.load(Ordering::Relaxed));
     // SAFETY: the slot is USED by this open file: nobody writes `data`.
@@ -242,20 +323,22 @@ pub fn keep(c: &Client, idx: u32, r: &Released, opath: Option<i32>) -> bool {
                 s.state.store(USED, Ordering::Release);
                 return false;
             }
-            if unchanged {
+            if unchanged && enabled(c) {
+                s.idle_since.store(efuse_bypass::table::now_ns(), Ordering::Relaxed);
                 s.state.store(IDLE, Ordering::Release);
             } else {
                 // The file changed: the handle goes.
-                release(c, s);
+                release(s);
             }
             return true;
         }
     }
-    let Some(fd) = opath.filter(|_| unchanged && keepable(r)) else {
+    sweep();
+    let Some(fd) = opath.filter(|_| unchanged && keepable(r) && enabled(c)) else {
         close_fd(opath);
         return false;
     };
-    let Some(s) = free_slot(c) else {
+    let Some(s) = free_slot() else {
         close_fd(Some(fd));
         return false;
     };
@@ -266,6 +349,7 @@ pub fn keep(c: &Client, idx: u32, r: &Released, opath: Option<i32>) -> bool {
     s.entry.store(r.entry, Ordering::Relaxed);
     s.seq.store(r.seq, Ordering::Relaxed);
     s.token.store(0, Ordering::Relaxed);
+    s.client.store(addr(c), Ordering::Relaxed);
     s.opath.store(fd, Ordering::Release);
     // SAFETY: the slot is BUSY: this thread alone uses `data`.
     let held: &mut [u8; PREFETCH_MAX] = unsafe { &mut *s.data.get() };
@@ -276,6 +360,7 @@ pub fn keep(c: &Client, idx: u32, r: &Released, opath: Option<i32>) -> bool {
     let (len, eof) = bytes.unwrap_or((0, false));
     s.len.store(len as u32, Ordering::Relaxed);
     s.eof.store(eof as u32, Ordering::Relaxed);
+    s.idle_since.store(efuse_bypass::table::now_ns(), Ordering::Relaxed);
     s.state.store(IDLE, Ordering::Release);
     true
 }
@@ -318,9 +403,18 @@ fn close_fd(fd: Option<i32>) {
 /// A slot to fill, held BUSY: a free one, else the first idle one (its
 /// handle released), else one whose open file is gone without this
 /// process seeing its last close (a forked child closed it).
-fn free_slot(c: &Client) -> Option<&'static Slot> {
+fn free_slot() -> Option<&'static Slot> {
+    // A slot a read still copies from is not refilled (SeqCst against the
+    // reader's count-then-check; see `read`).
+    let unread = |s: &Slot| {
+        if s.readers.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        s.state.store(FREE, Ordering::Release);
+        false
+    };
     for s in &KEPT {
-        if s.state.compare_exchange(FREE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if s.state.compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Relaxed).is_ok() && unread(s) {
             return Some(s);
         }
     }
@@ -329,20 +423,23 @@ fn free_slot(c: &Client) -> Option<&'static Slot> {
             let f = files::file(s.idx.load(Ordering::Relaxed));
             let token = s.token.load(Ordering::Acquire);
             let gone = f.refs.load(Ordering::Acquire) == 0 || f.kept.load(Ordering::Acquire) != token;
-            if gone && s.state.compare_exchange(USED, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if gone && s.state.compare_exchange(USED, BUSY, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
                 // Another process closed the file last and dealt with the
                 // handle; only this process's descriptor goes.
                 let fd = s.opath.swap(-1, Ordering::AcqRel);
                 close_fd((fd >= 0).then_some(fd));
                 s.token.store(0, Ordering::Relaxed);
-                return Some(s);
+                s.client.store(0, Ordering::Relaxed);
+                if unread(s) {
+                    return Some(s);
+                }
             }
         }
     }
     for s in &KEPT {
         if s.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            release(c, s);
-            if s.state.compare_exchange(FREE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            release(s);
+            if s.state.compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Relaxed).is_ok() && unread(s) {
                 return Some(s);
             }
         }
@@ -367,6 +464,10 @@ pub fn fds_in(first: u32, last: u32) -> impl Iterator<Item = u32> {
 /// The program wants number `fd` (dup2 onto it): a kept descriptor there
 /// moves to another number first.
 pub fn make_room(fd: i32) {
+    if !crate::serve::owns_memory() {
+        // A vfork child's descriptors are its own; the slots its parent's.
+        return;
+    }
     for s in &KEPT {
         if s.opath.load(Ordering::Acquire) == fd {
             // SAFETY: duplicates the library's own descriptor.
@@ -384,17 +485,9 @@ pub fn make_room(fd: i32) {
 /// Releases every idle kept handle of this process (before an exec or a
 /// credential change): a later open asks the daemon again.
 pub fn release_all() {
-    let Some(m) = crate::mounts::discovered() else { return };
     for s in &KEPT {
         if s.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            match m.connected(s.mount.load(Ordering::Relaxed) as usize) {
-                Some(c) => release(c, s),
-                None => {
-                    let fd = s.opath.swap(-1, Ordering::AcqRel);
-                    close_fd((fd >= 0).then_some(fd));
-                    s.state.store(FREE, Ordering::Release);
-                }
-            }
+            release(s);
         }
     }
 }
@@ -402,6 +495,7 @@ pub fn release_all() {
 /// In a forked child: the kept handles are the parent's. The child's copies
 /// of their descriptors are closed and every slot is forgotten.
 pub fn forget_in_child() {
+    OFF.store(true, Ordering::Relaxed);
     COUNTER.store(0, Ordering::Relaxed);
     for s in &KEPT {
         let fd = s.opath.swap(-1, Ordering::AcqRel);
@@ -411,6 +505,7 @@ pub fn forget_in_child() {
         }
         s.len.store(0, Ordering::Relaxed);
         s.token.store(0, Ordering::Relaxed);
+        s.client.store(0, Ordering::Relaxed);
         s.state.store(FREE, Ordering::Release);
     }
 }

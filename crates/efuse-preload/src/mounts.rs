@@ -157,6 +157,9 @@ impl Mounts {
                 Ok(c) => {
                     blog!("mount {}: connected (max_io {})", Show(&self.lines[i].point), c.welcome().max_io);
                     crate::creds::take();
+                    // A child forked from now on shares the connection: the
+                    // fork handlers must run (they keep it from keeping handles).
+                    crate::serve::ensure_atfork();
                     b.client.store(Box::into_raw(Box::new(c)), Ordering::Release);
                     b.state.store(CONNECTED, Ordering::Release);
                 }
@@ -168,17 +171,6 @@ impl Mounts {
         }
         drop(_l);
         self.client(i)
-    }
-
-    /// The connection of mount `i` if it is connected (never connects).
-    pub fn connected(&self, i: usize) -> Option<&Client> {
-        let b = self.bypass.get(i)?.as_ref()?;
-        if b.state.load(Ordering::Acquire) != CONNECTED {
-            return None;
-        }
-        let p = b.client.load(Ordering::Acquire);
-        // SAFETY: a published client is never freed (see `Bypass::client`).
-        (!p.is_null()).then(|| unsafe { &*p })
     }
 
     /// st_dev of mount `i`.

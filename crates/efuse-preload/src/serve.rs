@@ -521,7 +521,7 @@ pub fn owns_memory() -> bool {
     o == 0 || o == pid()
 }
 
-fn ensure_atfork() {
+pub fn ensure_atfork() {
     static DONE: AtomicU32 = AtomicU32::new(0);
     if DONE.swap(1, Ordering::AcqRel) == 0 {
         OWNER.store(pid(), Ordering::Relaxed);

@@ -415,6 +415,14 @@ pub struct Capabilities {
     /// which the kernel sends none. Off by default: a file system that
     /// acts on close must see every FLUSH.
     pub flush_only_unlocks: bool,
+    /// A read-only open's answer depends on nothing but the file and the
+    /// caller's credentials, RELEASE does nothing a later OPEN would need,
+    /// and every change to a file reaches the daemon (through the mount or
+    /// notified): a bypass client may keep such a handle after its last
+    /// close and reuse it for the next open of the unchanged file, with no
+    /// OPEN. Off by default: a file system that revalidates at open (a
+    /// remote store) must see every OPEN.
+    pub reusable_opens: bool,
 }
 
 /// Who sent a request.

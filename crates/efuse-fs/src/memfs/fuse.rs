@@ -124,6 +124,8 @@ impl Filesystem for MemFs {
             writeback_cache: true,
             // Nothing happens on close but releasing daemon-kept POSIX locks.
             flush_only_unlocks: true,
+            // Every change passes through the daemon; an open keeps nothing.
+            reusable_opens: true,
             ..Default::default()
         }
     }

@@ -1229,6 +1229,9 @@ impl Filesystem for StackFs {
             // FLUSH releases daemon-kept POSIX locks; and on a backing file
             // system that acts on close(2), it closes a duplicate descriptor.
             flush_only_unlocks: !self.flush_backing,
+            // Opens may be reused where every change reaches the daemon:
+            // through the mount, or from the watcher of the backing tree.
+            reusable_opens: self.cache_mode != CacheMode::None && !self.plain,
         }
     }
 

@@ -254,6 +254,8 @@ pub(super) struct Client<F: Filesystem> {
     /// What this client's metadata table holds (shared with the other
     /// clients of its credentials; kept exact by the table's listener).
     table: Option<Arc<Mutex<Publisher>>>,
+    /// The table's count of WALKs in progress (see `SharedTable::walkers`).
+    walkers: Option<Arc<std::sync::atomic::AtomicU32>>,
     sink: Arc<Sink>,
     dyn_sink: Arc<dyn ReplySink>,
     tables: Tables,
@@ -281,9 +283,11 @@ pub(crate) fn serve<F: Filesystem>(session: Arc<Session<F>>, conn: Conn, shared:
     });
     let opts = ProtocolOptions { setxattr_ext: shared.negotiated.flags & init::SETXATTR_EXT != 0 };
     let table = conn.table.as_ref().map(|l| l.table.publisher.clone());
+    let walkers = conn.table.as_ref().map(|l| l.table.walkers.clone());
     let mut c = Client {
         session,
         table,
+        walkers,
         shared: shared.clone(),
         dyn_sink: sink.clone(),
         sink,
@@ -698,6 +702,13 @@ impl<F: Filesystem> Client<F> {
     /// kernel answers a path walk from its dentries (the table is cleared
     /// before any change to what it says is answered). The table holds the
     /// node's lookup; the caller takes none.
+    /// Counts a WALK in progress until the guard drops (see `walkers`).
+    pub(super) fn walking(&self) -> Option<WalkGuard> {
+        let w = self.walkers.as_ref()?.clone();
+        w.fetch_add(1, Ordering::SeqCst);
+        Some(WalkGuard(w))
+    }
+
     pub(super) fn known(&self, parent: u64, name: &[u8]) -> Option<abi::EntryOut> {
         let t = self.table.as_ref()?;
         let p = lock(t).get(parent, name)?;
@@ -810,6 +821,11 @@ impl<F: Filesystem> Client<F> {
     /// Forgets, in the file system, the lookups of table entries that went.
     fn drain_table(&self) {
         let Some(t) = &self.table else { return };
+        if self.walkers.as_ref().is_some_and(|w| w.load(Ordering::SeqCst) > 0) {
+            // A WALK of another client may stand on a node only an entry
+            // that went pinned: its lookup is forgotten later.
+            return;
+        }
         let dropped = lock(t).take_dropped();
         for n in dropped {
             self.fs_forget(n, 1);
@@ -1296,6 +1312,15 @@ impl<F: Filesystem> Client<F> {
         for (nodeid, held) in lookups {
             self.fs_forget(nodeid, held.fs);
         }
+    }
+}
+
+/// A WALK in progress, counted in its table (see [`Client::walking`]).
+pub(super) struct WalkGuard(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for WalkGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

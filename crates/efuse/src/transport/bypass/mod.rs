@@ -190,14 +190,22 @@ pub struct BypassHandle {
 }
 
 impl BypassHandle {
-    /// Drops every metadata table no client uses, with the lookups it
-    /// pinned: the next process of each user starts cold, as after
-    /// `echo 3 > /proc/sys/vm/drop_caches` for the kernel's caches (the
-    /// bench's cold repetitions on a mount it does not remount). Waits for
-    /// the accept thread to do it; false if it did not within `timeout`.
+    /// Drops every metadata table, with the lookups it pinned, once no
+    /// client is connected: the next process of each user starts cold, as
+    /// after `echo 3 > /proc/sys/vm/drop_caches` for the kernel's caches
+    /// (the bench's cold repetitions on a mount it does not remount). Waits
+    /// for the clients to leave and the accept thread to drop the tables;
+    /// false if that did not happen within `timeout`.
     pub fn drop_idle_tables(&self, timeout: Duration) -> bool {
-        let want = self.shared.drop_asked.fetch_add(1, Ordering::AcqRel) + 1;
         let t0 = Instant::now();
+        // Clients that just hung up may still be giving their tables back.
+        while self.shared.stats.clients.load(Ordering::Acquire) > 0 {
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let want = self.shared.drop_asked.fetch_add(1, Ordering::AcqRel) + 1;
         while self.shared.drop_done.load(Ordering::Acquire) < want {
             if t0.elapsed() >= timeout {
                 return false;
@@ -502,6 +510,18 @@ fn handshake<F: Filesystem>(
     let Some(creds) = perm::Creds::of_process(cred.pid as u32) else {
         return refuse(libc::ESRCH, "its /proc status cannot be read");
     };
+    // The process read from /proc must still be the one that connected:
+    // one that exec'd a set-id program since (while a child kept the
+    // socket) would lend its new ids to whoever sends the Hello.
+    if creds.uid != cred.uid || creds.gid != cred.gid {
+        return refuse(
+            libc::EPERM,
+            &format!(
+                "its ids changed since it connected (uid {} gid {} then, fs ids {} {} now)",
+                cred.uid, cred.gid, creds.uid, creds.gid
+            ),
+        );
+    }
     let (table, freed) = shared.tables.lease(&creds, &session.shared().changes);
     forget_nodes(session, shared, &freed);
     shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
@@ -513,7 +533,8 @@ fn handshake<F: Filesystem>(
         slot_count: SLOTS,
         slot_size,
         max_io: shared.negotiated.max_write,
-        flags: if session.shared().flush_ignored() { efuse_bypass::welcome::NO_FLUSH } else { 0 },
+        flags: (if session.shared().flush_ignored() { efuse_bypass::welcome::NO_FLUSH } else { 0 })
+            | (if session.fs().capabilities().reusable_opens { efuse_bypass::welcome::KEEP_OPENS } else { 0 }),
         table_buckets: if table.is_some() { TABLE_BUCKETS } else { 0 },
         _pad: 0,
     };

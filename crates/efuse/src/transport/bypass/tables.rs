@@ -61,6 +61,10 @@ pub(crate) struct SharedTable {
     _map: TableMap,
     pub(crate) publisher: Arc<Mutex<Publisher>>,
     ear: Arc<dyn ChangeListener>,
+    /// WALKs going through the table's entries now: the lookups of entries
+    /// that went are forgotten only when none is (a walk may stand on a
+    /// node only the table pinned).
+    pub(crate) walkers: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl SharedTable {
@@ -134,7 +138,7 @@ impl Registry {
         let publisher = Arc::new(Mutex::new(Publisher::new(map.table())));
         let ear: Arc<dyn ChangeListener> = Arc::new(TableEar { table: publisher.clone() });
         changes.listen(ear.clone());
-        let table = Arc::new(SharedTable { memfd, _map: map, publisher, ear });
+        let table = Arc::new(SharedTable { memfd, _map: map, publisher, ear, walkers: Arc::default() });
         es.push(Entry { key, table: table.clone(), users: 1, idle_since: Instant::now() });
         (Some(Lease { registry: self.clone(), table }), freed)
     }
@@ -154,7 +158,9 @@ impl Registry {
                 nodes.extend(retire(&e.table, changes));
                 continue;
             }
-            nodes.extend(lock(&es[k].table.publisher).take_dropped());
+            if es[k].table.walkers.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                nodes.extend(lock(&es[k].table.publisher).take_dropped());
+            }
             k += 1;
         }
         nodes

@@ -40,6 +40,9 @@ pub(super) fn walk<F: Filesystem>(c: &mut Client<F>, start: u64, body: &[u8]) ->
     // (lookups handed to the client's table are not in it).
     let mut looked: Vec<u64> = Vec::new();
     let mut last: Option<(u64, Vec<u8>)> = None;
+    // Until the walk is done no lookup an entry pinned is forgotten: it
+    // may go through nodes only the table holds.
+    let _walking = c.walking();
     let found = resolve(c, start, arg.flags, path, &mut looked, &mut last);
     let mut keep = None;
     if let Ok(Found::Done(e)) = &found {
