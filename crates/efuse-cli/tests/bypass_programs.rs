@@ -586,19 +586,10 @@ fn stackfs_without_a_watcher_keeps_no_handles() {
     let m = Mounted::with(Fs::Stackfs, test, common::MountSpec::default().arg("--cache").arg("none"), |_| {});
     fs::write(m.mnt.join("f"), "0123456789").expect("write f");
     let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
-    let log = m.scratch.join("bypass.log");
     let script = "import os\nfor i in range(50):\n    fd = os.open('f', os.O_RDONLY)\n    \
                   assert os.read(fd, 100) == b'0123456789'\n    os.close(fd)\n";
-    Cmd::new(efuse_bin())
-        .args(["run", "--", "python3", "-I", "-c", script])
-        .cwd(&m.mnt)
-        .env("EFUSE_BYPASS_AFTER", "0")
-        .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
-        .timeout(Duration::from_secs(60))
-        .run()
-        .expect_ok();
+    let (_, text) = python_served(&m, script);
     let n = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}")) - before;
-    let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("kept handle"), "{test}: a handle was kept:\n{text}");
     assert!(n >= 100, "{test}: 50 opens and closes made only {n} bypass requests");
 }
@@ -615,7 +606,6 @@ fn forked_children_keep_no_handles() {
     }
     let m = Mounted::new(Fs::Memfs, test);
     fs::write(m.mnt.join("f"), "0123456789").expect("write f");
-    let log = m.scratch.join("bypass.log");
     let script = "import os\n\
                   def whole():\n    fd = os.open('f', os.O_RDONLY)\n    b = os.read(fd, 100)\n    os.close(fd)\n    return b\n\
                   first = whole()\n\
@@ -623,6 +613,18 @@ fn forked_children_keep_no_handles() {
                   ok = whole() == b'0123456789' and whole() == b'0123456789'\n        os._exit(0 if ok else 1)\n    \
                   _, st = os.waitpid(pid, 0)\n    assert st == 0, st\n\
                   print('parent', whole(), whole(), whole())\n";
+    let (stdout, text) = python_served(&m, script);
+    assert_eq!(stdout.trim(), "parent b'0123456789' b'0123456789' b'0123456789'");
+    let kept: Vec<&str> = text.lines().filter(|l| l.contains("kept handle")).collect();
+    // Only the parent's later opens take a kept handle: all from one pid.
+    let pids: std::collections::BTreeSet<&str> = kept.iter().filter_map(|l| l.split(']').next()).collect();
+    assert!(!kept.is_empty() && pids.len() == 1, "{test}: kept handles taken by {pids:?}:\n{text}");
+}
+
+/// `efuse run -- python3 -I -c script` in the mount, every process served
+/// from its first call; its stdout and the library's log.
+fn python_served(m: &Mounted, script: &str) -> (String, String) {
+    let log = m.scratch.join("bypass.log");
     let out = Cmd::new(efuse_bin())
         .args(["run", "--", "python3", "-I", "-c", script])
         .cwd(&m.mnt)
@@ -631,10 +633,5 @@ fn forked_children_keep_no_handles() {
         .timeout(Duration::from_secs(60))
         .run()
         .expect_ok();
-    assert_eq!(out.stdout.trim(), "parent b'0123456789' b'0123456789' b'0123456789'");
-    let text = fs::read_to_string(&log).unwrap_or_default();
-    let kept: Vec<&str> = text.lines().filter(|l| l.contains("kept handle")).collect();
-    // Only the parent's later opens take a kept handle: all from one pid.
-    let pids: std::collections::BTreeSet<&str> = kept.iter().filter_map(|l| l.split(']').next()).collect();
-    assert!(!kept.is_empty() && pids.len() == 1, "{test}: kept handles taken by {pids:?}:\n{text}");
+    (out.stdout, fs::read_to_string(&log).unwrap_or_default())
 }

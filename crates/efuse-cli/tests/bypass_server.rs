@@ -352,29 +352,36 @@ fn bypass_off_refuses_clients() {
 /// groups; returns what it wrote to the pipe (a list of i32), or panics
 /// after the limit.
 fn as_nobody(f: impl FnOnce(&mut Vec<i32>)) -> Vec<i32> {
+    in_child(|out| if drop_to_nobody() { f(out) } else { out.push(-9998) })
+}
+
+/// Makes the calling (single-threaded, forked) process uid/gid 65534 with no
+/// supplementary groups.
+fn drop_to_nobody() -> bool {
+    // SAFETY: raw credential calls in the single-threaded child.
+    unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(65534, 65534, 65534) == 0
+            && libc::setresuid(65534, 65534, 65534) == 0
+    }
+}
+
+/// Runs `f` in a forked child; returns what it pushed (a list of i32), or
+/// panics after the limit.
+fn in_child(f: impl FnOnce(&mut Vec<i32>)) -> Vec<i32> {
     let mut fds = [0; 2];
     // SAFETY: pipe writes two descriptors.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: fresh descriptors.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child switches credentials, runs `f`, writes, and _exits.
+    // SAFETY: the child runs `f`, writes, and _exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
         let mut out = Vec::new();
-        // SAFETY: raw credential calls in the single-threaded child.
-        let ok = unsafe {
-            libc::setgroups(0, std::ptr::null()) == 0
-                && libc::setresgid(65534, 65534, 65534) == 0
-                && libc::setresuid(65534, 65534, 65534) == 0
-        };
-        if ok {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut out)));
-            if r.is_err() {
-                out.push(-9999);
-            }
-        } else {
-            out.push(-9998);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut out)));
+        if r.is_err() {
+            out.push(-9999);
         }
         let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_ne_bytes()).collect();
         // SAFETY: write and _exit in the child.
@@ -397,7 +404,7 @@ fn as_nobody(f: impl FnOnce(&mut Vec<i32>)) -> Vec<i32> {
     let mut status = 0;
     // SAFETY: reaps our child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(n > 0, "the unprivileged client did not finish within {LIMIT:?}");
+    assert!(n > 0, "the child did not finish within {LIMIT:?}");
     got.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
@@ -667,55 +674,20 @@ fn silent_connections_hold_nobody_up() {
 fn ids_changed_between_connect_and_hello_are_refused() {
     let Some(m) = mounted(Fs::Memfs, "bypass-ids-changed", &[]) else { return };
     let sock = socket_of(&m.mnt);
-    let mut fds = [0; 2];
-    // SAFETY: pipe writes two descriptors.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child connects, drops its ids, says Hello, reports, _exits.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        let code: i32 = (|| {
-            let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) else { return -1 };
-            // SAFETY: raw credential calls in the single-threaded child.
-            let dropped = unsafe {
-                libc::setgroups(0, std::ptr::null()) == 0
-                    && libc::setresgid(65534, 65534, 65534) == 0
-                    && libc::setresuid(65534, 65534, 65534) == 0
-            };
-            if !dropped {
-                return -2;
-            }
-            let hello = efuse_bypass::Hello { magic: efuse_bypass::MAGIC, version: efuse_bypass::VERSION, flags: 0 };
-            if efuse_bypass::client::send_with_fd(s.as_raw_fd(), hello.as_bytes(), None).is_err() {
-                return -3;
-            }
-            let mut buf = [0u8; std::mem::size_of::<efuse_bypass::Welcome>()];
-            match efuse_bypass::client::recv_with_fds(s.as_raw_fd(), &mut buf) {
-                Ok(_) => efuse_bypass::Welcome::read_from_bytes(&buf).map_or(-4, |w| w.error),
-                Err(_) => -5,
-            }
-        })();
-        // SAFETY: write and _exit in the child.
-        unsafe {
-            libc::write(wr.as_raw_fd(), (&code as *const i32).cast(), 4);
-            libc::_exit(0);
+    let got = in_child(move |out| {
+        let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) else { return out.push(-1) };
+        if !drop_to_nobody() {
+            return out.push(-2);
         }
-    }
-    drop(wr);
-    let mut p = libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd; then our child reaped.
-    let n = unsafe { libc::poll(&mut p, 1, LIMIT.as_millis() as i32) };
-    let mut code = 0i32;
-    if n > 0 {
-        // SAFETY: reads 4 bytes into an i32.
-        unsafe { libc::read(rd.as_raw_fd(), (&mut code as *mut i32).cast(), 4) };
-    } else {
-        // SAFETY: our child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    // SAFETY: reaps our child.
-    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-    assert_eq!(code, -libc::EPERM, "the Welcome's error (negative errno; -1..-5: the child's own failure)");
+        let hello = efuse_bypass::Hello { magic: efuse_bypass::MAGIC, version: efuse_bypass::VERSION, flags: 0 };
+        if efuse_bypass::client::send_with_fd(s.as_raw_fd(), hello.as_bytes(), None).is_err() {
+            return out.push(-3);
+        }
+        let mut buf = [0u8; std::mem::size_of::<efuse_bypass::Welcome>()];
+        out.push(match efuse_bypass::client::recv_with_fds(s.as_raw_fd(), &mut buf) {
+            Ok(_) => efuse_bypass::Welcome::read_from_bytes(&buf).map_or(-4, |w| w.error),
+            Err(_) => -5,
+        });
+    });
+    assert_eq!(got, [-libc::EPERM], "the Welcome's error (negative errno; -1..-5: the child's own failure)");
 }
