@@ -96,7 +96,8 @@ impl Client {
         if welcome.dev != dev {
             return Err(broken("the daemon serves another mount"));
         }
-        if !crate::geometry_ok(welcome.slot_count, welcome.slot_size, welcome.table_buckets) {
+        if !crate::geometry_ok(welcome.slot_count, welcome.slot_size) || !crate::table_buckets_ok(welcome.table_buckets)
+        {
             return Err(broken("bad region geometry"));
         }
         // SAFETY: fstat into a zeroed stat.
@@ -104,10 +105,10 @@ impl Client {
         if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size, 0) {
+        if (st.st_size as usize) < crate::region_len(welcome.slot_count, welcome.slot_size) {
             return Err(broken("region smaller than announced"));
         }
-        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size, 0)?;
+        let region = Region::map(memfd.as_raw_fd(), welcome.slot_count, welcome.slot_size)?;
         if region.header().magic != MAGIC {
             return Err(broken("region without magic"));
         }
@@ -547,7 +548,7 @@ mod tests {
         // SAFETY: reads into our buffer.
         let n = unsafe { libc::recv(fd, hello.as_mut_ptr().cast(), hello.len(), libc::MSG_WAITALL) };
         assert_eq!(n as usize, hello.len());
-        let (memfd, region) = Region::create(4, 8192, 0).expect("region");
+        let (memfd, region) = Region::create(4, 8192).expect("region");
         let w = Welcome {
             magic: MAGIC,
             version: VERSION,

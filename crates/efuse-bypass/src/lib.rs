@@ -77,8 +77,6 @@ pub struct RegionHeader {
     pub slot_count: u32,
     /// Bytes of data per slot (requests and replies).
     pub slot_size: u32,
-    /// Buckets of the metadata table after the slots ([`table`]).
-    pub table_buckets: u32,
     /// Incremented by the client after each request it publishes; the
     /// daemon's thread futex-waits on it when it has nothing to do.
     pub doorbell: AtomicU32,
@@ -112,14 +110,9 @@ pub mod slot_flags {
     pub const NO_REPLY: u32 = 1 << 0;
 }
 
-/// Bytes of a region with `slot_count` slots of `slot_size` bytes and a
-/// metadata table of `table_buckets` buckets (0: none).
-pub fn region_len(slot_count: u32, slot_size: u32, table_buckets: u32) -> usize {
-    table_offset(slot_count, slot_size) + table::table_len(table_buckets)
-}
-
-/// Where the metadata table starts.
-pub fn table_offset(slot_count: u32, slot_size: u32) -> usize {
+/// Bytes of a region with `slot_count` slots of `slot_size` bytes (the
+/// metadata table is a memfd of its own: [`TableMap`]).
+pub fn region_len(slot_count: u32, slot_size: u32) -> usize {
     HEADER_SIZE + slot_count as usize * slot_stride(slot_size)
 }
 
@@ -134,7 +127,6 @@ pub struct Region {
     len: usize,
     slot_count: u32,
     slot_size: u32,
-    table_buckets: u32,
 }
 
 // SAFETY: the region is shared memory reached only through atomics and
@@ -147,11 +139,11 @@ impl Region {
     /// Creates a sealed memfd for a new region (daemon side) and maps it.
     /// The seals keep the client from shrinking the file under the daemon's
     /// mapping (which would make the daemon's reads fault).
-    pub fn create(slot_count: u32, slot_size: u32, table_buckets: u32) -> io::Result<(OwnedFd, Region)> {
-        if !geometry_ok(slot_count, slot_size, table_buckets) {
+    pub fn create(slot_count: u32, slot_size: u32) -> io::Result<(OwnedFd, Region)> {
+        if !geometry_ok(slot_count, slot_size) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass region: bad geometry"));
         }
-        let len = region_len(slot_count, slot_size, table_buckets);
+        let len = region_len(slot_count, slot_size);
         // SAFETY: the name is a NUL-terminated literal.
         let fd = unsafe { libc::memfd_create(c"efuse-bypass".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
@@ -171,7 +163,7 @@ impl Region {
                 return Err(io::Error::last_os_error());
             }
         }
-        let region = Region::map(fd.as_raw_fd(), slot_count, slot_size, table_buckets)?;
+        let region = Region::map(fd.as_raw_fd(), slot_count, slot_size)?;
         // SAFETY: the header page is ours to initialise; nobody else has it yet.
         unsafe {
             let p = region.base as *mut RegionHeader;
@@ -179,18 +171,17 @@ impl Region {
             std::ptr::addr_of_mut!((*p).version).write(VERSION);
             std::ptr::addr_of_mut!((*p).slot_count).write(slot_count);
             std::ptr::addr_of_mut!((*p).slot_size).write(slot_size);
-            std::ptr::addr_of_mut!((*p).table_buckets).write(table_buckets);
         }
         Ok((fd, region))
     }
 
     /// Maps the region in `fd` shared, read-write. The client checks the
     /// geometry against the [`Welcome`] before it maps.
-    pub fn map(fd: RawFd, slot_count: u32, slot_size: u32, table_buckets: u32) -> io::Result<Region> {
-        if !geometry_ok(slot_count, slot_size, table_buckets) {
+    pub fn map(fd: RawFd, slot_count: u32, slot_size: u32) -> io::Result<Region> {
+        if !geometry_ok(slot_count, slot_size) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass region: bad geometry"));
         }
-        let len = region_len(slot_count, slot_size, table_buckets);
+        let len = region_len(slot_count, slot_size);
         // SAFETY: a fresh shared mapping of a file at least `len` long (the
         // daemon sealed it; the client checked its size).
         let base = unsafe {
@@ -199,19 +190,7 @@ impl Region {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Region { base: base as *mut u8, len, slot_count, slot_size, table_buckets })
-    }
-
-    /// The metadata table, if the region has one.
-    pub fn table(&self) -> Option<table::Table> {
-        if self.table_buckets == 0 {
-            return None;
-        }
-        // SAFETY: the table lies inside the mapping, page aligned, and the
-        // mapping outlives every use the owner of `self` makes of it.
-        Some(unsafe {
-            table::Table::at(self.base.add(table_offset(self.slot_count, self.slot_size)), self.table_buckets)
-        })
+        Ok(Region { base: base as *mut u8, len, slot_count, slot_size })
     }
 
     pub fn slot_count(&self) -> u32 {
@@ -347,7 +326,7 @@ impl TableMap {
     /// Creates the memfd of a table of `buckets` buckets (daemon side),
     /// maps it read-write, then seals it.
     pub fn create(buckets: u32) -> io::Result<(OwnedFd, TableMap)> {
-        if !geometry_ok(1, 8192, buckets) || buckets == 0 {
+        if !table_buckets_ok(buckets) || buckets == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass table: bad geometry"));
         }
         let len = table::table_len(buckets);
@@ -375,7 +354,7 @@ impl TableMap {
     /// Maps the table in `fd` (`writable`: the daemon; clients map it
     /// read-only), after checking that the file holds the whole table.
     pub fn map(fd: RawFd, buckets: u32, writable: bool) -> io::Result<TableMap> {
-        if !geometry_ok(1, 8192, buckets) || buckets == 0 {
+        if !table_buckets_ok(buckets) || buckets == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bypass table: bad geometry"));
         }
         let len = table::table_len(buckets);
@@ -419,12 +398,15 @@ impl Drop for TableMap {
 }
 
 /// Whether a region of this shape is one efuse makes: 1-64 slots of at
-/// least 8 KiB and at most 64 MiB, a table of 0 or a power of two buckets up
-/// to 2^16.
-pub fn geometry_ok(slot_count: u32, slot_size: u32, table_buckets: u32) -> bool {
-    (1..=64).contains(&slot_count)
-        && (8192..=64 << 20).contains(&slot_size)
-        && (table_buckets == 0 || (table_buckets.is_power_of_two() && table_buckets <= 1 << 16))
+/// least 8 KiB and at most 64 MiB.
+pub fn geometry_ok(slot_count: u32, slot_size: u32) -> bool {
+    (1..=64).contains(&slot_count) && (8192..=64 << 20).contains(&slot_size)
+}
+
+/// Whether a metadata table of `buckets` buckets is one efuse makes: none
+/// (0), or a power of two up to 2^16.
+pub fn table_buckets_ok(buckets: u32) -> bool {
+    buckets == 0 || (buckets.is_power_of_two() && buckets <= 1 << 16)
 }
 
 /// Waits while `word` holds `expected`, for at most `timeout` (None: no

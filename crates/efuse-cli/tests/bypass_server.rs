@@ -600,8 +600,8 @@ fn scribble(mnt: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
     // SAFETY: pwrite/ftruncate on our descriptor.
     assert!(unsafe { libc::pwrite(table.as_raw_fd(), junk.as_ptr().cast(), junk.len(), 0) } < 0, "pwrite to the table");
     assert_ne!(unsafe { libc::ftruncate(table.as_raw_fd(), 0) }, 0, "the table could be truncated");
-    let region = efuse_bypass::Region::map(memfd.as_raw_fd(), w.slot_count, w.slot_size, 0).expect("map");
-    let len = efuse_bypass::region_len(w.slot_count, w.slot_size, 0);
+    let region = efuse_bypass::Region::map(memfd.as_raw_fd(), w.slot_count, w.slot_size).expect("map");
+    let len = efuse_bypass::region_len(w.slot_count, w.slot_size);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rounds = 0;
     // SAFETY: the region's header page is ours to scribble on, as any

@@ -229,16 +229,8 @@ fn index(s: &Slot) -> usize {
 
 /// Releases the handle of a slot held BUSY and frees it.
 fn release(s: &Slot) {
-    let fd = s.opath.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
-        // SAFETY: the library's own descriptor.
-        unsafe { crate::real::close()(fd) };
-    }
-    let c = s.client.swap(0, Ordering::AcqRel);
-    if c != 0 {
-        // SAFETY: the address of a published client, never freed (see
-        // `mounts::Bypass::client`); a disowned one fails the call.
-        let c = unsafe { &*(c as *const Client) };
+    close_opath(s);
+    if let Some(c) = client_at(s.client.swap(0, Ordering::AcqRel)) {
         crate::ops::release(
             c,
             s.nodeid.load(Ordering::Relaxed),
@@ -262,16 +254,15 @@ fn sweep() {
             continue;
         }
         let old = now.saturating_sub(s.idle_since.load(Ordering::Relaxed)) >= IDLE_NS;
-        let c = s.client.load(Ordering::Relaxed);
-        // SAFETY: as in `release`.
-        let stale = c != 0
-            && !unsafe { &*(c as *const Client) }.table().is_some_and(|t| {
+        let stale = client_at(s.client.load(Ordering::Relaxed)).is_some_and(|c| {
+            !c.table().is_some_and(|t| {
                 t.unchanged(
                     s.entry.load(Ordering::Relaxed),
                     s.nodeid.load(Ordering::Relaxed),
                     s.seq.load(Ordering::Relaxed),
                 )
-            });
+            })
+        });
         if (old || stale) && s.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             release(s);
         }
@@ -400,6 +391,20 @@ fn close_fd(fd: Option<i32>) {
     }
 }
 
+/// Closes slot `s`'s kept descriptor, if it has one.
+fn close_opath(s: &Slot) {
+    let fd = s.opath.swap(-1, Ordering::AcqRel);
+    close_fd((fd >= 0).then_some(fd));
+}
+
+/// The client at address `a` (a slot's `client`), None for 0.
+fn client_at(a: usize) -> Option<&'static Client> {
+    // SAFETY: a slot holds only addresses of published clients, which are
+    // never freed (see `mounts::Bypass::client`); a disowned one fails its
+    // calls.
+    (a != 0).then(|| unsafe { &*(a as *const Client) })
+}
+
 /// A slot to fill, held BUSY: a free one, else the first idle one (its
 /// handle released), else one whose open file is gone without this
 /// process seeing its last close (a forked child closed it).
@@ -426,8 +431,7 @@ fn free_slot() -> Option<&'static Slot> {
             if gone && s.state.compare_exchange(USED, BUSY, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
                 // Another process closed the file last and dealt with the
                 // handle; only this process's descriptor goes.
-                let fd = s.opath.swap(-1, Ordering::AcqRel);
-                close_fd((fd >= 0).then_some(fd));
+                close_opath(s);
                 s.token.store(0, Ordering::Relaxed);
                 s.client.store(0, Ordering::Relaxed);
                 if unread(s) {
@@ -498,11 +502,8 @@ pub fn forget_in_child() {
     OFF.store(true, Ordering::Relaxed);
     COUNTER.store(0, Ordering::Relaxed);
     for s in &KEPT {
-        let fd = s.opath.swap(-1, Ordering::AcqRel);
-        if fd >= 0 {
-            // SAFETY: the child's copy of the parent's kept descriptor.
-            unsafe { crate::real::close()(fd) };
-        }
+        // (The child's copy of the parent's kept descriptor.)
+        close_opath(s);
         s.len.store(0, Ordering::Relaxed);
         s.token.store(0, Ordering::Relaxed);
         s.client.store(0, Ordering::Relaxed);

@@ -499,7 +499,7 @@ fn handshake<F: Filesystem>(
         return refuse(libc::EAGAIN, "too many bypass clients of this user");
     }
     let slot_size = shared.negotiated.max_write.max(4096) + 4096;
-    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size, 0) {
+    let (memfd, region) = match efuse_bypass::Region::create(SLOTS, slot_size) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("bypass: cannot create a region: {e}");

@@ -101,7 +101,6 @@ fn resolve<F: Filesystem>(
     looked: &mut Vec<u64>,
     last: &mut Option<(u64, Vec<u8>)>,
 ) -> Result<Found, i32> {
-    let epoch = c.epoch();
     // The root as the table has it (every walk of the client starts there).
     if start == ROOT_ID {
         if let Some(root) = c.known(0, b"/") {
@@ -110,6 +109,7 @@ fn resolve<F: Filesystem>(
             }
         }
     }
+    let epoch = c.epoch();
     let start_out = c.attr_out(start)?;
     let start_attr = start_out.attr;
     if start == ROOT_ID {
