@@ -35,6 +35,8 @@ pub struct Client {
     welcome: Welcome,
     /// Set by [`Client::disown`]: every call fails with Broken.
     dead: AtomicBool,
+    /// The directory of direct reads ([`welcome::DIRECT_READS`]), -1 none.
+    direct: AtomicI32,
 }
 
 /// How a call failed (not the file system's answer, which is the reply's
@@ -84,7 +86,7 @@ impl Client {
         write_all(fd, hello.as_bytes())?;
         let mut buf = [0u8; std::mem::size_of::<Welcome>()];
         let mut fds = recv_with_fds(fd, &mut buf)?.into_iter();
-        let (memfd, table_fd) = (fds.next(), fds.next());
+        let (memfd, table_fd, direct_fd) = (fds.next(), fds.next(), fds.next());
         let welcome = Welcome::read_from_bytes(&buf).map_err(|_| broken("short welcome"))?;
         if welcome.magic != MAGIC || welcome.version != VERSION {
             return Err(broken("not an efuse bypass socket"));
@@ -121,7 +123,21 @@ impl Client {
         // Out of the program's way: a program picks low numbers for its own
         // redirections (`exec 3<&0`) and would close ours by them.
         let fd = move_high(sock.into_raw_fd());
-        Ok(Client { sock: AtomicI32::new(fd), region, table, welcome, dead: AtomicBool::new(false) })
+        // The directory of direct reads, if announced and a directory.
+        let direct = match direct_fd {
+            Some(d) if welcome.flags & crate::welcome::DIRECT_READS != 0 && is_dir(d.as_raw_fd()) => {
+                move_high(d.into_raw_fd())
+            }
+            _ => -1,
+        };
+        Ok(Client {
+            sock: AtomicI32::new(fd),
+            region,
+            table,
+            welcome,
+            dead: AtomicBool::new(false),
+            direct: AtomicI32::new(direct),
+        })
     }
 
     /// What the daemon said at connection.
@@ -158,11 +174,19 @@ impl Client {
         if let Some(t) = &self.table {
             let _ = t.detach();
         }
-        let fd = self.sock.swap(-1, Ordering::AcqRel);
-        if fd >= 0 {
-            // SAFETY: our own descriptor, closed once (the swap).
-            unsafe { libc::close(fd) };
+        for fd in [self.sock.swap(-1, Ordering::AcqRel), self.direct.swap(-1, Ordering::AcqRel)] {
+            if fd >= 0 {
+                // SAFETY: our own descriptor, closed once (the swap).
+                unsafe { libc::close(fd) };
+            }
         }
+    }
+
+    /// The directory of direct reads ([`welcome::DIRECT_READS`]), if the
+    /// daemon passed one and the client is not disowned.
+    pub fn direct_dir(&self) -> Option<i32> {
+        let fd = self.direct.load(Ordering::Acquire);
+        (fd >= 0).then_some(fd)
     }
 
     /// Was [`Client::disown`] called?
@@ -349,25 +373,36 @@ fn move_high(fd: i32) -> i32 {
 }
 
 impl Client {
-    /// Whether `fd` is this client's socket.
+    /// Whether `fd` is this client's socket or its directory of direct reads.
     pub fn owns_fd(&self, fd: i32) -> bool {
-        fd >= 0 && self.sock.load(Ordering::Acquire) == fd
+        fd >= 0 && (self.sock.load(Ordering::Acquire) == fd || self.direct.load(Ordering::Acquire) == fd)
     }
 
-    /// The program is about to put something on the socket's number (dup2):
-    /// the socket moves to another number first; the old one is the
-    /// program's to replace. False if it could not move.
-    pub fn relocate(&self) -> bool {
-        let old = self.sock.load(Ordering::Acquire);
-        if old < 0 {
+    /// This client's descriptors (socket, directory of direct reads).
+    pub fn fds(&self) -> impl Iterator<Item = i32> {
+        [self.sock.load(Ordering::Acquire), self.direct.load(Ordering::Acquire)].into_iter().filter(|fd| *fd >= 0)
+    }
+
+    /// The program is about to put something on number `fd` (dup2), one of
+    /// this client's descriptors: it moves to another number first; the old
+    /// one is the program's to replace. False if it could not move.
+    pub fn relocate(&self, fd: i32) -> bool {
+        let cell = if self.sock.load(Ordering::Acquire) == fd {
+            &self.sock
+        } else if self.direct.load(Ordering::Acquire) == fd {
+            &self.direct
+        } else {
+            return false;
+        };
+        if fd < 0 {
             return false;
         }
         // SAFETY: dup of our own descriptor to a free number.
-        let new = unsafe { libc::fcntl(old, libc::F_DUPFD_CLOEXEC, high_fd_floor()) };
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high_fd_floor()) };
         if new < 0 {
             return false;
         }
-        if self.sock.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if cell.compare_exchange(fd, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
             // SAFETY: the duplicate nobody took.
             unsafe { libc::close(new) };
             return false;
@@ -378,10 +413,11 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let fd = *self.sock.get_mut();
-        if fd >= 0 {
-            // SAFETY: our own descriptor, not closed by disown.
-            unsafe { libc::close(fd) };
+        for fd in [*self.sock.get_mut(), *self.direct.get_mut()] {
+            if fd >= 0 {
+                // SAFETY: our own descriptor, not closed by disown.
+                unsafe { libc::close(fd) };
+            }
         }
     }
 }
@@ -398,6 +434,12 @@ impl Drop for Release<'_> {
         sh.state.store(state::FREE, Ordering::Release);
         self.client.region.header().claimed.fetch_and(!(1u64 << self.slot), Ordering::Release);
     }
+}
+
+fn is_dir(fd: i32) -> bool {
+    // SAFETY: fstat into a zeroed stat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR }
 }
 
 fn broken(what: &str) -> io::Error {

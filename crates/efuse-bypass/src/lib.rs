@@ -36,7 +36,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"EFUSEBP1");
 /// The protocol version; a daemon refuses other versions with EPROTO.
 /// 2: the metadata table is a memfd of its own, shared by the clients of
 /// one set of credentials, passed beside the region.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes before the first slot.
 pub const HEADER_SIZE: usize = 4096;
 /// Bytes of a slot's header; its data follows.
@@ -504,4 +504,11 @@ pub mod welcome {
     /// the client may keep a read-only handle after its last close and take
     /// it again while the file's table entry is unchanged.
     pub const KEEP_OPENS: u32 = 1 << 1;
+    /// A third descriptor follows the table's: an O_PATH descriptor of a
+    /// directory that holds the file system's regular files under the same
+    /// paths, with the same contents and permissions
+    /// (`Filesystem::direct_reads`). The client may open a file there
+    /// read-only itself, with its own credentials, and read it with no
+    /// request to the daemon: the user-space counterpart of passthrough.
+    pub const DIRECT_READS: u32 = 1 << 2;
 }

@@ -322,6 +322,89 @@ with open("k", "w") as f:
 print("rewritten", whole("k"))
 "#;
 
+/// Read-only opens, which stackfs serves as direct reads (from the backing
+/// file, no request): offsets, dups, fork, changes made meanwhile through
+/// other descriptors, rename and unlink while open, the uses that convert
+/// (mmap, flock, fchmod), a file opened once and again, symbolic links on
+/// the way, exec inheriting one.
+const DIRECT: &str = r#"
+import os, fcntl, mmap, subprocess
+def w(name, data):
+    with open(name, "wb") as f:
+        f.write(data)
+w("a", b"".join(b"%05d\n" % i for i in range(4000)))
+os.stat("a")
+fd = os.open("a", os.O_RDONLY)
+print(os.read(fd, 10), os.pread(fd, 6, 23994), os.lseek(fd, 0, os.SEEK_END), os.lseek(fd, -6, os.SEEK_CUR))
+print(os.read(fd, 100), os.read(fd, 100), os.fstat(fd).st_size)
+print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))
+wfd = os.open("a", os.O_WRONLY)
+os.pwrite(wfd, b"XXXXX", 0)
+print(os.pread(fd, 10, 0), os.fstat(fd).st_size)
+os.ftruncate(wfd, 100)
+print(os.fstat(fd).st_size, os.lseek(fd, 0, os.SEEK_END), os.pread(fd, 200, 90))
+os.close(wfd)
+with open("a", "ab") as f:
+    f.write(b"appended")
+print(os.fstat(fd).st_size, os.pread(fd, 50, 95))
+os.lseek(fd, 0, os.SEEK_SET)
+d = os.dup(fd)
+print(os.read(d, 3), os.read(fd, 3))
+pid = os.fork()
+if pid == 0:
+    ok = os.read(fd, 4) == b"X000"
+    os.close(fd)
+    os._exit(0 if ok else 1)
+print("child", os.waitpid(pid, 0)[1], os.lseek(d, 0, os.SEEK_CUR), os.read(d, 4))
+os.close(d)
+os.rename("a", "b")
+print(os.pread(fd, 5, 0))
+w("c", b"new file c")
+os.stat("c")
+os.rename("c", "b")
+print(os.pread(fd, 5, 0), open("b", "rb").read())
+os.unlink("b")
+print(os.pread(fd, 5, 0), os.fstat(fd).st_nlink, os.fstat(fd).st_size)
+os.close(fd)
+w("m", bytes(range(256)) * 16)
+os.stat("m")
+fd = os.open("m", os.O_RDONLY)
+mm = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
+print(mm[250:260].hex())
+mm.close()
+print(os.pread(fd, 4, 4092).hex())
+os.close(fd)
+fd = os.open("m", os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_SH)
+fcntl.flock(fd, fcntl.LOCK_UN)
+print(os.read(fd, 3).hex())
+os.close(fd)
+fd = os.open("m", os.O_RDONLY)
+os.fchmod(fd, 0o600)
+print(oct(os.stat("m").st_mode & 0o777), oct(os.fstat(fd).st_mode & 0o777), os.read(fd, 2).hex())
+os.close(fd)
+os.mkdir("t")
+for i in range(50):
+    w("t/f%d" % i, b"file %d\n" % i * (i + 1))
+sizes = []
+for rep in range(3):
+    for i in range(50):
+        with open("t/f%d" % i, "rb") as f:
+            sizes.append(len(f.read()))
+print(sum(sizes))
+os.symlink("t", "lnk")
+os.symlink("f3", "t/l3")
+os.stat("lnk/f2")
+os.stat("t/l3")
+print(open("lnk/f2", "rb").read(), open("t/l3", "rb").read())
+fd = os.open("t/f4", os.O_RDONLY)
+fcntl.fcntl(fd, fcntl.F_SETFD, 0)
+os.lseek(fd, 2, os.SEEK_SET)
+print(subprocess.run(["sh", "-c", "cat <&%d" % fd], capture_output=True).stdout)
+print(os.lseek(fd, 0, os.SEEK_CUR))
+os.close(fd)
+"#;
+
 /// Runs `script` (python3, or bash when `bash`) under `efuse run` in the
 /// mount and in the ext4 reference directory; outputs must be the same, the
 /// mount's log must show served opens and every string of `want_log`.
@@ -390,6 +473,101 @@ cases! {
     large_and_unaligned_io: SIZES, false, &[];
     signal_handlers_read_while_reads_are_interrupted: SIGNALS, false, &[];
     kept_handles_across_opens: KEPT, false, &["kept handle"];
+}
+
+/// Direct reads on stackfs: the log shows them, and the results are ext4's.
+#[test]
+fn stackfs_direct_reads() {
+    compare("stackfs_direct_reads", Fs::Stackfs, DIRECT, false, &["direct)", "converted to a kernel open for mmap"]);
+}
+
+/// The same script on memfs, which offers no direct reads.
+#[test]
+fn memfs_read_only_opens() {
+    compare("memfs_read_only_opens", Fs::Memfs, DIRECT, false, &[]);
+}
+
+/// A process that opens and reads 100 files its user's table knows makes
+/// no request for them (direct reads): as many bypass requests as the
+/// interpreter alone.
+#[test]
+fn stackfs_direct_reads_cost_no_requests() {
+    let test = "stackfs_direct_reads_cost_no_requests";
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::new(Fs::Stackfs, test);
+    fs::create_dir(m.mnt.join("d")).expect("mkdir d");
+    for i in 0..100 {
+        fs::write(m.mnt.join(format!("d/f{i}")), format!("file {i}\n")).expect("write");
+    }
+    let run = |script: &str| -> (u64, String) {
+        let before = m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}"));
+        let (out, log) = python_served(&m, script);
+        (m.bypass_requests().unwrap_or_else(|e| panic!("{test}: {e}")) - before, format!("{out}{log}"))
+    };
+    let (_, _) = run("import os\nfor i in range(100):\n    os.stat('d/f%d' % i)\n");
+    let (idle, _) = run("pass");
+    let reads = "import os\nn = 0\nfor i in range(100):\n    with open('d/f%d' % i, 'rb') as f:\n        \
+                 n += len(f.read())\nprint(n)\n";
+    let (n, text) = run(reads);
+    assert!(text.starts_with("790\n"), "{test}: read {text}");
+    assert!(n <= idle, "{test}: 100 reads of known files cost {n} requests (the interpreter alone {idle}):\n{text}");
+    assert_eq!(text.matches("direct)").count(), 100, "{test}: not every open was a direct read:\n{text}");
+}
+
+/// Direct reads answer as the mount does, not as the backing file system
+/// would: a file whose ACL lets `nobody` read it on ext4 (the mount has no
+/// ACLs: its mode bits, 0640 root:root, do not) is refused to nobody
+/// through the bypass as through the kernel mount.
+#[test]
+fn direct_reads_keep_the_mounts_permissions() {
+    let test = "direct_reads_keep_the_mounts_permissions";
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::with(Fs::Stackfs, test, common::MountSpec::default().arg("-o").arg("allow_other"), |b| {
+        fs::write(b.join("f"), "secret\n").expect("write f");
+    });
+    let backing = m.backing.clone().expect("stackfs has a backing directory");
+    // user_obj rw, user nobody r, group_obj none, mask r, other none.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in
+        [(1u16, 6u16, u32::MAX), (2, 4, 65534), (4, 0, u32::MAX), (0x10, 4, u32::MAX), (0x20, 0, u32::MAX)]
+    {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    let path = std::ffi::CString::new(backing.join("f").into_os_string().into_encoded_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path and a live buffer.
+    let r = unsafe {
+        libc::setxattr(path.as_ptr(), c"system.posix_acl_access".as_ptr(), acl.as_ptr().cast(), acl.len(), 0)
+    };
+    if r != 0 {
+        common::skip(test, "the backing file system takes no POSIX ACL");
+        return;
+    }
+    // Through ext4 nobody may read it; the script checks what the mount says.
+    let script = "import os, sys\n\
+                  os.stat('f')\n\
+                  open('f').read()\n\
+                  os.setgroups([])\nos.setgid(65534)\nos.setuid(65534)\n\
+                  for i in range(3):\n    \
+                  try:\n        os.stat('f')\n        open('f').read()\n        print('read')\n    \
+                  except PermissionError:\n        print('refused')\n";
+    let (out, log) = python_served(&m, script);
+    assert_eq!(out.trim(), "refused\nrefused\nrefused", "{test}: through the bypass:\n{log}");
+    let kernel = Cmd::new("python3")
+        .args(["-I", "-c", script])
+        .cwd(&m.mnt)
+        .env("EFUSE_BYPASS", "off")
+        .timeout(Duration::from_secs(60))
+        .run()
+        .expect_ok();
+    assert_eq!(kernel.stdout.trim(), "refused\nrefused\nrefused", "{test}: through the kernel mount");
+    let ext4 = fs::read_to_string(backing.join("f"));
+    assert!(ext4.is_ok(), "root reads the backing file");
 }
 
 /// The same shell steps with every program a busybox applet when `B` is
@@ -536,7 +714,10 @@ fn requests_counted(test: &str, fs_kind: Fs) {
     assert!(answer.contains("\"dropped\": true"), "{test}: drop-bypass-tables answered {answer}");
     let n = run(Some("0"), stats);
     assert!(n > idle, "{test}: after the tables were dropped a new process asked {n} (the interpreter alone {idle})");
-    let short = "import os\nfor i in range(3):\n    os.stat('f')\nassert open('f').read() == '0123456789'\n";
+    // (Read and write: a read-only open of a file the table knows may be
+    // served with no request at all, see `direct reads` below.)
+    let short = "import os\nfor i in range(3):\n    os.stat('f')\nfd = os.open('f', os.O_RDWR)\n\
+                 assert os.read(fd, 100) == b'0123456789'\nos.close(fd)\n";
     assert_eq!(run(None, short), 0, "{test}: a process of a few calls was served (EFUSE_BYPASS_AFTER default)");
     // With the mount named (`--mount`), such a process does not even read
     // the mount table; one that makes more calls is served.

@@ -61,6 +61,21 @@ pub fn fs_ids_are_effective() -> bool {
 /// May this process search directory `dir` (mode bits, as the kernel's
 /// generic_permission)? None when the library cannot tell.
 pub fn may_search(dir: &Attr) -> Option<bool> {
+    may(dir, 0o1)
+}
+
+/// May this process open file `file` for reading (mode bits only, as the
+/// kernel checks them on the mount, which has no ACLs)? None when the
+/// library cannot tell.
+pub fn may_read(file: &Attr) -> Option<bool> {
+    may(file, 0o4)
+}
+
+/// The owner, group or other bits of `a` (as the kernel's
+/// generic_permission picks them) include `bit` (0o4 read, 0o1 search)?
+/// Root may read and search anything (CAP_DAC_OVERRIDE).
+fn may(a: &Attr, bit: u32) -> Option<bool> {
+    let dir = a;
     if !VALID.load(Ordering::Acquire) {
         return None;
     }
@@ -71,7 +86,7 @@ pub fn may_search(dir: &Attr) -> Option<bool> {
     }
     let mode = dir.mode;
     if uid == dir.uid {
-        return Some(mode & 0o100 != 0);
+        return Some(mode & (bit << 6) != 0);
     }
     let in_group = if GID.load(Ordering::Relaxed) == dir.gid {
         true
@@ -83,9 +98,9 @@ pub fn may_search(dir: &Attr) -> Option<bool> {
         GROUPS[..n as usize].iter().any(|g| g.load(Ordering::Relaxed) == dir.gid)
     };
     if in_group {
-        return Some(mode & 0o010 != 0);
+        return Some(mode & (bit << 3) != 0);
     }
-    Some(mode & 0o001 != 0)
+    Some(mode & bit != 0)
 }
 
 #[cfg(test)]
@@ -122,7 +137,15 @@ mod tests {
             assert_eq!(may_search(&dir(0o077, me, 5)), Some(false));
             assert_eq!(may_search(&dir(0o001, me.wrapping_add(1), u32::MAX - 3)), Some(true));
         }
+        let file = |mode, uid, gid| Attr { mode: libc::S_IFREG | mode, uid, gid, ..Default::default() };
+        if me != 0 {
+            assert_eq!(may_read(&file(0o400, me, 5)), Some(true));
+            assert_eq!(may_read(&file(0o044, me, 5)), Some(false));
+            assert_eq!(may_read(&file(0o004, me.wrapping_add(1), u32::MAX - 3)), Some(true));
+            assert_eq!(may_read(&file(0o770, me.wrapping_add(1), u32::MAX - 3)), Some(false));
+        }
         forget();
         assert_eq!(may_search(&dir(0o777, me, 0)), None);
+        assert_eq!(may_read(&file(0o777, me, 0)), None);
     }
 }

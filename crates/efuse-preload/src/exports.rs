@@ -72,6 +72,14 @@ fn convert(fd: c_int, why: &str) {
     }
 }
 
+/// A direct read (see `direct`) has no daemon handle to change the file
+/// through: before such a use, it becomes a kernel open.
+fn leave_direct(fd: c_int, why: &str) {
+    if files::get(fd).is_some_and(|i| files::file(i).direct.load(std::sync::atomic::Ordering::Relaxed) != 0) {
+        convert(fd, why);
+    }
+}
+
 // ------------------------------------------------------------------ open
 
 /// Descriptors 0, 1 and 2 are also stdio's stdin, stdout and stderr, whose
@@ -344,6 +352,7 @@ pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
         set_errno(libc::EINVAL);
         return -1;
     }
+    leave_direct(fd, "ftruncate");
     let inp = SetattrIn { valid: fattr::SIZE, size: len as u64, ..Default::default() };
     fd_call!(fd, |idx| serve::fsetattr(idx, inp), real::ftruncate()(fd, len))
 }
@@ -355,16 +364,19 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    leave_direct(fd, "fsync");
     fd_call!(fd, |idx| serve::fsync(idx, false), real::fsync()(fd))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    leave_direct(fd, "fdatasync");
     fd_call!(fd, |idx| serve::fsync(idx, true), real::fdatasync()(fd))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn fchmod(fd: c_int, mode: mode_t) -> c_int {
+    leave_direct(fd, "fchmod");
     if files::get(fd).is_some() {
         // The daemon needs the file type bits with the mode: fstat first.
         let mut st: libc::stat = std::mem::zeroed();
@@ -400,12 +412,14 @@ fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
 
 #[no_mangle]
 pub unsafe extern "C" fn fchown(fd: c_int, uid: libc::uid_t, gid: libc::gid_t) -> c_int {
+    leave_direct(fd, "fchown");
     let inp = owner_setattr(uid, gid);
     fd_call!(fd, |idx| if inp.valid == 0 { 0 } else { serve::fsetattr(idx, inp) }, real::fchown()(fd, uid, gid))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn futimens(fd: c_int, times: *const libc::timespec) -> c_int {
+    leave_direct(fd, "futimens");
     if files::get(fd).is_some() {
         let t = if times.is_null() { None } else { Some(&*(times as *const [libc::timespec; 2])) };
         let Some(inp) = serve::times_setattr(t) else {
@@ -458,6 +472,9 @@ pub unsafe extern "C" fn lstat64(path: *const c_char, st: *mut libc::stat) -> c_
 
 #[no_mangle]
 pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat) -> c_int {
+    if files::get(fd).is_some_and(serve::kernel_stat) {
+        return real::fstat()(fd, st);
+    }
     fd_call!(
         fd,
         |idx| if st.is_null() { serve::fail(libc::EFAULT).unwrap_or(-1) as c_int } else { serve::fstat(idx, &mut *st) },
@@ -577,7 +594,7 @@ pub unsafe extern "C" fn statx(
     sx: *mut libc::statx,
 ) -> c_int {
     if flags & libc::AT_EMPTY_PATH != 0 && cstr(path).is_some_and(|p| p.is_empty()) && !sx.is_null() {
-        if mask & !libc::STATX_BASIC_STATS == 0 {
+        if mask & !libc::STATX_BASIC_STATS == 0 && !files::get(dirfd).is_some_and(serve::kernel_stat) {
             fd_call!(dirfd, |idx| serve::fstatx(idx, mask, &mut *sx), ())
         } else {
             convert(dirfd, "statx of extra fields");

@@ -21,6 +21,9 @@ pub const MAX_FDS: usize = 65536;
 pub const MAX_FILES: usize = 4096;
 
 static FDS: [AtomicU32; MAX_FDS] = [const { AtomicU32::new(0) }; MAX_FDS];
+/// This process's descriptors of each open file (private: a forked child
+/// starts with its parent's counts, as with its descriptors).
+static MINE: [AtomicU32; MAX_FILES] = [const { AtomicU32::new(0) }; MAX_FILES];
 
 /// One open file served by the bypass (shared with forked children).
 #[repr(C, align(64))]
@@ -50,6 +53,9 @@ pub struct OpenFile {
     /// 1: the file system let the data be cached across opens
     /// (FOPEN_KEEP_CACHE in the OPEN reply), as the kernel's page cache.
     pub keep_cache: AtomicU32,
+    /// 1: a direct read (see `direct`): no daemon handle, reads from the
+    /// process's backing descriptor.
+    pub direct: AtomicU32,
 }
 
 static TABLE: AtomicPtr<OpenFile> = AtomicPtr::new(std::ptr::null_mut());
@@ -120,6 +126,7 @@ pub fn alloc(mount: u32, nodeid: u64, fh: u64, flags: u32) -> Option<u32> {
             f.seq.store(0, Ordering::Relaxed);
             f.kept.store(0, Ordering::Relaxed);
             f.keep_cache.store(0, Ordering::Relaxed);
+            f.direct.store(0, Ordering::Relaxed);
             f.mount.store(mount, Ordering::Relaxed);
             f.nodeid.store(nodeid, Ordering::Relaxed);
             f.fh.store(fh, Ordering::Relaxed);
@@ -135,11 +142,22 @@ pub fn alloc(mount: u32, nodeid: u64, fh: u64, flags: u32) -> Option<u32> {
 pub fn bind(fd: i32, idx: u32) -> bool {
     match usize::try_from(fd).ok().and_then(|f| FDS.get(f)) {
         Some(slot) => {
-            slot.store(idx + 1, Ordering::Release);
+            let old = slot.swap(idx + 1, Ordering::AcqRel);
+            if let Some(m) = old.checked_sub(1).and_then(|o| MINE.get(o as usize)) {
+                let _ = m.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+            if let Some(m) = MINE.get(idx as usize) {
+                m.fetch_add(1, Ordering::AcqRel);
+            }
             true
         }
         None => false,
     }
+}
+
+/// How many of this process's descriptors refer to open file `idx`.
+pub fn mine(idx: u32) -> u32 {
+    MINE.get(idx as usize).map_or(0, |m| m.load(Ordering::Acquire))
 }
 
 /// Forgets `fd`; returns the index it referred to (its reference is now
@@ -147,7 +165,11 @@ pub fn bind(fd: i32, idx: u32) -> bool {
 pub fn unbind(fd: i32) -> Option<u32> {
     let slot = FDS.get(usize::try_from(fd).ok()?)?;
     let v = slot.swap(0, Ordering::AcqRel);
-    (v != 0).then(|| v - 1)
+    let idx = v.checked_sub(1)?;
+    if let Some(m) = MINE.get(idx as usize) {
+        let _ = m.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+    Some(idx)
 }
 
 /// Adds a reference to open file `idx` (dup, fork).
@@ -167,6 +189,7 @@ pub struct Released {
     pub seq: u32,
     pub kept: u64,
     pub keep_cache: bool,
+    pub direct: bool,
 }
 
 /// The fields of open file `f` that outlive its last reference.
@@ -181,6 +204,7 @@ pub fn released_of(f: &OpenFile) -> Released {
         seq: f.seq.load(Ordering::Relaxed),
         kept: f.kept.load(Ordering::Acquire),
         keep_cache: f.keep_cache.load(Ordering::Relaxed) != 0,
+        direct: f.direct.load(Ordering::Relaxed) != 0,
     }
 }
 
@@ -296,6 +320,7 @@ mod tests {
             seq: 0,
             kept: 0,
             keep_cache: false,
+            direct: false,
         };
         assert_eq!(r, want);
         assert_eq!(unbind(1001), None);

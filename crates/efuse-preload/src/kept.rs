@@ -297,7 +297,7 @@ fn read_counted(c: &Client, f: &OpenFile, s: &Slot, token: u64, off: u64, buf: &
 /// Whether an open file may keep its handle after its last close: opened
 /// read-only at a known table entry, flags unchanged since.
 pub fn keepable(r: &Released) -> bool {
-    r.open_flags as i32 & libc::O_ACCMODE == libc::O_RDONLY && r.flags == r.open_flags && r.seq != 0
+    r.open_flags as i32 & libc::O_ACCMODE == libc::O_RDONLY && r.flags == r.open_flags && r.seq != 0 && !r.direct
 }
 
 /// The last descriptor of open file `r` (index `idx`) is closed. `opath`:
@@ -372,7 +372,7 @@ pub fn spare_fd(idx: u32, fd: i32) -> Option<i32> {
 }
 
 /// [`efuse_bypass::client::high_fd_floor`], asked once.
-fn high_floor() -> i32 {
+pub fn high_floor() -> i32 {
     static FLOOR: AtomicI32 = AtomicI32::new(0);
     match FLOOR.load(Ordering::Relaxed) {
         0 => {

@@ -22,6 +22,7 @@
 
 mod config;
 mod creds;
+mod direct;
 mod env;
 #[cfg(not(test))]
 mod exports;

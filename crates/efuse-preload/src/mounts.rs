@@ -231,7 +231,9 @@ pub fn stop_serving() {
 /// Whether `fd` is one of the library's own descriptors: a connection to
 /// a daemon, or a kept handle's (see `kept`).
 pub fn is_library_fd(fd: i32) -> bool {
-    discovered().is_some_and(|m| m.clients().any(|c| c.owns_fd(fd))) || crate::kept::owns_fd(fd)
+    discovered().is_some_and(|m| m.clients().any(|c| c.owns_fd(fd)))
+        || crate::kept::owns_fd(fd)
+        || crate::direct::owns_fd(fd)
 }
 
 /// The program wants number `fd` for itself (dup2, dup3): a socket of the
@@ -239,18 +241,19 @@ pub fn is_library_fd(fd: i32) -> bool {
 pub fn make_room(fd: i32) {
     if let Some(m) = discovered() {
         for c in m.clients().filter(|c| c.owns_fd(fd)) {
-            c.relocate();
+            c.relocate(fd);
         }
     }
     crate::kept::make_room(fd);
+    crate::direct::make_room(fd);
 }
 
 /// The library's own descriptors in `first..=last`, sorted.
 pub fn library_fds_in(first: u32, last: u32) -> Vec<u32> {
-    let mut v: Vec<u32> = discovered()
-        .map(|m| m.clients().map(|c| c.socket_fd()).filter(|fd| *fd >= 0).map(|fd| fd as u32).collect())
-        .unwrap_or_default();
+    let mut v: Vec<u32> =
+        discovered().map(|m| m.clients().flat_map(|c| c.fds()).map(|fd| fd as u32).collect()).unwrap_or_default();
     v.extend(crate::kept::fds_in(first, last));
+    v.extend(crate::direct::fds_in(first, last));
     v.retain(|fd| (first..=last).contains(fd));
     v.sort_unstable();
     v

@@ -319,6 +319,9 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
                 {
                     return Some(bind_taken(path, k, e.nodeid));
                 }
+                if let Some(fd) = open_direct(&t, dirfd, path, flags, fuse_flags, &e, entry, seq) {
+                    return Some(fd);
+                }
             }
             let o = if readable {
                 ops::open_prefetching(c, e.nodeid, fuse_flags, entry, seq)
@@ -329,6 +332,29 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
                 known = Some((entry, seq));
                 opened = Some((e, o));
             }
+        }
+    }
+    let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
+    if !excl && !absent && opened.is_none() && read_only && c.direct_dir().is_some() {
+        // A name the table does not know yet: one WALK (holding nothing),
+        // then the open is a direct read if it can be, with the entry the
+        // WALK just published.
+        match ops::walk(c, &t.rest, walk_flags(&t, !nofollow, false)) {
+            Ok(Walked::Done(e)) if e.attr.mode & libc::S_IFMT == libc::S_IFREG => {
+                let (entry, seq) = match ops::walk_table(c, &t.rest, walk_flags(&t, !nofollow, true)) {
+                    ops::Local::Found(f, entry, seq) if f.nodeid == e.nodeid => (entry, seq),
+                    _ => (0, 0),
+                };
+                if let Some(fd) = open_direct(&t, dirfd, path, flags, fuse_flags, &e, entry, seq) {
+                    return Some(fd);
+                }
+            }
+            Ok(Walked::Done(_)) | Ok(Walked::Left) => return None,
+            Err(Fail::Errno(e @ (libc::ENOENT | libc::ENOTDIR))) if !creat && !t.via_fd => {
+                set_errno(e);
+                return Some(-1);
+            }
+            Err(_) => {}
         }
     }
     if !excl && !absent && opened.is_none() {
@@ -466,6 +492,80 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
     Some(fd)
 }
 
+/// A read-only open served from the file system's own file (see
+/// `direct`): no request to the daemon. None: not possible here; the
+/// caller opens through the daemon.
+#[allow(clippy::too_many_arguments)]
+fn open_direct(
+    t: &Target,
+    dirfd: c_int,
+    path: &[u8],
+    flags: c_int,
+    fuse_flags: u32,
+    e: &efuse_abi::structs::EntryOut,
+    entry: u32,
+    seq: u32,
+) -> Option<c_int> {
+    let c = t.client;
+    let dir = c.direct_dir()?;
+    // A vfork child borrows its parent's memory: nothing of its own there.
+    if !owns_memory() || crate::direct::closed_lately(t.mount as u32, e.nodeid) {
+        return None;
+    }
+    // The mount's rule (mode bits) and the backing file system's (the open
+    // below, which may also apply ACLs): served only when both allow, so
+    // the answer is the mount's.
+    if crate::creds::may_read(&e.attr) != Some(true) {
+        return None;
+    }
+    let close = |fd: c_int| {
+        // SAFETY: our own descriptor.
+        unsafe { crate::real::close()(fd) };
+    };
+    // The program's descriptor first, on the number an open would give: an
+    // O_PATH open of the same name through the kernel.
+    let mut cpath = path.to_vec();
+    cpath.push(0);
+    let pflags = libc::O_PATH | (flags & (libc::O_CLOEXEC | libc::O_NOFOLLOW));
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
+    let dev = mounts::get().dev(t.mount);
+    if fd < 0 || (0..=2).contains(&fd) || !same_file(fd, e.attr.ino, dev) {
+        if fd >= 0 {
+            close(fd);
+        }
+        return None;
+    }
+    let Some(back) = crate::direct::open_backing(dir, &t.rest, flags, e.attr.ino) else {
+        close(fd);
+        return None;
+    };
+    let Some(back) = crate::direct::move_high(back) else {
+        close(fd);
+        return None;
+    };
+    let Some(idx) = files::alloc(t.mount as u32, e.nodeid, 0, keep_flags(fuse_flags)) else {
+        close(fd);
+        close(back);
+        return None;
+    };
+    let f = files::file(idx);
+    f.direct.store(1, Ordering::Relaxed);
+    f.entry.store(entry, Ordering::Relaxed);
+    f.seq.store(seq, Ordering::Relaxed);
+    crate::direct::attach(idx, back);
+    forget_stale(fd);
+    if !files::bind(fd, idx) {
+        crate::direct::detach(idx, t.mount as u32, e.nodeid);
+        let _ = files::drop_ref(idx);
+        close(fd);
+        return None;
+    }
+    ensure_atfork();
+    blog!("open {} -> fd {fd} (node {}, direct)", Show(path), e.nodeid);
+    Some(fd)
+}
+
 /// The open flags an open file keeps (F_GETFL reports them).
 fn keep_flags(fuse_flags: u32) -> u32 {
     fuse_flags & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC) as u32
@@ -556,6 +656,9 @@ fn io_limit(c: &Client, header: usize) -> usize {
 fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
     let (node, fh, flags) =
         (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), f.flags.load(Ordering::Relaxed));
+    if f.direct.load(Ordering::Relaxed) != 0 {
+        return read_direct(files::index_of(f), off, buf);
+    }
     if let Some(n) = crate::kept::read(c, f, off, buf) {
         return Ok(n);
     }
@@ -565,6 +668,24 @@ fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, 
     in_chunks(buf.len(), io_limit(c, 16), |at, want| {
         ops::read(c, node, fh, off + at as u64, &mut buf[at..at + want], flags)
     })
+}
+
+/// [`read_at`] of a direct read: one read of the backing file, whose
+/// answer is the file's (a short count only at its end).
+fn read_direct(idx: u32, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
+    let r = crate::direct::with_fd(idx, |fd| loop {
+        // SAFETY: reads into the live `buf`.
+        let n = unsafe { libc::pread64(fd, buf.as_mut_ptr().cast(), buf.len(), off as i64) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        match crate::guard::errno() {
+            libc::EINTR => continue,
+            e => return Err(e),
+        }
+    });
+    // No backing descriptor in this process (none should be missing).
+    r.unwrap_or(Err(libc::EBADF))
 }
 
 fn write_at(c: &Client, f: &OpenFile, off: u64, data: &[u8]) -> Result<usize, i32> {
@@ -695,7 +816,25 @@ pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
     let _lock = f.lock_offset();
     let cur = f.offset.load(Ordering::Acquire) as i64;
     let (node, fh) = (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
-    let size = || attr_of_file(c, f).map(|a| a.size as i64);
+    let direct = f.direct.load(Ordering::Relaxed) != 0;
+    let idx_ = files::index_of(f);
+    let size = || {
+        if direct {
+            // The backing file's size is the file's.
+            return table_attr(c, f).map(|a| a.size as i64).ok_or(()).or_else(|()| {
+                crate::direct::with_fd(idx_, |fd| {
+                    // SAFETY: fstat into a zeroed stat.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    match unsafe { crate::real::fstat()(fd, &mut st) } {
+                        0 => Ok(st.st_size),
+                        _ => Err(Fail::Errno(crate::guard::errno())),
+                    }
+                })
+                .unwrap_or(Err(Fail::Errno(libc::EBADF)))
+            });
+        }
+        attr_of_file(c, f).map(|a| a.size as i64)
+    };
     let new = match whence {
         libc::SEEK_SET => Ok(off),
         libc::SEEK_CUR => Ok(cur.saturating_add(off)),
@@ -704,7 +843,20 @@ pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
             if off < 0 {
                 return fail(libc::ENXIO).unwrap_or(-1) as i64;
             }
-            match ops::lseek(c, node, fh, off as u64, whence as u32) {
+            let asked = if direct {
+                // The backing file's holes are the file's.
+                crate::direct::with_fd(idx_, |fd| {
+                    // SAFETY: lseek of our own descriptor (its offset is unused).
+                    match unsafe { crate::real::lseek()(fd, off, whence) } {
+                        n if n >= 0 => Ok(n as u64),
+                        _ => Err(Fail::Errno(crate::guard::errno())),
+                    }
+                })
+                .unwrap_or(Err(Fail::Errno(libc::EBADF)))
+            } else {
+                ops::lseek(c, node, fh, off as u64, whence as u32)
+            };
+            match asked {
                 Ok(o) => Ok(o as i64),
                 Err(Fail::Errno(libc::ENOSYS)) => match size() {
                     // No hole information: the whole file is data.
@@ -739,6 +891,14 @@ fn table_attr(c: &Client, f: &OpenFile) -> Option<Attr> {
     let t = c.table()?;
     let a = t.attr_of(entry, nodeid, efuse_bypass::table::now_ns())?;
     t.unchanged(entry, nodeid, seq).then_some(a)
+}
+
+/// Whether fstat of open file `idx` is the kernel's: a direct read (no
+/// daemon handle) whose table entry changed since it was opened. The
+/// kernel answers for its O_PATH descriptor, exactly.
+pub fn kernel_stat(idx: u32) -> bool {
+    let f = files::file(idx);
+    f.direct.load(Ordering::Relaxed) != 0 && client_of(f).and_then(|c| table_attr(c, f)).is_none()
 }
 
 /// GETATTR of open file `f`, from the table when it can.
@@ -824,6 +984,19 @@ pub fn drop_file(idx: u32) {
 /// handle if this is the last reference (see `kept`; closed otherwise).
 fn drop_file_keeping(idx: u32, opath: Option<c_int>) {
     let f = files::file(idx);
+    if f.direct.load(Ordering::Relaxed) != 0 {
+        // No daemon handle: this process's backing descriptor goes with
+        // its last descriptor of the file.
+        if files::mine(idx) == 0 {
+            crate::direct::detach(idx, f.mount.load(Ordering::Relaxed), f.nodeid.load(Ordering::Relaxed));
+        }
+        let _ = files::drop_ref(idx);
+        if let Some(fd) = opath {
+            // SAFETY: the library's own duplicate (never kept for these).
+            unsafe { crate::real::close()(fd) };
+        }
+        return;
+    }
     let c = client_of(f);
     if let Some(c) = c.filter(|c| c.welcome().flags & efuse_bypass::welcome::NO_FLUSH == 0) {
         ops::flush(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));

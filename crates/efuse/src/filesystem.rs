@@ -55,6 +55,22 @@ pub trait Filesystem: Send + Sync + 'static {
         Capabilities::default()
     }
 
+    /// Direct reads for bypass clients (the user-space counterpart of
+    /// passthrough): an O_PATH descriptor of a directory that holds this
+    /// file system's regular files under the same paths, with the same
+    /// contents, inode numbers, owners and modes, on one file system (a
+    /// pass-through file system's backing directory). A bypass client then
+    /// opens a file it may read there itself, with its own credentials,
+    /// and reads it with no request; it does so only when the mount's rule
+    /// (the mode bits) and the directory's file system both allow the open,
+    /// and only for a file the metadata table names with that inode number.
+    /// Offered only on mounts that are not read-only: a client may use the
+    /// directory as its credentials allow there. Asked once per client
+    /// connection. None (the default): every read goes through the daemon.
+    fn direct_reads(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+
     /// Called once, before the INIT reply. An error fails the mount.
     fn init(&self, info: &InitInfo) -> Result<(), Errno> {
         Ok(())

@@ -1248,6 +1248,16 @@ impl Filesystem for StackFs {
         Ok(())
     }
 
+    /// The backing directory: its files are the mount's, byte for byte,
+    /// with the same inode numbers (on its own file system), owners and
+    /// modes. Not on the plain profile (the baseline has no fast paths).
+    fn direct_reads(&self) -> Option<OwnedFd> {
+        if self.plain {
+            return None;
+        }
+        sys::dup(self.inodes.fd(ROOT_ID).ok()?.as_fd()).ok()
+    }
+
     fn usage(&self) -> efuse::stats::FsUsage {
         let (nodes, held) = self.inodes.usage();
         efuse::stats::FsUsage {

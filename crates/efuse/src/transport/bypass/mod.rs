@@ -523,6 +523,10 @@ fn handshake<F: Filesystem>(
         );
     }
     let (table, freed) = shared.tables.lease(&creds, &session.shared().changes);
+    // Direct reads need the table (the client opens only what it names)
+    // and a mount that may be written (the directory lets a client do what
+    // its credentials allow there).
+    let direct = if table.is_some() && !shared.opts.read_only { session.fs().direct_reads() } else { None };
     forget_nodes(session, shared, &freed);
     shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
     let w = Welcome {
@@ -534,14 +538,17 @@ fn handshake<F: Filesystem>(
         slot_size,
         max_io: shared.negotiated.max_write,
         flags: (if session.shared().flush_ignored() { efuse_bypass::welcome::NO_FLUSH } else { 0 })
-            | (if session.fs().capabilities().reusable_opens { efuse_bypass::welcome::KEEP_OPENS } else { 0 }),
+            | (if session.fs().capabilities().reusable_opens { efuse_bypass::welcome::KEEP_OPENS } else { 0 })
+            | (if direct.is_some() { efuse_bypass::welcome::DIRECT_READS } else { 0 }),
         table_buckets: if table.is_some() { TABLE_BUCKETS } else { 0 },
         _pad: 0,
     };
     let mut pass = vec![memfd.as_raw_fd()];
     pass.extend(table.as_ref().map(|l| l.table.fd()));
+    pass.extend(direct.as_ref().map(|d| d.as_raw_fd()));
     efuse_bypass::client::send_with_fds(fd, w.as_bytes(), &pass)?;
     drop(memfd);
+    drop(direct);
     tracing::info!(pid = cred.pid, uid = cred.uid, gid = cred.gid, "bypass: client connected");
     Ok(Some(client::Conn {
         sock,
