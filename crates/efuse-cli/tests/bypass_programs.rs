@@ -570,6 +570,45 @@ fn direct_reads_keep_the_mounts_permissions() {
     assert!(ext4.is_ok(), "root reads the backing file");
 }
 
+/// fio with Linux AIO (libaio's io_submit) and POSIX AIO under `efuse run`,
+/// verifying what it wrote: both are system calls or helper threads the
+/// library does not see, so it converts the descriptors they name first
+/// (without that, io_submit failed with EBADF on the O_PATH descriptor).
+fn fio_aio(test: &str, fs_kind: Fs) {
+    if !require_fuse(test) || !require_tools(test, &["fio"]) {
+        return;
+    }
+    let m = Mounted::new(fs_kind, test);
+    for engine in ["libaio", "posixaio"] {
+        let log = m.scratch.join(format!("{engine}.log"));
+        let out = Cmd::new(efuse_bin())
+            .args(["run", "--", "fio", "--name=aio", "--directory=."])
+            .args(["--size=8M", "--bs=4k", "--rw=randrw", "--rwmixread=50", "--iodepth=8", "--numjobs=2"])
+            .arg(format!("--ioengine={engine}"))
+            .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting"])
+            .cwd(&m.mnt)
+            .env("EFUSE_BYPASS_LOG", &log.to_string_lossy())
+            .env("EFUSE_BYPASS_AFTER", "0")
+            .timeout(Duration::from_secs(120))
+            .run();
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        assert!(out.ok(), "{test}: fio {engine}: {}\n{}{}\nlog:\n{text}", out.status, out.stdout, out.stderr);
+        assert!(out.stdout.contains("err= 0"), "{test}: fio {engine} reported an error:\n{}", out.stdout);
+        let why = if engine == "libaio" { "io_submit (Linux AIO)" } else { "POSIX AIO" };
+        assert!(text.contains(why), "{test}: fio {engine}: no conversion for {why}:\n{text}");
+    }
+}
+
+#[test]
+fn memfs_fio_aio_converts() {
+    fio_aio("memfs_fio_aio_converts", Fs::Memfs);
+}
+
+#[test]
+fn stackfs_fio_aio_converts() {
+    fio_aio("stackfs_fio_aio_converts", Fs::Stackfs);
+}
+
 /// The same shell steps with every program a busybox applet when `B` is
 /// `busybox` (a static binary: the library cannot be preloaded into it).
 const FALLBACK: &str = r#"

@@ -892,6 +892,95 @@ pub unsafe extern "C" fn copy_file_range(
     real::copy_file_range()(a, ao, b, bo, n, f)
 }
 
+/// libaio's `io_submit` (a system call the kernel serves on kernel files
+/// only): every served descriptor the control blocks name is converted
+/// first. libaio's convention: the count submitted, or a negative errno.
+#[no_mangle]
+pub unsafe extern "C" fn io_submit(ctx: libc::c_ulong, nr: libc::c_long, iocbs: *mut *mut c_void) -> c_int {
+    if nr > 0 && !iocbs.is_null() {
+        for i in 0..nr as usize {
+            let cb = *iocbs.add(i);
+            if !cb.is_null() {
+                // struct iocb: aio_data (8), aio_key and aio_rw_flags (4 each),
+                // aio_lio_opcode (2), aio_reqprio (2), then aio_fildes.
+                let fd = std::ptr::read_unaligned((cb as *const u8).add(20) as *const u32) as c_int;
+                convert(fd, "io_submit (Linux AIO)");
+            }
+        }
+    }
+    let r = libc::syscall(libc::SYS_io_submit, ctx, nr, iocbs);
+    if r < 0 {
+        -guard::errno()
+    } else {
+        r as c_int
+    }
+}
+
+/// POSIX AIO: the C library's helper threads read and write the
+/// descriptor with calls this library does not see: converted first.
+macro_rules! posix_aio {
+    ($($name:ident),*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(cb: *mut libc::aiocb) -> c_int {
+            if !cb.is_null() {
+                convert((*cb).aio_fildes, "POSIX AIO");
+            }
+            real::$name()(cb)
+        }
+    )*};
+}
+posix_aio!(aio_read, aio_write, aio_read64, aio_write64);
+
+#[no_mangle]
+pub unsafe extern "C" fn aio_fsync(op: c_int, cb: *mut libc::aiocb) -> c_int {
+    if !cb.is_null() {
+        convert((*cb).aio_fildes, "POSIX AIO");
+    }
+    real::aio_fsync()(op, cb)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aio_fsync64(op: c_int, cb: *mut libc::aiocb) -> c_int {
+    if !cb.is_null() {
+        convert((*cb).aio_fildes, "POSIX AIO");
+    }
+    real::aio_fsync64()(op, cb)
+}
+
+unsafe fn convert_aio_list(list: *const *mut libc::aiocb, n: c_int) {
+    if list.is_null() {
+        return;
+    }
+    for i in 0..n.max(0) as usize {
+        let cb = *list.add(i);
+        if !cb.is_null() {
+            convert((*cb).aio_fildes, "POSIX AIO");
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn lio_listio(
+    mode: c_int,
+    list: *const *mut libc::aiocb,
+    n: c_int,
+    sev: *mut libc::sigevent,
+) -> c_int {
+    convert_aio_list(list, n);
+    real::lio_listio()(mode, list, n, sev)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn lio_listio64(
+    mode: c_int,
+    list: *const *mut libc::aiocb,
+    n: c_int,
+    sev: *mut libc::sigevent,
+) -> c_int {
+    convert_aio_list(list, n);
+    real::lio_listio64()(mode, list, n, sev)
+}
+
 unsafe fn convert_pollfds(fds: *const libc::pollfd, n: libc::nfds_t) {
     if fds.is_null() {
         return;

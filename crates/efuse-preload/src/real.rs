@@ -128,6 +128,14 @@ reals! {
     ioctl: fn(c_int, libc::c_ulong, usize) -> c_int;
     sendfile: fn(c_int, c_int, *mut off_t, size_t) -> ssize_t;
     sendfile64: fn(c_int, c_int, *mut off_t, size_t) -> ssize_t;
+    aio_read: fn(*mut libc::aiocb) -> c_int;
+    aio_write: fn(*mut libc::aiocb) -> c_int;
+    aio_read64: fn(*mut libc::aiocb) -> c_int;
+    aio_write64: fn(*mut libc::aiocb) -> c_int;
+    aio_fsync: fn(c_int, *mut libc::aiocb) -> c_int;
+    aio_fsync64: fn(c_int, *mut libc::aiocb) -> c_int;
+    lio_listio: fn(c_int, *const *mut libc::aiocb, c_int, *mut libc::sigevent) -> c_int;
+    lio_listio64: fn(c_int, *const *mut libc::aiocb, c_int, *mut libc::sigevent) -> c_int;
     splice: fn(c_int, *mut libc::loff_t, c_int, *mut libc::loff_t, size_t, c_uint) -> ssize_t;
     tee: fn(c_int, c_int, size_t, c_uint) -> ssize_t;
     copy_file_range: fn(c_int, *mut libc::loff_t, c_int, *mut libc::loff_t, size_t, c_uint) -> ssize_t;
