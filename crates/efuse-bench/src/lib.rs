@@ -57,7 +57,8 @@ pub struct BenchArgs {
     pub only: Vec<String>,
     /// Systems to run, comma-separated (default: all): ext4, libfuse,
     /// libfuse-cache, libfuse-hp, libfuse-hp-uring, efuse-plain, efuse,
-    /// efuse-dev, memfs. ext4 is always included.
+    /// efuse-dev, memfs, efuse-bypass, memfs-bypass (the last two: under
+    /// `efuse run`). ext4 is always included.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub systems: Vec<String>,
     /// An already built passthrough_hp (libfuse 3.17+, example/passthrough_hp)

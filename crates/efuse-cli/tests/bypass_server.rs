@@ -691,3 +691,46 @@ fn ids_changed_between_connect_and_hello_are_refused() {
     });
     assert_eq!(got, [-libc::EPERM], "the Welcome's error (negative errno; -1..-5: the child's own failure)");
 }
+
+/// The directory of direct reads (stackfs's backing directory) goes only to
+/// a client as privileged as the daemon: root's client gets it, nobody's
+/// (on an allow_other mount) and a root client without CAP_DAC_OVERRIDE do
+/// not (either could use it for more than the mount allows: names above
+/// it, ACLs, set-id programs); memfs offers none; a read-only mount none.
+#[test]
+fn only_clients_as_privileged_as_the_daemon_get_the_backing_directory() {
+    let Some(m) = mounted(Fs::Stackfs, "bypass-direct-who", &["-o", "allow_other"]) else { return };
+    let mnt = m.mnt.clone();
+    let root = bounded("root connects", LIMIT, move || connect(&mnt).expect("connect").direct_dir().is_some());
+    assert!(root, "root's client (as privileged as the daemon) got no directory of direct reads");
+    let mnt = m.mnt.clone();
+    let nobody = as_nobody(move |out| out.push(connect(&mnt).map(|c| c.direct_dir().is_some() as i32).unwrap_or(-1)));
+    assert_eq!(nobody, vec![0], "nobody's client: 1 = got the backing directory, -1 = refused");
+    let mnt = m.mnt.clone();
+    let weaker = in_child(move |out| {
+        // Root without CAP_DAC_OVERRIDE (dropped from the effective set).
+        // SAFETY: capget/capset on this single-threaded child.
+        let ok = unsafe {
+            let mut hdr = [0x2008_0522u32, 0];
+            let mut data = [0u32; 6];
+            libc::syscall(libc::SYS_capget, hdr.as_mut_ptr(), data.as_mut_ptr()) == 0 && {
+                data[0] &= !(1 << 1);
+                libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), data.as_ptr()) == 0
+            }
+        };
+        if !ok {
+            out.push(-9997);
+            return;
+        }
+        out.push(connect(&mnt).map(|c| c.direct_dir().is_some() as i32).unwrap_or(-1));
+    });
+    assert_eq!(weaker, vec![0], "a root client without CAP_DAC_OVERRIDE got the backing directory");
+    drop(m);
+    for (fs, args) in [(Fs::Memfs, &[][..]), (Fs::Stackfs, &["-o", "ro"][..])] {
+        let test = format!("bypass-direct-none-{}", fs.name());
+        let Some(m) = mounted(fs, &test, args) else { return };
+        let mnt = m.mnt.clone();
+        let got = bounded("connect", LIMIT, move || connect(&mnt).expect("connect").direct_dir().is_some());
+        assert!(!got, "{test}: a directory of direct reads was offered");
+    }
+}

@@ -40,13 +40,48 @@ static OWNED: [AtomicU64; MAX_FDS / 64] = [const { AtomicU64::new(0) }; MAX_FDS 
 
 fn mark(fd: i32) {
     if let Some(w) = usize::try_from(fd).ok().and_then(|f| OWNED.get(f / 64)) {
-        w.fetch_or(1 << (fd % 64), Ordering::AcqRel);
+        if w.fetch_or(1 << (fd % 64), Ordering::AcqRel) & 1 << (fd % 64) == 0 {
+            HELD.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Whether this process may open one more direct read: fewer than
+/// [`MAX_DIRECT`] backing descriptors held, and entry `idx` free of the
+/// readers and leftovers of an earlier use (a read racing the close of the
+/// file that used the entry before).
+pub fn may_attach(idx: u32) -> bool {
+    let l = &LOCAL[idx as usize];
+    HELD.load(Ordering::Acquire) < MAX_DIRECT
+        && l.users.load(Ordering::Acquire) == 0
+        && l.orphan.load(Ordering::Acquire) < 0
+        && l.fd.load(Ordering::Acquire) < 0
+}
+
+/// Room for one more? (Checked before the work of an open; `may_attach`
+/// checks again with the entry.)
+pub fn room() -> bool {
+    HELD.load(Ordering::Acquire) < MAX_DIRECT
+}
+
+/// In a forked child (one thread): reads counted by the parent's other
+/// threads never finish here, and what they left to close is the child's
+/// to close.
+pub fn forget_readers_in_child() {
+    for l in &LOCAL {
+        l.users.store(0, Ordering::Release);
+        let o = l.orphan.swap(-1, Ordering::AcqRel);
+        if o >= 0 {
+            close_own(o);
+        }
     }
 }
 
 fn unmark(fd: i32) {
     if let Some(w) = usize::try_from(fd).ok().and_then(|f| OWNED.get(f / 64)) {
-        w.fetch_and(!(1 << (fd % 64)), Ordering::AcqRel);
+        if w.fetch_and(!(1 << (fd % 64)), Ordering::AcqRel) & 1 << (fd % 64) != 0 {
+            HELD.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -66,6 +101,12 @@ struct Local {
     /// A descriptor to close once `users` drops to 0 (a closer met readers).
     orphan: AtomicI32,
 }
+
+/// Backing descriptors a process holds at most: each is a number the
+/// program cannot have (it counts against RLIMIT_NOFILE), so their number
+/// is bounded, as the kept handles' is; beyond, opens go to the daemon.
+pub const MAX_DIRECT: u32 = 16;
+static HELD: AtomicU32 = AtomicU32::new(0);
 
 static LOCAL: [Local; MAX_FILES] =
     [const { Local { fd: AtomicI32::new(-1), users: AtomicU32::new(0), orphan: AtomicI32::new(-1) } }; MAX_FILES];

@@ -74,10 +74,17 @@ fn convert(fd: c_int, why: &str) {
 
 /// A direct read (see `direct`) has no daemon handle to change the file
 /// through: before such a use, it becomes a kernel open.
-fn leave_direct(fd: c_int, why: &str) {
+fn leave_direct(fd: c_int, why: &str) -> Result<(), c_int> {
     if files::get(fd).is_some_and(|i| files::file(i).direct.load(std::sync::atomic::Ordering::Relaxed) != 0) {
-        convert(fd, why);
+        let g = guard::enter();
+        let r = catch_unwind(AssertUnwindSafe(|| serve::convert(fd, why))).unwrap_or(Err(libc::EIO));
+        drop(g);
+        if let Err(e) = r {
+            set_errno(e);
+            return Err(-1);
+        }
     }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ open
@@ -352,7 +359,9 @@ pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
         set_errno(libc::EINVAL);
         return -1;
     }
-    leave_direct(fd, "ftruncate");
+    if let Err(r) = leave_direct(fd, "ftruncate") {
+        return r;
+    }
     let inp = SetattrIn { valid: fattr::SIZE, size: len as u64, ..Default::default() };
     fd_call!(fd, |idx| serve::fsetattr(idx, inp), real::ftruncate()(fd, len))
 }
@@ -364,19 +373,19 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
-    leave_direct(fd, "fsync");
     fd_call!(fd, |idx| serve::fsync(idx, false), real::fsync()(fd))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
-    leave_direct(fd, "fdatasync");
     fd_call!(fd, |idx| serve::fsync(idx, true), real::fdatasync()(fd))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn fchmod(fd: c_int, mode: mode_t) -> c_int {
-    leave_direct(fd, "fchmod");
+    if let Err(r) = leave_direct(fd, "fchmod") {
+        return r;
+    }
     if files::get(fd).is_some() {
         // The daemon needs the file type bits with the mode: fstat first.
         let mut st: libc::stat = std::mem::zeroed();
@@ -412,14 +421,18 @@ fn owner_setattr(uid: libc::uid_t, gid: libc::gid_t) -> SetattrIn {
 
 #[no_mangle]
 pub unsafe extern "C" fn fchown(fd: c_int, uid: libc::uid_t, gid: libc::gid_t) -> c_int {
-    leave_direct(fd, "fchown");
+    if let Err(r) = leave_direct(fd, "fchown") {
+        return r;
+    }
     let inp = owner_setattr(uid, gid);
     fd_call!(fd, |idx| if inp.valid == 0 { 0 } else { serve::fsetattr(idx, inp) }, real::fchown()(fd, uid, gid))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn futimens(fd: c_int, times: *const libc::timespec) -> c_int {
-    leave_direct(fd, "futimens");
+    if let Err(r) = leave_direct(fd, "futimens") {
+        return r;
+    }
     if files::get(fd).is_some() {
         let t = if times.is_null() { None } else { Some(&*(times as *const [libc::timespec; 2])) };
         let Some(inp) = serve::times_setattr(t) else {
@@ -634,6 +647,15 @@ pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, how: c_int
 /// Records that `new` (just made by the kernel as a copy of served `old`)
 /// shares old's open file.
 fn share(old_idx: u32, new: c_int) -> c_int {
+    if new >= 0 && !serve::owns_memory() {
+        // A vfork child (posix_spawn's file actions): the table is its
+        // parent's. The copy becomes a kernel open of its own, for the
+        // program the child is about to exec.
+        let g = guard::enter();
+        let _ = catch_unwind(AssertUnwindSafe(|| serve::convert_copy(new, old_idx, "a copy made in a vfork child")));
+        drop(g);
+        return new;
+    }
     if new >= 0 {
         fresh(new);
         files::add_ref(old_idx);

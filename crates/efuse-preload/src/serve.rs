@@ -509,7 +509,7 @@ fn open_direct(
     let c = t.client;
     let dir = c.direct_dir()?;
     // A vfork child borrows its parent's memory: nothing of its own there.
-    if !owns_memory() || crate::direct::closed_lately(t.mount as u32, e.nodeid) {
+    if !owns_memory() || !crate::direct::room() || crate::direct::closed_lately(t.mount as u32, e.nodeid) {
         return None;
     }
     // The mount's rule (mode bits) and the backing file system's (the open
@@ -549,6 +549,12 @@ fn open_direct(
         close(back);
         return None;
     };
+    if !crate::direct::may_attach(idx) {
+        let _ = files::drop_ref(idx);
+        close(fd);
+        close(back);
+        return None;
+    }
     let f = files::file(idx);
     f.direct.store(1, Ordering::Relaxed);
     f.entry.store(entry, Ordering::Relaxed);
@@ -633,6 +639,7 @@ pub fn ensure_atfork() {
             crate::guard::forget_tid();
             OWNER.store(pid(), Ordering::Relaxed);
             crate::kept::forget_in_child();
+            crate::direct::forget_readers_in_child();
         }
         // SAFETY: registers plain functions that cannot unwind.
         unsafe { libc::pthread_atfork(Some(prepare), None, Some(child)) };
@@ -949,6 +956,24 @@ pub fn fsetattr(idx: u32, mut inp: SetattrIn) -> c_int {
 
 pub fn fsync(idx: u32, datasync: bool) -> c_int {
     let f = files::file(idx);
+    if f.direct.load(Ordering::Relaxed) != 0 {
+        // The backing file is the file: syncing it is syncing the file.
+        let r = crate::direct::with_fd(idx, |fd| {
+            // SAFETY: plain calls on our own descriptor.
+            unsafe {
+                if datasync {
+                    libc::fdatasync(fd)
+                } else {
+                    libc::fsync(fd)
+                }
+            }
+        });
+        return match r {
+            Some(0) => 0,
+            Some(_) => fail(crate::guard::errno()).unwrap_or(-1) as c_int,
+            None => fail(libc::EBADF).unwrap_or(-1) as c_int,
+        };
+    }
     let Some(c) = client_of(f) else { return fail(libc::EIO).unwrap_or(-1) as c_int };
     match ops::fsync(c, f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed), datasync) {
         Ok(()) | Err(Fail::Errno(libc::ENOSYS)) => 0,
@@ -1089,6 +1114,17 @@ pub fn close(fd: c_int) -> c_int {
 /// stay as they were.
 pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     let Some(idx) = files::get(fd) else { return Ok(()) };
+    convert_as(fd, idx, true, why)
+}
+
+/// [`convert`] of `fd`, a copy of open file `idx` that the table does not
+/// know (made in a vfork child, whose table is its parent's): only `fd`
+/// becomes a kernel open; the table stays as it is.
+pub fn convert_copy(fd: c_int, idx: u32, why: &str) -> Result<(), i32> {
+    convert_as(fd, idx, false, why)
+}
+
+fn convert_as(fd: c_int, idx: u32, dups: bool, why: &str) -> Result<(), i32> {
     let f = files::file(idx);
     let flags = f.flags.load(Ordering::Relaxed) as c_int;
     let mut l = crate::log::Line::new();
@@ -1096,11 +1132,13 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     let _ = write!(l, "/proc/self/fd/{fd}\0");
     let real = crate::real::openat();
     let mut fds = vec![fd];
-    files::each(|d, i| {
-        if i == idx && d != fd {
-            fds.push(d);
-        }
-    });
+    if dups {
+        files::each(|d, i| {
+            if i == idx && d != fd {
+                fds.push(d);
+            }
+        });
+    }
     let mut done = Vec::with_capacity(fds.len());
     // SAFETY: a NUL-terminated path; plain descriptor calls on our fds.
     unsafe {
@@ -1136,7 +1174,7 @@ pub fn convert(fd: c_int, why: &str) -> Result<(), i32> {
     }
     // A vfork child shares this memory with its parent, whose descriptors
     // are still served: leave the table alone there.
-    if owns_memory() {
+    if owns_memory() && dups {
         for &d in &done {
             if files::unbind(d).is_some() {
                 drop_file(idx);

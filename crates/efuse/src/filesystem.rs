@@ -64,9 +64,13 @@ pub trait Filesystem: Send + Sync + 'static {
     /// and reads it with no request; it does so only when the mount's rule
     /// (the mode bits) and the directory's file system both allow the open,
     /// and only for a file the metadata table names with that inode number.
-    /// Offered only on mounts that are not read-only: a client may use the
-    /// directory as its credentials allow there. Asked once per client
-    /// connection. None (the default): every read goes through the daemon.
+    /// The daemon hands the directory only to clients that could reach it
+    /// anyway: as privileged as the daemon (same uid and gid, its groups
+    /// and capabilities), in its root directory and mount namespace, on a
+    /// mount that is not read-only; a program can use the descriptor for
+    /// anything its credentials allow below and above the directory, not
+    /// only as the library does. Asked once per such connection. None (the
+    /// default): every read goes through the daemon.
     fn direct_reads(&self) -> Option<std::os::fd::OwnedFd> {
         None
     }

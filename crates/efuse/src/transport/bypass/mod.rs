@@ -27,6 +27,7 @@ mod walk;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -523,10 +524,18 @@ fn handshake<F: Filesystem>(
         );
     }
     let (table, freed) = shared.tables.lease(&creds, &session.shared().changes);
-    // Direct reads need the table (the client opens only what it names)
-    // and a mount that may be written (the directory lets a client do what
-    // its credentials allow there).
-    let direct = if table.is_some() && !shared.opts.read_only { session.fs().direct_reads() } else { None };
+    // Direct reads need the table (the client opens only what it names).
+    // The directory is handed only to a client that could reach it anyway:
+    // one as privileged as the daemon (same ids, its groups and
+    // capabilities), in the daemon's root and mount namespace, on a mount
+    // that may be written. Any other client could use it for more than the
+    // mount allows (names above it, ACLs, set-id programs without nosuid,
+    // after the unmount), so it reads through the daemon.
+    let direct = if table.is_some() && !shared.opts.read_only && may_have_the_backing_tree(cred.pid as u32, &creds) {
+        session.fs().direct_reads()
+    } else {
+        None
+    };
     forget_nodes(session, shared, &freed);
     shared.stats.tables.store(shared.tables.len() as u64, Ordering::Relaxed);
     let w = Welcome {
@@ -558,6 +567,20 @@ fn handshake<F: Filesystem>(
         hung: Arc::new(AtomicBool::new(false)),
         table,
     }))
+}
+
+/// Whether process `pid` (credentials `creds`) can reach whatever the
+/// daemon can: credentials covering the daemon's, the same root directory
+/// and the same mount namespace.
+fn may_have_the_backing_tree(pid: u32, creds: &perm::Creds) -> bool {
+    let same = |what: &str| {
+        let a = std::fs::metadata(format!("/proc/self/{what}"));
+        let b = std::fs::metadata(format!("/proc/{pid}/{what}"));
+        matches!((a, b), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = perm::Creds::of_process(unsafe { libc::getpid() } as u32);
+    me.is_some_and(|me| creds.covers(&me)) && same("root") && same("ns/mnt")
 }
 
 /// Forgets one lookup of each of `nodes` in the file system (the lookups a

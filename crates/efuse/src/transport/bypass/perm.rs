@@ -54,6 +54,15 @@ impl Creds {
         Some(Creds { uid, gid, pid, groups, caps })
     }
 
+    /// Whether these credentials can do all that `other`'s can: the same
+    /// ids, every group and capability of `other`'s.
+    pub(crate) fn covers(&self, other: &Creds) -> bool {
+        self.uid == other.uid
+            && self.gid == other.gid
+            && other.groups.iter().all(|g| self.groups.contains(g))
+            && other.caps & !self.caps == 0
+    }
+
     pub(crate) fn capable(&self, cap: u32) -> bool {
         self.caps & (1u64 << cap) != 0
     }
