@@ -128,6 +128,14 @@ fn tag_of_hash(h: u64) -> u32 {
     (h >> 12) as u32 | 1
 }
 
+/// Up to 8 bytes of a name as an entry stores them: one word, zero padded.
+#[inline]
+fn word_of(chunk: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..chunk.len()].copy_from_slice(chunk);
+    u64::from_ne_bytes(b)
+}
+
 /// The two buckets `name` in `parent` may live in, among `buckets` (a
 /// power of two): different ones when there are two or more.
 pub fn buckets_of(parent: u64, name: &[u8], buckets: u32) -> (u32, u32) {
@@ -320,14 +328,6 @@ impl Table {
         if name.is_empty() || name.len() > NAME_MAX {
             return None;
         }
-        // The name as the entry stores it: its bytes in words, zero padded.
-        let mut want = [0u64; NAME_WORDS];
-        for (w, chunk) in want.iter_mut().zip(name.chunks(8)) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            *w = u64::from_ne_bytes(b);
-        }
-        let words = name.len().div_ceil(8);
         let h = hash(parent, name);
         let tag = tag_of_hash(h);
         let (a, b) = buckets_of_hash(h, self.buckets);
@@ -335,14 +335,15 @@ impl Table {
         (a * WAYS..(a + 1) * WAYS)
             .chain(second)
             .filter(|&i| self.tag(i).load(Ordering::Acquire) == tag)
-            .find_map(|i| self.matching(i, parent, name.len(), &want[..words], now).map(|p| (i, p)))
+            .find_map(|i| self.matching(i, parent, name, now).map(|p| (i, p)))
     }
 
-    /// Entry `i` if it is `parent`'s entry for the name whose words are
-    /// `want` (`len` bytes) and alive at `now`: a seqlock read that gives
-    /// up at the first field that differs, before copying the rest.
+    /// Entry `i` if it is `parent`'s entry for `name` and alive at `now`: a
+    /// seqlock read that gives up at the first field that differs, before
+    /// copying the rest.
     #[inline]
-    fn matching(&self, i: u32, parent: u64, len: usize, want: &[u64], now: u64) -> Option<Published> {
+    fn matching(&self, i: u32, parent: u64, name: &[u8], now: u64) -> Option<Published> {
+        let len = name.len();
         let e = self.entry(i);
         for _ in 0..4 {
             let s1 = e.seq.load(Ordering::Acquire);
@@ -352,7 +353,7 @@ impl Table {
             }
             if e.name_len.load(Ordering::Relaxed) as usize != len
                 || e.parent.load(Ordering::Relaxed) != parent
-                || e.name.iter().zip(want).any(|(w, x)| w.load(Ordering::Relaxed) != *x)
+                || e.name.iter().zip(name.chunks(8)).any(|(w, chunk)| w.load(Ordering::Relaxed) != word_of(chunk))
             {
                 // A miss, unless a writer was changing it: then look again.
                 fence(Ordering::Acquire);

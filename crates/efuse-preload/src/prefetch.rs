@@ -31,7 +31,10 @@ struct Prefetch {
     len: Cell<usize>,
     /// The read returned fewer bytes than asked: the file ends at `len`.
     eof: Cell<bool>,
-    data: UnsafeCell<[u8; PREFETCH_MAX]>,
+    /// Allocated at the thread's first stash (not in the thread-local
+    /// block itself: 16 KiB of it would be zeroed for every thread of every
+    /// program the library is loaded into), freed with the thread.
+    data: UnsafeCell<Option<Box<[u8; PREFETCH_MAX]>>>,
 }
 
 thread_local! {
@@ -46,7 +49,7 @@ thread_local! {
             seq: Cell::new(0),
             len: Cell::new(0),
             eof: Cell::new(false),
-            data: UnsafeCell::new([0; PREFETCH_MAX]),
+            data: UnsafeCell::new(None),
         }
     };
 }
@@ -73,7 +76,8 @@ pub fn stash(nodeid: u64, entry: u32, seq: u32, data: &[u8], asked: usize) {
     with(|p| {
         let n = data.len().min(PREFETCH_MAX);
         // SAFETY: `busy` keeps every other use of `data` out meanwhile.
-        let held: &mut [u8; PREFETCH_MAX] = unsafe { &mut *p.data.get() };
+        let slot = unsafe { &mut *p.data.get() };
+        let held = slot.get_or_insert_with(|| Box::new([0; PREFETCH_MAX]));
         held[..n].copy_from_slice(&data[..n]);
         p.valid.set(false);
         p.nodeid.set(nodeid);
@@ -107,7 +111,7 @@ pub fn take_for(idx: u32, nodeid: u64, fh: u64, out: &mut [u8; PREFETCH_MAX]) ->
         p.valid.set(false);
         let n = p.len.get();
         // SAFETY: `busy` keeps every other use of `data` out meanwhile.
-        let held: &[u8; PREFETCH_MAX] = unsafe { &*p.data.get() };
+        let held = (unsafe { &*p.data.get() }).as_deref()?;
         out[..n].copy_from_slice(&held[..n]);
         Some((n, p.eof.get()))
     })
@@ -132,7 +136,7 @@ pub fn read(c: &Client, idx: u32, nodeid: u64, fh: u64, off: u64, buf: &mut [u8]
             return None;
         }
         // SAFETY: `busy` keeps every other use of `data` out meanwhile.
-        let held: &[u8; PREFETCH_MAX] = unsafe { &*p.data.get() };
+        let held = (unsafe { &*p.data.get() }).as_deref()?;
         serve_from(held, p.len.get(), p.eof.get(), off, buf, || {
             let fresh = c.table().is_some_and(|t| t.unchanged(p.entry.get(), nodeid, p.seq.get()));
             if !fresh {
