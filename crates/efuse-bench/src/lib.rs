@@ -15,6 +15,7 @@
 //! reported with the step that failed, and nothing is left mounted.
 
 mod charts;
+mod counts;
 mod datasets;
 mod exec;
 mod rate;
@@ -77,6 +78,11 @@ pub struct BenchArgs {
     /// for the next run.
     #[arg(long)]
     pub clean: bool,
+    /// After the timed repetitions, one more of each system, untimed, with
+    /// the machine's system calls (eBPF, every process; as root) and
+    /// context switches (/proc/stat) counted, reported beside the timings
+    #[arg(long)]
+    pub count: bool,
     /// The efuse binary that mounts the efuse systems (default: this one),
     /// e.g. an earlier build, to measure two builds with the same method.
     #[arg(long, value_name = "PATH")]
@@ -209,7 +215,8 @@ pub fn run(args: BenchArgs, efuse_exe: &Path) -> Result<()> {
                 }
             }
         }
-        let ctx = RunCtx { scale: &scale, plan: &plan, work: &work, made: &made, logs: &logs, pb: &pb };
+        let ctx =
+            RunCtx { scale: &scale, plan: &plan, work: &work, made: &made, logs: &logs, pb: &pb, count: args.count };
         let runs = run_workload(w, &systems, &ctx, &mut mounts);
         for run in runs.iter().filter(|r| r.error.is_none()) {
             log_line(&pb, format!("{:<18} {:<16} {} ({:.0} s)", w.name, run.system, headline(w, run), run.elapsed_s));
@@ -507,6 +514,8 @@ struct RunCtx<'a> {
     made: &'a datasets::Made,
     logs: &'a Path,
     pb: &'a ProgressBar,
+    /// One counted, untimed repetition after the timed ones (`--count`).
+    count: bool,
 }
 
 /// What one system gathers over one workload's repetitions, which are
@@ -527,6 +536,8 @@ struct Tally {
     /// memfs: its mount, filled with the workload's dataset, kept across its
     /// repetitions (remounting would empty it).
     kept: Option<PathBuf>,
+    /// The counted repetition (`--count`).
+    counted: Option<counts::Counted>,
 }
 
 impl Tally {
@@ -542,6 +553,7 @@ impl Tally {
             started: 0,
             elapsed: Duration::ZERO,
             kept: None,
+            counted: None,
         }
     }
 
@@ -568,6 +580,7 @@ impl Tally {
         }
         let mut run = SystemRun::finish(self.system.name(), self.reps, self.error, requests, self.commands);
         run.elapsed_s = self.elapsed.as_secs_f64();
+        run.counted = self.counted;
         run
     }
 }
@@ -602,7 +615,7 @@ fn run_workload(w: &Workload, systems: &[System], ctx: &RunCtx, mounts: &mut Mou
             let started = Instant::now();
             t.started += 1;
             let mut step = "mount";
-            if let Err(e) = run_rep(w, rep, t, ctx, mounts, &mut step) {
+            if let Err(e) = run_rep(w, rep, t, ctx, mounts, &mut step, false) {
                 t.fail(format!("{step}: {e:#}"));
                 t.kept = None;
             }
@@ -617,6 +630,25 @@ fn run_workload(w: &Workload, systems: &[System], ctx: &RunCtx, mounts: &mut Mou
             }
         }
         ctx.pb.inc(1);
+    }
+    if ctx.count && !interrupted() {
+        for t in tallies.iter_mut().filter(|t| t.error.is_none() && !t.reps.is_empty()) {
+            ctx.pb.set_message(format!("{} counted rep on {}", w.name, t.system.name()));
+            let started = Instant::now();
+            let mut step = "mount";
+            // A failure here costs the counts only, not the timings.
+            if let Err(e) = run_rep(w, ctx.scale.reps, t, ctx, mounts, &mut step, true) {
+                log_line(
+                    ctx.pb,
+                    format!("counted repetition of {} on {} failed: {step}: {e:#}", w.name, t.system.name()),
+                );
+                t.kept = None;
+                let _ = mounts.unmount(t.system);
+            } else if t.kept.is_none() {
+                let _ = mounts.unmount(t.system);
+            }
+            t.elapsed += started.elapsed();
+        }
     }
     for t in &mut tallies {
         if t.kept.take().is_some() {
@@ -654,6 +686,7 @@ fn run_rep(
     ctx: &RunCtx,
     mounts: &mut Mounts,
     step: &mut &'static str,
+    counted: bool,
 ) -> Result<()> {
     let (s, scale, plan) = (t.system, ctx.scale, ctx.plan);
     let cold = w.cache == workloads::CacheState::Cold;
@@ -720,6 +753,16 @@ fn run_rep(
             let mut env = rep_env(&mut scratch_cmds);
             exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.warm_up(&mut env))?;
         }
+    }
+    if counted {
+        *step = "counted repetition";
+        let mut counted_cmds = Vec::new();
+        let mut env = rep_env(&mut counted_cmds);
+        let counter = counts::Counter::start();
+        exec::guarded(w.rep_timeout(scale), mounts.connection(s), || w.run_rep(&mut env))
+            .context("the counted repetition")?;
+        t.counted = Some(counter.stop());
+        return Ok(());
     }
     *step = "efuse stats (before)";
     let before = if s.is_efuse() { Some(read_stats(&plan.efuse_exe, &root)?) } else { None };
@@ -799,6 +842,9 @@ fn collect_meta(
     }
     if let Some(t) = args.fio_runtime {
         command_line.push_str(&format!(" --fio-runtime {t}"));
+    }
+    if args.count {
+        command_line.push_str(" --count");
     }
     if let Some(p) = &args.libfuse_hp {
         command_line.push_str(&format!(" --libfuse-hp {}", p.display()));
@@ -946,7 +992,7 @@ mod tests {
         let w = Workload::all(&scale).into_iter().find(|w| w.name == "find-warm").unwrap();
         let made = datasets::Made::default();
         let pb = ProgressBar::hidden();
-        let ctx = RunCtx { scale: &scale, plan: &plan, work: &d.0, made: &made, logs: &logs, pb: &pb };
+        let ctx = RunCtx { scale: &scale, plan: &plan, work: &d.0, made: &made, logs: &logs, pb: &pb, count: false };
         let mut mounts = Mounts::new(&plan.efuse_exe);
         let runs = run_workload(&w, &[System::Ext4, System::Memfs], &ctx, &mut mounts);
         assert_eq!(runs.len(), 2);

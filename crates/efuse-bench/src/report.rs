@@ -138,6 +138,9 @@ pub struct SystemRun {
     /// Wall time of its own steps over the workload: mounts, fill, caches,
     /// repetitions, unmounts (the other systems' turns in between not counted).
     pub elapsed_s: f64,
+    /// Machine-wide system calls and context switches of one extra,
+    /// untimed repetition (`--count`).
+    pub counted: Option<crate::counts::Counted>,
 }
 
 impl SystemRun {
@@ -165,6 +168,7 @@ impl SystemRun {
             requests,
             commands,
             elapsed_s: 0.0,
+            counted: None,
         }
     }
 }
@@ -424,6 +428,31 @@ fn workload_section(o: &mut String, w: &WorkloadResult, systems: &[&str]) {
                 path("cached"),
                 path("direct")
             );
+        }
+    }
+    let counted: Vec<(&SystemRun, &crate::counts::Counted)> =
+        w.runs.iter().filter_map(|r| r.counted.as_ref().map(|c| (r, c))).collect();
+    if !counted.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nSystem calls and context switches of one more repetition, untimed, machine-wide (every process: \
+             the workload's, the daemon's, the bench's; system calls by eBPF on raw_syscalls:sys_enter, context \
+             switches from /proc/stat):\n"
+        );
+        let _ =
+            writeln!(o, "| system | system calls | vs ext4 | context switches | vs ext4 |\n|---|---:|---:|---:|---:|");
+        let base = w.run("ext4").and_then(|r| r.counted.as_ref());
+        let ratio = |v: f64, b: Option<f64>| match b {
+            Some(b) if b > 0.0 => format!("{:.2}x", v / b),
+            _ => "-".into(),
+        };
+        for (r, c) in counted {
+            let sc = c.syscalls.map_or("-".into(), |v| fmt_num(v as f64));
+            let sr =
+                c.syscalls.map_or("-".into(), |v| ratio(v as f64, base.and_then(|b| b.syscalls).map(|b| b as f64)));
+            let cs = fmt_num(c.context_switches as f64);
+            let cr = ratio(c.context_switches as f64, base.map(|b| b.context_switches as f64));
+            let _ = writeln!(o, "| {} | {sc} | {sr} | {cs} | {cr} |", r.system);
         }
     }
     if let Some(r) = w.runs.iter().find(|r| !r.commands.is_empty()) {

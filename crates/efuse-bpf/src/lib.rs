@@ -137,9 +137,13 @@ pub struct ObserverConfig {
     pub daemon_pid: u32,
     /// The FUSE connection (the mount's device minor), if already known.
     pub connection: Option<u32>,
-    /// Count this process's syscalls.
+    /// Count this process's syscalls ([`EVERY_PROCESS`]: every process's).
     pub syscall_pid: Option<u32>,
 }
+
+/// [`ObserverConfig::syscall_pid`] that counts the syscalls of every
+/// process of the machine.
+pub const EVERY_PROCESS: u32 = u32::MAX;
 
 #[cfg(efuse_bpf_built)]
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/efuse.bpf.o"));
