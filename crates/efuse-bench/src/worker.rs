@@ -31,6 +31,8 @@ pub enum Job {
     SeqRead { path: PathBuf, want: u64 },
     /// `n` times: a fresh `cat path > /dev/null`, one after the other.
     CatStorm { path: PathBuf, n: u64 },
+    /// Reads every file under `path` whole (a warming, untimed).
+    ReadTree { path: PathBuf },
 }
 
 impl Job {
@@ -42,6 +44,7 @@ impl Job {
             Job::SeqWrite { path, blocks } => vec!["seq-write".into(), path.into(), s(blocks)],
             Job::SeqRead { path, want } => vec!["seq-read".into(), path.into(), s(want)],
             Job::CatStorm { path, n } => vec!["cat-storm".into(), path.into(), s(n)],
+            Job::ReadTree { path } => vec!["read-tree".into(), path.into()],
         }
     }
 
@@ -61,7 +64,10 @@ impl Job {
             "seq-write" => Job::SeqWrite { path: path(args.get(1))?, blocks: num(args.get(2), "blocks")? },
             "seq-read" => Job::SeqRead { path: path(args.get(1))?, want: num(args.get(2), "bytes")? },
             "cat-storm" => Job::CatStorm { path: path(args.get(1))?, n: num(args.get(2), "count")? },
-            other => bail!("unknown bench job '{other}' (open-loop, stat-storm, seq-write, seq-read, cat-storm)"),
+            "read-tree" => Job::ReadTree { path: path(args.get(1))? },
+            other => {
+                bail!("unknown bench job '{other}' (open-loop, stat-storm, seq-write, seq-read, cat-storm, read-tree)")
+            }
         })
     }
 
@@ -135,6 +141,10 @@ impl Job {
                 }
                 let s = t.elapsed().as_secs_f64();
                 Ok(vec![("ops_per_s", *n as f64 / s), ("seconds", s)])
+            }
+            Job::ReadTree { path } => {
+                let n = crate::workloads::read_all(path, &mut vec![0u8; 1 << 20])?;
+                Ok(vec![("bytes", n as f64)])
             }
             Job::SeqRead { path, want } => {
                 let mut buf = vec![0u8; 1 << 20];
@@ -235,6 +245,7 @@ mod tests {
             Job::SeqWrite { path: "/m/w".into(), blocks: 2048 },
             Job::SeqRead { path: "/m/r".into(), want: 1 << 31 },
             Job::CatStorm { path: "/m/c".into(), n: 10_000 },
+            Job::ReadTree { path: "/m/t".into() },
         ] {
             assert_eq!(Job::parse(&job.args()).unwrap(), job);
         }
@@ -258,6 +269,7 @@ mod tests {
         assert!(Job::SeqRead { path: w, want: 1 << 20 }.run().is_err());
         assert_eq!(Job::CatStorm { path: f.clone(), n: 3 }.run().unwrap()[0].0, "ops_per_s");
         assert!(Job::CatStorm { path: dir.join("missing"), n: 1 }.run().is_err());
+        assert_eq!(Job::ReadTree { path: dir.clone() }.run().unwrap(), vec![("bytes", (4096 + (2 << 20)) as f64)]);
         let list = dir.join("list");
         write_list(&list, &[f.clone(), dir.join("missing")]).unwrap();
         assert!(Job::StatStorm { list, passes: 1 }.run().is_err());
