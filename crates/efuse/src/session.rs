@@ -598,6 +598,7 @@ impl<F: Filesystem> Session<F> {
             pid: 0,
             umask: 0,
             kill_suidgid: false,
+            passthrough: false,
             interrupts: &self.shared.interrupts,
         };
         for g in &refused {
@@ -652,6 +653,7 @@ impl<F: Filesystem> Session<F> {
             pid: h.pid,
             umask,
             kill_suidgid,
+            passthrough: sink.passthrough(),
             interrupts: &self.shared.interrupts,
         };
         let expects_reply =
