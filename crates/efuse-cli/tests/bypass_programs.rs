@@ -697,30 +697,6 @@ subprocess.run([sys.executable, "-I", "-c", limited])
     assert!(log.contains("direct)"), "{test}: no direct read:\n{log}");
 }
 
-/// Files the bypass creates and writes on stackfs are opened without
-/// kernel passthrough (a bypass client has no kernel file: a registered
-/// backing file would cost two ioctls and the daemon its descriptor, and
-/// count as a writer the daemon cannot see, keeping the node out of the
-/// metadata table); the kernel's own opens still get it.
-#[test]
-fn stackfs_bypass_opens_register_no_passthrough() {
-    let test = "stackfs_bypass_opens_register_no_passthrough";
-    if !require_fuse(test) || !require_tools(test, &["python3"]) {
-        return;
-    }
-    let m = Mounted::new(Fs::Stackfs, test);
-    let passthrough = || m.stats()["paths"]["passthrough"].as_u64().unwrap_or(0);
-    let before = passthrough();
-    let script = "import os\nfor i in range(20):\n    with open('f%d' % i, 'w') as f:\n        f.write('x' * 5000)\n\
-                  for i in range(20):\n    fd = os.open('f%d' % i, os.O_RDWR)\n    os.pwrite(fd, b'y', 0)\n    os.close(fd)\n";
-    let (_, log) = python_served(&m, script);
-    assert!(log.matches(" -> fd ").count() >= 40, "{test}: the opens were not served:\n{log}");
-    assert_eq!(passthrough() - before, 0, "{test}: bypass opens registered kernel passthrough");
-    // The kernel path still uses it (the default profile: writes go passthrough).
-    fs::write(m.mnt.join("k"), vec![b'k'; 1 << 20]).expect("write k");
-    assert!(passthrough() > before, "{test}: the kernel's open of a new file got no passthrough");
-}
-
 /// The same shell steps with every program a busybox applet when `B` is
 /// `busybox` (a static binary: the library cannot be preloaded into it).
 const FALLBACK: &str = r#"

@@ -374,7 +374,6 @@ mod tests {
                 pid: 1,
                 umask: 0,
                 kill_suidgid: false,
-                passthrough: false,
                 interrupts: &self.interrupts,
             };
             let reply = ReplyEmpty::new(Responder::new(unique, Opcode::Setlkw, self.sink.clone()));

@@ -88,13 +88,6 @@ pub trait ReplySink: Send + Sync {
     fn session(&self) -> Option<&SessionShared> {
         None
     }
-
-    /// Whether replies may open with kernel passthrough: the kernel's
-    /// transports, yes; a transport whose clients have no kernel file behind
-    /// a handle (the bypass), no (see `RequestContext::passthrough`).
-    fn passthrough(&self) -> bool {
-        true
-    }
 }
 
 /// The common part of every reply object.

@@ -598,7 +598,6 @@ impl<F: Filesystem> Session<F> {
             pid: 0,
             umask: 0,
             kill_suidgid: false,
-            passthrough: false,
             interrupts: &self.shared.interrupts,
         };
         for g in &refused {
@@ -653,7 +652,6 @@ impl<F: Filesystem> Session<F> {
             pid: h.pid,
             umask,
             kill_suidgid,
-            passthrough: sink.passthrough(),
             interrupts: &self.shared.interrupts,
         };
         let expects_reply =

@@ -438,11 +438,6 @@ pub struct RequestContext<'a> {
     /// behalf of a caller without CAP_FSETID, so suid (and sgid, if group
     /// executable) must be cleared.
     pub kill_suidgid: bool,
-    /// The reply may open with kernel passthrough (`ReplyOpen::opened_passthrough`):
-    /// false for requests of a transport with no kernel file behind its
-    /// handles (the bypass), where a registered backing file would only
-    /// cost two ioctls and the file system its cached descriptor.
-    pub passthrough: bool,
     pub(crate) interrupts: &'a std::sync::Arc<crate::session::Interrupts>,
 }
 

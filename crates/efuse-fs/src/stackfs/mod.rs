@@ -747,7 +747,7 @@ impl StackFs {
     }
 
     /// Opens node `ino` for I/O with `flags`, registering a new `fh`.
-    fn open_file(&self, ino: u64, flags: i32, passthrough: bool) -> Result<Opened, Errno> {
+    fn open_file(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let ifd = self.inodes.fd(ino)?;
         // O_DIRECT stays: the backing file is opened for direct I/O as the
         // caller asked (see `do_read`); a file system without it refuses
@@ -756,7 +756,7 @@ impl StackFs {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_PATH);
         regular_file(ifd.as_fd())?;
         let fd = self.fds.open_with_room(|| sys::reopen(ifd.as_fd(), flags))?;
-        self.register_file(ino, &ifd, fd, flags, app_direct, passthrough)
+        self.register_file(ino, &ifd, fd, flags, app_direct)
     }
 
     /// Files the open `fd` of node `ino` under a new `fh`, choosing its data
@@ -768,7 +768,6 @@ impl StackFs {
         fd: OwnedFd,
         open_flags: i32,
         app_direct: bool,
-        passthrough: bool,
     ) -> Result<Opened, Errno> {
         let st = sys::statx(fd.as_fd())?;
         let writable = open_flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -778,8 +777,7 @@ impl StackFs {
         let (io, keep) = if st.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG {
             let io = self.inodes.io(ino)?;
             let a = self.accel();
-            let pt = a.passthrough.as_ref().filter(|_| passthrough);
-            let (path, keep) = io.open(&a.paths, pt, &fd, st.stx_size, app_direct, writable);
+            let (path, keep) = io.open(&a.paths, a.passthrough.as_ref(), &fd, st.stx_size, app_direct, writable);
             (Some((io, path)), keep)
         } else {
             (None, true)
@@ -867,7 +865,7 @@ impl StackFs {
             }
         };
         let (id, st) = self.remember_opened(&fd)?;
-        self.opened_node(id, &st, fd, flags, app_direct, ctx.passthrough)
+        self.opened_node(id, &st, fd, flags, app_direct)
     }
 
     fn do_tmpfile(
@@ -885,7 +883,7 @@ impl StackFs {
             self.fds.open_with_room(|| sys::openat(dir.as_fd(), c".", flags, mode & 0o7777))?
         };
         let (id, st) = self.remember_opened(&fd)?;
-        self.opened_node(id, &st, fd, flags, app_direct, ctx.passthrough)
+        self.opened_node(id, &st, fd, flags, app_direct)
     }
 
     /// Files the open `fd` of the new node `id` (one lookup taken) and
@@ -897,9 +895,8 @@ impl StackFs {
         fd: OwnedFd,
         flags: i32,
         app_direct: bool,
-        passthrough: bool,
     ) -> Result<(Entry, Opened), Errno> {
-        match self.inodes.fd(id).and_then(|ifd| self.register_file(id, &ifd, fd, flags, app_direct, passthrough)) {
+        match self.inodes.fd(id).and_then(|ifd| self.register_file(id, &ifd, fd, flags, app_direct)) {
             Ok(opened) => Ok((self.entry(id, st), opened)),
             Err(e) => {
                 self.forget_nodes(&[(id, 1)]);
@@ -1428,7 +1425,7 @@ impl Filesystem for StackFs {
                 return reply.error(e);
             }
         }
-        match self.open_file(ino, flags, ctx.passthrough) {
+        match self.open_file(ino, flags) {
             Ok(Opened { fh, flags, backing: Some(id) }) => reply.opened_passthrough(fh, flags, id),
             Ok(Opened { fh, flags, backing: None }) => reply.opened(fh, flags),
             Err(e) => reply.error(e),

@@ -219,11 +219,6 @@ impl ReplySink for Sink {
         self.cv.notify_all();
     }
 
-    /// A bypass client has no kernel file behind its handles.
-    fn passthrough(&self) -> bool {
-        false
-    }
-
     fn session(&self) -> Option<&SessionShared> {
         Some(&self.shared)
     }
