@@ -697,6 +697,35 @@ subprocess.run([sys.executable, "-I", "-c", limited])
     assert!(log.contains("direct)"), "{test}: no direct read:\n{log}");
 }
 
+/// On stackfs a served open takes the data path a kernel open would
+/// (passthrough on the default profile), although its client reads and
+/// writes through the daemon: a descriptor converted to a kernel open later
+/// (mmap, io_submit: fio) then gets passthrough too, where a cached open of
+/// the same file would force the kernel's onto the cached path (without
+/// this, fio W2 under `efuse run` ran at an eighth of the kernel path).
+#[test]
+fn stackfs_converted_opens_keep_passthrough() {
+    let test = "stackfs_converted_opens_keep_passthrough";
+    if !require_fuse(test) || !require_tools(test, &["python3"]) {
+        return;
+    }
+    let m = Mounted::new(Fs::Stackfs, test);
+    let paths = || {
+        let s = m.stats();
+        (s["paths"]["passthrough"].as_u64().unwrap_or(0), s["paths"]["cached"].as_u64().unwrap_or(0))
+    };
+    let (pt0, cached0) = paths();
+    let script =
+        "import os, mmap\nfor i in range(5):\n    fd = os.open('f%d' % i, os.O_RDWR | os.O_CREAT, 0o644)\n    \
+                  os.write(fd, b'x' * 100000)\n    m = mmap.mmap(fd, 100000)\n    assert m[99999:] == b'x'\n    \
+                  m.close()\n    os.close(fd)\n";
+    let (_, log) = python_served(&m, script);
+    assert!(log.contains("converted to a kernel open for mmap"), "{test}: no conversion:\n{log}");
+    let (pt, cached) = paths();
+    assert_eq!(cached - cached0, 0, "{test}: an open took the cached path (passthrough {})", pt - pt0);
+    assert!(pt - pt0 >= 10, "{test}: {} passthrough opens for 5 served opens and 5 conversions", pt - pt0);
+}
+
 /// The same shell steps with every program a busybox applet when `B` is
 /// `busybox` (a static binary: the library cannot be preloaded into it).
 const FALLBACK: &str = r#"
