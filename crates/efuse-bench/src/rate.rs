@@ -460,9 +460,16 @@ mod tests {
     #[test]
     fn own_switches_are_counted() {
         let pid = std::process::id();
-        let (v0, _) = daemon_switches(pid).expect("reading our own /proc");
+        assert!(daemon_switches(pid).is_ok(), "reading our own /proc");
+        // This thread's own count: the process's sum drops when another
+        // test's thread exits meanwhile.
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let mine =
+            || efuse::observe::process_threads(&pid.to_string()).iter().find(|t| t.tid == tid).map(|t| t.voluntary);
+        let v0 = mine().expect("this thread in /proc");
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let (v1, _) = daemon_switches(pid).expect("reading our own /proc");
+        let v1 = mine().expect("this thread in /proc");
         assert!(v1 > v0, "sleeping is a voluntary switch: {v0} -> {v1}");
     }
 

@@ -153,19 +153,8 @@ pub fn open_backing(dir: i32, rest: &[u8], flags: i32, ino: u64) -> Option<i32> 
     if fd < 0 {
         return None;
     }
-    // SAFETY: statx into a zeroed struct, on our own descriptor.
-    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_statx,
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_INO | libc::STATX_TYPE,
-            &mut sx,
-        )
-    };
-    if r != 0 || sx.stx_ino != ino || sx.stx_mode as u32 & libc::S_IFMT != libc::S_IFREG {
+    let sx = crate::serve::statx_of(fd, libc::STATX_INO | libc::STATX_TYPE);
+    if !sx.is_some_and(|sx| sx.stx_ino == ino && sx.stx_mode as u32 & libc::S_IFMT == libc::S_IFREG) {
         // SAFETY: our own descriptor.
         unsafe { crate::real::close()(fd) };
         return None;

@@ -953,21 +953,18 @@ macro_rules! posix_aio {
 }
 posix_aio!(aio_read, aio_write, aio_read64, aio_write64);
 
-#[no_mangle]
-pub unsafe extern "C" fn aio_fsync(op: c_int, cb: *mut libc::aiocb) -> c_int {
-    if !cb.is_null() {
-        convert((*cb).aio_fildes, "POSIX AIO");
-    }
-    real::aio_fsync()(op, cb)
+macro_rules! posix_aio_fsync {
+    ($($name:ident),*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(op: c_int, cb: *mut libc::aiocb) -> c_int {
+            if !cb.is_null() {
+                convert((*cb).aio_fildes, "POSIX AIO");
+            }
+            real::$name()(op, cb)
+        }
+    )*};
 }
-
-#[no_mangle]
-pub unsafe extern "C" fn aio_fsync64(op: c_int, cb: *mut libc::aiocb) -> c_int {
-    if !cb.is_null() {
-        convert((*cb).aio_fildes, "POSIX AIO");
-    }
-    real::aio_fsync64()(op, cb)
-}
+posix_aio_fsync!(aio_fsync, aio_fsync64);
 
 unsafe fn convert_aio_list(list: *const *mut libc::aiocb, n: c_int) {
     if list.is_null() {
@@ -981,27 +978,21 @@ unsafe fn convert_aio_list(list: *const *mut libc::aiocb, n: c_int) {
     }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn lio_listio(
-    mode: c_int,
-    list: *const *mut libc::aiocb,
-    n: c_int,
-    sev: *mut libc::sigevent,
-) -> c_int {
-    convert_aio_list(list, n);
-    real::lio_listio()(mode, list, n, sev)
+macro_rules! posix_lio_listio {
+    ($($name:ident),*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            mode: c_int,
+            list: *const *mut libc::aiocb,
+            n: c_int,
+            sev: *mut libc::sigevent,
+        ) -> c_int {
+            convert_aio_list(list, n);
+            real::$name()(mode, list, n, sev)
+        }
+    )*};
 }
-
-#[no_mangle]
-pub unsafe extern "C" fn lio_listio64(
-    mode: c_int,
-    list: *const *mut libc::aiocb,
-    n: c_int,
-    sev: *mut libc::sigevent,
-) -> c_int {
-    convert_aio_list(list, n);
-    real::lio_listio64()(mode, list, n, sev)
-}
+posix_lio_listio!(lio_listio, lio_listio64);
 
 unsafe fn convert_pollfds(fds: *const libc::pollfd, n: libc::nfds_t) {
     if fds.is_null() {

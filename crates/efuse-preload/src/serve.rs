@@ -587,22 +587,21 @@ fn bind_taken(path: &[u8], k: crate::kept::Taken, nodeid: u64) -> c_int {
     k.fd
 }
 
-/// Is `fd` the file with inode `ino` on device `dev`? (statx that trusts
-/// the kernel's cached attributes: inode numbers never change.)
-fn same_file(fd: c_int, ino: u64, dev: u64) -> bool {
+/// statx of descriptor `fd` (fields `mask`), trusting the kernel's cached
+/// attributes (AT_STATX_DONT_SYNC: inode numbers and types never change).
+pub fn statx_of(fd: c_int, mask: u32) -> Option<libc::statx> {
     // SAFETY: statx into a zeroed struct.
     let mut sx: libc::statx = unsafe { std::mem::zeroed() };
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_statx,
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_INO,
-            &mut sx,
-        )
+        libc::syscall(libc::SYS_statx, fd, c"".as_ptr(), libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC, mask, &mut sx)
     };
-    r == 0 && sx.stx_ino == ino && libc::makedev(sx.stx_dev_major, sx.stx_dev_minor) == dev
+    (r == 0).then_some(sx)
+}
+
+/// Is `fd` the file with inode `ino` on device `dev`?
+fn same_file(fd: c_int, ino: u64, dev: u64) -> bool {
+    statx_of(fd, libc::STATX_INO)
+        .is_some_and(|sx| sx.stx_ino == ino && libc::makedev(sx.stx_dev_major, sx.stx_dev_minor) == dev)
 }
 
 // ---------------------------------------------------------------- fork
