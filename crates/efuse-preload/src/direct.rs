@@ -68,6 +68,10 @@ pub fn room() -> bool {
 /// threads never finish here, and what they left to close is the child's
 /// to close.
 pub fn forget_readers_in_child() {
+    // No backing descriptor (the usual case: a shell's fork), nothing to do.
+    if HELD.load(Ordering::Acquire) == 0 {
+        return;
+    }
     for l in &LOCAL {
         l.users.store(0, Ordering::Release);
         let o = l.orphan.swap(-1, Ordering::AcqRel);
