@@ -182,6 +182,17 @@ impl Client {
         }
     }
 
+    /// Closes the directory of direct reads: the process changed its root
+    /// or its mount namespace, and the daemon gave the directory only to a
+    /// process in its own (a descriptor above a chroot leads out of it).
+    pub fn drop_direct(&self) {
+        let fd = self.direct.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: our own descriptor, closed once (the swap).
+            unsafe { libc::close(fd) };
+        }
+    }
+
     /// The directory of direct reads ([`welcome::DIRECT_READS`]), if the
     /// daemon passed one and the client is not disowned.
     pub fn direct_dir(&self) -> Option<i32> {

@@ -596,3 +596,54 @@ int main(void) {
     assert_eq!(out.stdout.trim(), "ok", "{out:?}\n{log}");
     assert_eq!(log.matches(" -> fd ").count(), 4, "every open served through the bypass:\n{log}");
 }
+
+/// A vfork child that copies one served descriptor onto another's number
+/// (`dup2(x, y)`) and then execs: the program it runs reads X on `y`, and
+/// the parent's own `x` and `y` still read X and Y (the child's exec-time
+/// conversion used to take the table's entry for `y`, which is the
+/// parent's, and reopen the child's `y` as Y with Y's offset).
+#[test]
+fn vfork_child_dup2_onto_a_served_number_then_exec() {
+    let Some(m) = mounted("bypass-fix-vfork-dup2") else { return };
+    std::fs::write(m.mnt.join("x"), "abcdefgh").expect("write x");
+    std::fs::write(m.mnt.join("y"), "ABCDEFGH").expect("write y");
+    let prog = cc(
+        &m,
+        "vforkdup",
+        r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    char buf[16] = {0}, cmd[64];
+    int x = open("x", O_RDONLY), y = open("y", O_RDONLY);
+    if (x < 3 || y < 3) return 10;
+    if (read(y, buf, 2) != 2) return 11;
+    snprintf(cmd, sizeof cmd, "head -c 4 <&%d", y);
+    pid_t p = vfork();
+    if (p == 0) {
+        if (dup2(x, y) != y) _exit(20);
+        char *argv[] = {"sh", "-c", cmd, NULL};
+        execv("/bin/sh", argv);
+        _exit(21);
+    }
+    int st = 0;
+    waitpid(p, &st, 0);
+    printf("\nchild %d\n", WEXITSTATUS(st));
+    memset(buf, 0, sizeof buf);
+    if (pread(x, buf, 8, 0) != 8) return 12;
+    printf("x %s\n", buf);
+    memset(buf, 0, sizeof buf);
+    if (read(y, buf, 8) != 6) return 13;
+    printf("y %s\n", buf);
+    return 0;
+}
+"#,
+    );
+    let (out, log) = efuse_run(&m, &m.mnt, &[&prog.to_string_lossy()]);
+    assert!(out.ok(), "{}: {}\n{}\nlog:\n{log}", out.status, out.stdout, out.stderr);
+    assert_served(&log);
+    assert_eq!(out.stdout, "abcd\nchild 0\nx abcdefgh\ny CDEFGH\n", "log:\n{log}");
+}

@@ -405,6 +405,17 @@ os.lseek(fd, 2, os.SEEK_SET)
 print(subprocess.run(["sh", "-c", "cat <&%d" % fd], capture_output=True).stdout)
 print(os.lseek(fd, 0, os.SEEK_CUR))
 os.close(fd)
+x = os.open("t/f5", os.O_RDONLY)
+y = os.open("t/f6", os.O_RDONLY)
+os.set_inheritable(y, True)
+r, w = os.pipe()
+pid = os.posix_spawn("/bin/sh", ["sh", "-c", "cat <&%d >&%d" % (y, w)], os.environ,
+                     file_actions=[(os.POSIX_SPAWN_DUP2, x, y)])
+os.close(w)
+print("spawned child read", os.read(r, 1000), os.waitpid(pid, 0)[1])
+print("parent's", os.pread(x, 7, 0), os.pread(y, 7, 0))
+os.close(x)
+os.close(y)
 "#;
 
 /// Runs `script` (python3, or bash when `bash`) under `efuse run` in the
@@ -664,6 +675,17 @@ subprocess.run(["/bin/true"], stdin=f)
 f.close()
 os.close(fd)
 print("stdin after a spawn:", os.read(0, 10), "backing descriptors left:", leftovers())
+def backing_dirs():
+    n = 0
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink("/proc/self/fd/" + f) == backing
+        except OSError:
+            pass
+    return n
+before = backing_dirs()
+os.chroot("/")
+print("directory of direct reads before and after a chroot:", before, backing_dirs())
 os.mkdir("many")
 for i in range(300):
     with open("many/f%d" % i, "w") as g:
@@ -690,6 +712,11 @@ subprocess.run([sys.executable, "-I", "-c", limited])
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("forked children left with a backing descriptor: 0"), "{test}:\n{out}\n{log}");
     assert_eq!(lines.next(), Some("stdin after a spawn: b'' backing descriptors left: 0"), "{test}:\n{out}\n{log}");
+    assert_eq!(
+        lines.next(),
+        Some("directory of direct reads before and after a chroot: 1 0"),
+        "{test}: a process that changed its root kept the backing directory:\n{out}\n{log}"
+    );
     let last = lines.next().unwrap_or_default().to_string();
     let n: usize = last.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     // ext4: 256 minus stdin/out/err and the interpreter's own (about 251).

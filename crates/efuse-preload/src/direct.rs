@@ -68,10 +68,12 @@ pub fn room() -> bool {
 /// threads never finish here, and what they left to close is the child's
 /// to close.
 pub fn forget_readers_in_child() {
-    // No backing descriptor (the usual case: a shell's fork), nothing to do.
-    if HELD.load(Ordering::Acquire) == 0 {
+    // No backing descriptor and no reader (the usual case: a shell's
+    // fork), nothing to do.
+    if HELD.load(Ordering::Acquire) == 0 && READING.load(Ordering::Acquire) == 0 {
         return;
     }
+    READING.store(0, Ordering::Release);
     for l in &LOCAL {
         l.users.store(0, Ordering::Release);
         let o = l.orphan.swap(-1, Ordering::AcqRel);
@@ -189,6 +191,7 @@ pub fn attach(idx: u32, fd: i32) {
 /// if it has none.
 pub fn with_fd<R>(idx: u32, f: impl FnOnce(i32) -> R) -> Option<R> {
     let l = &LOCAL[idx as usize];
+    READING.fetch_add(1, Ordering::SeqCst);
     l.users.fetch_add(1, Ordering::SeqCst);
     let fd = l.fd.load(Ordering::SeqCst);
     let r = (fd >= 0).then(|| f(fd));
@@ -199,8 +202,13 @@ pub fn with_fd<R>(idx: u32, f: impl FnOnce(i32) -> R) -> Option<R> {
             close_own(o);
         }
     }
+    READING.fetch_sub(1, Ordering::SeqCst);
     r
 }
+
+/// Threads inside [`with_fd`] now, over all entries (a forked child
+/// inherits the counts of threads it does not have).
+static READING: AtomicU32 = AtomicU32::new(0);
 
 /// Closes `fd`, once no read uses it (or leaves it to the last reader).
 fn retire(l: &Local, fd: i32) {

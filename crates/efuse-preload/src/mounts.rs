@@ -213,6 +213,14 @@ pub fn paths_valid() -> bool {
 /// The process's view of paths changed (see [`paths_valid`]).
 pub fn paths_changed() {
     PATHS_VALID.store(false, Ordering::Relaxed);
+    // The directories of direct reads were given for the old root and
+    // mount namespace (see `efuse_bypass::client::Client::drop_direct`).
+    // (Not by a vfork child: the clients are its parent's.)
+    if let Some(m) = discovered().filter(|_| crate::serve::owns_memory()) {
+        for c in m.clients() {
+            c.drop_direct();
+        }
+    }
 }
 
 /// Set when the daemon could no longer judge this process's requests as

@@ -335,7 +335,7 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
         }
     }
     let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
-    if !excl && !absent && opened.is_none() && read_only && c.direct_dir().is_some() {
+    if !excl && !absent && opened.is_none() && read_only && c.direct_dir().is_some() && crate::direct::room() {
         // A name the table does not know yet: one WALK (holding nothing),
         // then the open is a direct read if it can be, with the entry the
         // WALK just published.
@@ -1124,6 +1124,17 @@ pub fn convert_copy(fd: c_int, idx: u32, why: &str) -> Result<(), i32> {
 }
 
 fn convert_as(fd: c_int, idx: u32, dups: bool, why: &str) -> Result<(), i32> {
+    // A served descriptor is an O_PATH open; a number that holds anything
+    // else is no longer the served file (in a vfork child, whose table is
+    // its parent's, a dup may have put another file there): left alone.
+    let is_served = |d: c_int| {
+        // SAFETY: F_GETFL on a descriptor number.
+        let fl = unsafe { crate::real::fcntl()(d, libc::F_GETFL, 0) };
+        fl >= 0 && fl & libc::O_PATH != 0
+    };
+    if !is_served(fd) {
+        return Ok(());
+    }
     let f = files::file(idx);
     let flags = f.flags.load(Ordering::Relaxed) as c_int;
     let mut l = crate::log::Line::new();
@@ -1133,7 +1144,7 @@ fn convert_as(fd: c_int, idx: u32, dups: bool, why: &str) -> Result<(), i32> {
     let mut fds = vec![fd];
     if dups {
         files::each(|d, i| {
-            if i == idx && d != fd {
+            if i == idx && d != fd && is_served(d) {
                 fds.push(d);
             }
         });
