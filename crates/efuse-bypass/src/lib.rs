@@ -35,7 +35,8 @@ pub mod wire;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"EFUSEBP1");
 /// The protocol version; a daemon refuses other versions with EPROTO.
 /// 2: the metadata table is a memfd of its own, shared by the clients of
-/// one set of credentials, passed beside the region.
+/// one set of credentials, passed beside the region; 3: the directory of
+/// direct reads may follow it; 4: a tag per table entry.
 pub const VERSION: u32 = 4;
 /// Bytes before the first slot.
 pub const HEADER_SIZE: usize = 4096;

@@ -75,27 +75,26 @@ pub fn may_read(file: &Attr) -> Option<bool> {
 /// generic_permission picks them) include `bit` (0o4 read, 0o1 search)?
 /// Root may read and search anything (CAP_DAC_OVERRIDE).
 fn may(a: &Attr, bit: u32) -> Option<bool> {
-    let dir = a;
     if !VALID.load(Ordering::Acquire) {
         return None;
     }
     let uid = UID.load(Ordering::Relaxed);
     if uid == 0 {
-        // CAP_DAC_OVERRIDE: directories are always searchable by root.
+        // CAP_DAC_OVERRIDE: root reads and searches whatever the mode bits say.
         return Some(true);
     }
-    let mode = dir.mode;
-    if uid == dir.uid {
+    let mode = a.mode;
+    if uid == a.uid {
         return Some(mode & (bit << 6) != 0);
     }
-    let in_group = if GID.load(Ordering::Relaxed) == dir.gid {
+    let in_group = if GID.load(Ordering::Relaxed) == a.gid {
         true
     } else {
         let n = NGROUPS.load(Ordering::Relaxed);
         if n == u32::MAX {
             return None;
         }
-        GROUPS[..n as usize].iter().any(|g| g.load(Ordering::Relaxed) == dir.gid)
+        GROUPS[..n as usize].iter().any(|g| g.load(Ordering::Relaxed) == a.gid)
     };
     if in_group {
         return Some(mode & (bit << 3) != 0);

@@ -52,7 +52,7 @@ fn mark(fd: i32) {
 /// file that used the entry before).
 pub fn may_attach(idx: u32) -> bool {
     let l = &LOCAL[idx as usize];
-    HELD.load(Ordering::Acquire) < MAX_DIRECT
+    room()
         && l.users.load(Ordering::Acquire) == 0
         && l.orphan.load(Ordering::Acquire) < 0
         && l.fd.load(Ordering::Acquire) < 0

@@ -435,34 +435,10 @@ pub fn open(dirfd: c_int, path: &[u8], flags: c_int, mode: u32) -> Option<c_int>
             };
         }
     }
-    // The descriptor: an O_PATH open of the same name through the kernel.
-    let mut cpath = path.to_vec();
-    cpath.push(0);
-    let pflags = libc::O_PATH | (flags & (libc::O_CLOEXEC | libc::O_NOFOLLOW));
-    // SAFETY: a NUL-terminated path.
-    let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
-    let dev = mounts::get().dev(t.mount);
-    // Descriptors 0, 1 and 2 stay kernel files: the C library's stdio
-    // writes and reads them with its internal calls, which this library
-    // does not see. Landing there (0-2 was closed), the open is the
-    // kernel's, which gives the same number.
-    if (0..=2).contains(&fd) {
-        blog!("open {}: would be fd {fd} (standard stream); through the kernel", Show(path));
-        // SAFETY: our own descriptor.
-        unsafe { crate::real::close()(fd) };
+    let Some(fd) = kernel_opath(&t, dirfd, path, flags, e.attr.ino) else {
         release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
         return None;
-    }
-    let same = fd >= 0 && same_file(fd, e.attr.ino, dev);
-    if !same {
-        blog!("open {}: the kernel's name leads to another file; through the kernel", Show(path));
-        if fd >= 0 {
-            // SAFETY: our own descriptor.
-            unsafe { crate::real::close()(fd) };
-        }
-        release_node(c, e.nodeid, Some((o.fh, fuse_flags)));
-        return None;
-    }
+    };
     let keep = keep_flags(fuse_flags);
     let Some(idx) = files::alloc(t.mount as u32, e.nodeid, o.fh, keep) else {
         blog!("open {}: open-file table full; through the kernel", Show(path));
@@ -522,20 +498,8 @@ fn open_direct(
         // SAFETY: our own descriptor.
         unsafe { crate::real::close()(fd) };
     };
-    // The program's descriptor first, on the number an open would give: an
-    // O_PATH open of the same name through the kernel.
-    let mut cpath = path.to_vec();
-    cpath.push(0);
-    let pflags = libc::O_PATH | (flags & (libc::O_CLOEXEC | libc::O_NOFOLLOW));
-    // SAFETY: a NUL-terminated path.
-    let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
-    let dev = mounts::get().dev(t.mount);
-    if fd < 0 || (0..=2).contains(&fd) || !same_file(fd, e.attr.ino, dev) {
-        if fd >= 0 {
-            close(fd);
-        }
-        return None;
-    }
+    // The program's descriptor first, on the number an open would give.
+    let fd = kernel_opath(t, dirfd, path, flags, e.attr.ino)?;
     let Some(back) = crate::direct::open_backing(dir, &t.rest, flags, e.attr.ino) else {
         close(fd);
         return None;
@@ -570,6 +534,36 @@ fn open_direct(
     ensure_atfork();
     blog!("open {} -> fd {fd} (node {}, direct)", Show(path), e.nodeid);
     Some(fd)
+}
+
+/// The descriptor of a served open: an O_PATH open of the same name
+/// through the kernel, on the number an open would give, checked to be
+/// inode `ino` of the mount. None (nothing left open, the reason logged):
+/// the open goes to the kernel.
+fn kernel_opath(t: &Target, dirfd: c_int, path: &[u8], flags: c_int, ino: u64) -> Option<c_int> {
+    let mut cpath = path.to_vec();
+    cpath.push(0);
+    let pflags = libc::O_PATH | (flags & (libc::O_CLOEXEC | libc::O_NOFOLLOW));
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { crate::real::openat()(dirfd, cpath.as_ptr().cast(), pflags, 0) };
+    let dev = mounts::get().dev(t.mount);
+    // Descriptors 0, 1 and 2 stay kernel files: the C library's stdio
+    // writes and reads them with its internal calls, which this library
+    // does not see. Landing there (0-2 was closed), the open is the
+    // kernel's, which gives the same number.
+    let why = if (0..=2).contains(&fd) {
+        "would be a standard stream"
+    } else if fd < 0 || !same_file(fd, ino, dev) {
+        "the kernel's name leads to another file"
+    } else {
+        return Some(fd);
+    };
+    blog!("open {}: {why} (fd {fd}); through the kernel", Show(path));
+    if fd >= 0 {
+        // SAFETY: our own descriptor.
+        unsafe { crate::real::close()(fd) };
+    }
+    None
 }
 
 /// The open flags an open file keeps (F_GETFL reports them).
@@ -681,7 +675,7 @@ fn read_at(c: &Client, f: &OpenFile, off: u64, buf: &mut [u8]) -> Result<usize, 
 fn read_direct(idx: u32, off: u64, buf: &mut [u8]) -> Result<usize, i32> {
     let r = crate::direct::with_fd(idx, |fd| loop {
         // SAFETY: reads into the live `buf`.
-        let n = unsafe { libc::pread64(fd, buf.as_mut_ptr().cast(), buf.len(), off as i64) };
+        let n = unsafe { crate::real::pread64()(fd, buf.as_mut_ptr().cast(), buf.len(), off as i64) };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -824,22 +818,19 @@ pub fn lseek(idx: u32, off: i64, whence: c_int) -> i64 {
     let (node, fh) = (f.nodeid.load(Ordering::Relaxed), f.fh.load(Ordering::Relaxed));
     let direct = f.direct.load(Ordering::Relaxed) != 0;
     let idx_ = files::index_of(f);
-    let size = || {
-        if direct {
-            // The backing file's size is the file's.
-            return table_attr(c, f).map(|a| a.size as i64).ok_or(()).or_else(|()| {
-                crate::direct::with_fd(idx_, |fd| {
-                    // SAFETY: fstat into a zeroed stat.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    match unsafe { crate::real::fstat()(fd, &mut st) } {
-                        0 => Ok(st.st_size),
-                        _ => Err(Fail::Errno(crate::guard::errno())),
-                    }
-                })
-                .unwrap_or(Err(Fail::Errno(libc::EBADF)))
-            });
-        }
-        attr_of_file(c, f).map(|a| a.size as i64)
+    let size = || match table_attr(c, f) {
+        Some(a) => Ok(a.size as i64),
+        // A direct read: the backing file's size is the file's.
+        None if direct => crate::direct::with_fd(idx_, |fd| {
+            // SAFETY: fstat into a zeroed stat.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            match unsafe { crate::real::fstat()(fd, &mut st) } {
+                0 => Ok(st.st_size),
+                _ => Err(Fail::Errno(crate::guard::errno())),
+            }
+        })
+        .unwrap_or(Err(Fail::Errno(libc::EBADF))),
+        None => ops::getattr(c, node, Some(fh)).map(|a| a.size as i64),
     };
     let new = match whence {
         libc::SEEK_SET => Ok(off),
@@ -961,9 +952,9 @@ pub fn fsync(idx: u32, datasync: bool) -> c_int {
             // SAFETY: plain calls on our own descriptor.
             unsafe {
                 if datasync {
-                    libc::fdatasync(fd)
+                    crate::real::fdatasync()(fd)
                 } else {
-                    libc::fsync(fd)
+                    crate::real::fsync()(fd)
                 }
             }
         });
